@@ -1,0 +1,215 @@
+# Makefile for patio.h: builds and runs the tests, examples, benchmarks and
+# fuzzers. The library itself needs no build step; this file is only for
+# working on it. GNU make; works with CC=gcc and CC=clang.
+#
+#   make test          tests/test_*.c (+ tests/*.sh), build/default/
+#   make test-asan     AddressSanitizer + UBSan, build/asan/
+#   make test-tsan     ThreadSanitizer, build/tsan/
+#   make test-poll     the poll() backend forced on Linux, build/poll/
+#   make test-cxx      the tests (and so the header) compiled as C++11, build/cxx/
+#   make test-symbols  every exported symbol of the implementation is patio_*
+#   make examples      examples/*.c with the plain flags the README promises
+#   make quickstart    builds and runs examples/quickstart.c
+#   make bench         tests/bench/bench_*.c, -O2 -DNDEBUG, run one after another
+#   make fuzz          tests/fuzz/fuzz_*.c (clang, libFuzzer), FUZZ_SECONDS each
+#   make clean
+#
+# Each variant builds into its own directory, so they coexist. A variant's
+# programs are rebuilt when patio.h, a header under tests/, the test source
+# or the compile command (CC, CFLAGS, ...) changes.
+#
+# Knobs: CC, CXX (derived from CC: gcc -> g++, clang -> clang++, else c++),
+# CFLAGS / CXXFLAGS / LDFLAGS (appended), TEST_TIMEOUT (seconds per test
+# program, default 120), TEST_FILTER (run only programs whose name contains
+# it), FUZZ_SECONDS (default 30), FUZZ_CC (default: CC if it is clang, else
+# clang).
+
+.SUFFIXES:
+.DELETE_ON_ERROR:
+.DEFAULT_GOAL := all
+
+# ---------------------------------------------------------------- compilers
+
+# CXX follows CC unless it was given explicitly (command line or environment).
+cc_word := $(firstword $(CC))
+cc_base := $(notdir $(cc_word))
+cc_dir  := $(patsubst %$(cc_base),%,$(cc_word))
+ifeq ($(origin CXX),default)
+  ifneq ($(findstring clang,$(cc_base)),)
+    CXX := $(cc_dir)$(subst clang,clang++,$(cc_base))
+  else ifneq ($(findstring gcc,$(cc_base)),)
+    CXX := $(cc_dir)$(subst gcc,g++,$(cc_base))
+  else
+    CXX := c++
+  endif
+endif
+
+ifneq ($(findstring clang,$(cc_base)),)
+  FUZZ_CC ?= $(CC)
+else
+  FUZZ_CC ?= clang
+endif
+
+# -------------------------------------------------------------------- flags
+
+WARN    := -Wall -Wextra -Wpedantic -Werror
+INC     := -I. -Itests
+LDLIBS  := -pthread -lm
+
+BASE_CFLAGS := -std=c99 $(WARN) -g $(INC) -pthread
+SAN_ASAN    := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
+SAN_TSAN    := -fsanitize=thread
+
+# One compiler + flags pair per test variant: <variant>_CC, <variant>_FLAGS.
+default_CC    := $(CC)
+default_FLAGS := $(BASE_CFLAGS) -O2 $(CFLAGS)
+asan_CC       := $(CC)
+asan_FLAGS    := $(BASE_CFLAGS) -O1 $(SAN_ASAN) $(CFLAGS)
+tsan_CC       := $(CC)
+tsan_FLAGS    := $(BASE_CFLAGS) -O1 $(SAN_TSAN) $(CFLAGS)
+poll_CC       := $(CC)
+poll_FLAGS    := $(BASE_CFLAGS) -O2 -DPATIO_USE_POLL $(CFLAGS)
+cxx_CC        := $(CXX)
+cxx_FLAGS     := -x c++ -std=c++11 $(WARN) -g $(INC) -pthread -O2 $(CXXFLAGS)
+
+VARIANTS := default asan tsan poll cxx
+
+# Environment for running each variant's programs.
+default_ENV :=
+asan_ENV    := ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
+tsan_ENV    := TSAN_OPTIONS='halt_on_error=1 second_deadlock_stack=1'
+poll_ENV    :=
+cxx_ENV     :=
+
+# The examples are built exactly as their header comments say, plus -Werror.
+EXAMPLE_CFLAGS := -std=c99 -Wall -Wextra -Werror -pthread
+BENCH_CFLAGS   := -std=c99 $(WARN) -g -O2 -DNDEBUG $(INC) -pthread $(CFLAGS)
+FUZZ_CFLAGS    := -std=c99 $(WARN) -g -O1 $(INC) -fsanitize=fuzzer,address,undefined \
+                  -fno-omit-frame-pointer -fno-sanitize-recover=all $(CFLAGS)
+FUZZ_SECONDS   ?= 30
+
+# ------------------------------------------------------------------ sources
+
+TEST_SRCS    := $(sort $(wildcard tests/test_*.c))
+TEST_NAMES   := $(patsubst tests/%.c,%,$(TEST_SRCS))
+TEST_HEADERS := patio.h $(wildcard tests/*.h)
+EXAMPLE_SRCS := $(sort $(wildcard examples/*.c))
+EXAMPLE_BINS := $(patsubst examples/%.c,build/examples/%,$(EXAMPLE_SRCS))
+BENCH_SRCS   := $(sort $(wildcard tests/bench/bench_*.c))
+BENCH_BINS   := $(patsubst tests/bench/%.c,build/bench/%,$(BENCH_SRCS))
+FUZZ_SRCS    := $(sort $(wildcard tests/fuzz/fuzz_*.c))
+FUZZ_BINS    := $(patsubst tests/fuzz/%.c,build/fuzz/%,$(FUZZ_SRCS))
+
+RUN_TESTS = TEST_TIMEOUT='$(TEST_TIMEOUT)' TEST_FILTER='$(TEST_FILTER)' \
+            CC='$(CC)' CXX='$(CXX)' bash tests/run.sh
+
+# -------------------------------------------------------------------- rules
+
+# build/<dir>/.cmd holds the command a directory was built with; it is only
+# rewritten when that command changes, so switching CC or flags rebuilds.
+# $(1): directory, $(2): the command line.
+define cmd_stamp
+$(1)/.cmd: FORCE
+	@mkdir -p $(1)
+	@printf '%s\n' '$(2)' | cmp -s - $$@ || printf '%s\n' '$(2)' > $$@
+endef
+
+# $(1): variant name.
+define test_variant
+$(call cmd_stamp,build/$(1),$$($(1)_CC) $$($(1)_FLAGS) $$(LDFLAGS) $$(LDLIBS))
+
+build/$(1)/test_%: tests/test_%.c $$(TEST_HEADERS) build/$(1)/.cmd
+	$$($(1)_CC) $$($(1)_FLAGS) -MMD -MP -MF $$@.d $$< -o $$@ $$(LDFLAGS) $$(LDLIBS)
+
+build/$(1)/symbols_tu.o: tests/symbols_tu.c $$(TEST_HEADERS) build/$(1)/.cmd
+	$$($(1)_CC) $$($(1)_FLAGS) -MMD -MP -MF $$@.d -c $$< -o $$@
+
+$(1)_BINS := $$(addprefix build/$(1)/,$$(TEST_NAMES)) build/$(1)/symbols_tu.o
+
+# tests/run.sh runs whatever is in the directory, so a program whose source
+# is gone (deleted or renamed test) is removed first.
+build-$(1): $$($(1)_BINS)
+	@for f in build/$(1)/test_*; do \
+	    case $$$$f in *.d) continue ;; esac; \
+	    [ -f "$$$$f" ] || continue; \
+	    n=$$$${f##*/}; \
+	    [ -f "tests/$$$$n.c" ] || { echo "removing stale $$$$f"; rm -f "$$$$f" "$$$$f.d"; }; \
+	done
+
+-include $$(wildcard build/$(1)/*.d)
+endef
+
+$(foreach v,$(VARIANTS),$(eval $(call test_variant,$(v))))
+
+$(eval $(call cmd_stamp,build/examples,$(CC) $(EXAMPLE_CFLAGS) $(LDFLAGS)))
+build/examples/%: examples/%.c patio.h build/examples/.cmd
+	$(CC) $(EXAMPLE_CFLAGS) -MMD -MP -MF $@.d $< -o $@ $(LDFLAGS)
+
+$(eval $(call cmd_stamp,build/bench,$(CC) $(BENCH_CFLAGS) $(LDFLAGS) $(LDLIBS)))
+build/bench/%: tests/bench/%.c $(TEST_HEADERS) build/bench/.cmd
+	$(CC) $(BENCH_CFLAGS) -MMD -MP -MF $@.d $< -o $@ $(LDFLAGS) $(LDLIBS)
+
+$(eval $(call cmd_stamp,build/fuzz,$(FUZZ_CC) $(FUZZ_CFLAGS) $(LDFLAGS) $(LDLIBS)))
+build/fuzz/%: tests/fuzz/%.c $(TEST_HEADERS) build/fuzz/.cmd
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -MMD -MP -MF $@.d $< -o $@ $(LDFLAGS) $(LDLIBS)
+
+-include $(wildcard build/examples/*.d build/bench/*.d build/fuzz/*.d)
+
+# ------------------------------------------------------------------ targets
+
+.PHONY: all test test-asan test-tsan test-poll test-cxx test-symbols \
+        examples quickstart bench fuzz fuzz-build clean FORCE \
+        $(addprefix build-,$(VARIANTS))
+FORCE:
+
+all: build-default examples
+
+test: build-default
+	@$(default_ENV) $(RUN_TESTS) build/default
+
+test-asan: build-asan
+	@$(asan_ENV) $(RUN_TESTS) build/asan
+
+test-tsan: build-tsan
+	@$(tsan_ENV) $(RUN_TESTS) build/tsan
+
+test-poll: build-poll
+	@$(poll_ENV) $(RUN_TESTS) build/poll
+
+test-cxx: build-cxx
+	@$(cxx_ENV) $(RUN_TESTS) build/cxx
+
+test-symbols: build/default/symbols_tu.o
+	@CC='$(CC)' bash tests/check_symbols.sh build/default
+
+examples: $(EXAMPLE_BINS)
+
+quickstart: build/examples/quickstart
+	./build/examples/quickstart
+
+bench: $(BENCH_BINS)
+	@status=0; for b in $(BENCH_BINS); do \
+	    echo "== $$b"; ./$$b || { echo "$$b: exit status $$?"; status=1; }; \
+	done; \
+	[ -n "$(BENCH_BINS)" ] || echo "no benchmarks in tests/bench/"; \
+	exit $$status
+
+fuzz-build: $(FUZZ_BINS)
+
+# Each fuzzer keeps its growing corpus in build/fuzz/corpus/<name>/ and also
+# reads the checked-in seeds in tests/fuzz/corpus/<name>/ when they exist.
+# Crashes are written to build/fuzz/artifacts/.
+fuzz: $(FUZZ_BINS)
+	@status=0; mkdir -p build/fuzz/artifacts; for b in $(FUZZ_BINS); do \
+	    n=$${b##*/}; mkdir -p build/fuzz/corpus/$$n; \
+	    seeds=; [ -d tests/fuzz/corpus/$$n ] && seeds=tests/fuzz/corpus/$$n; \
+	    echo "== $$n ($(FUZZ_SECONDS) s)"; \
+	    ./$$b -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+	        -artifact_prefix=build/fuzz/artifacts/$$n- \
+	        build/fuzz/corpus/$$n $$seeds || { echo "$$n: FAILED"; status=1; }; \
+	done; \
+	[ -n "$(FUZZ_BINS)" ] || echo "no fuzzers in tests/fuzz/"; \
+	exit $$status
+
+clean:
+	rm -rf build

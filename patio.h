@@ -1,0 +1,5378 @@
+/* patio.h - distributed task execution for C, in one header.
+   A re-creation of the Python library patio (Python Asynchronous Tasks for
+   AsyncIO): a registry of functions, executors that run them, and brokers
+   that carry calls to them, in the same process or across TCP.
+
+   DO THIS in exactly one C or C++ file, before the #include:
+
+       #define PATIO_IMPLEMENTATION
+       #include "patio.h"
+
+   Other files include "patio.h" alone. Include patio.h first in the
+   implementation file (it needs POSIX/GNU declarations under -std=c99), or
+   define _GNU_SOURCE yourself. Link with -pthread. Needs gcc or clang.
+
+   EXAMPLE (examples/quickstart.c)
+
+       static int mul(patio_task *t)
+       {
+           int64_t product = 1, x;
+           while (patio_arg_next_int(t, &x)) product *= x;
+           return patio_return_int(t, product);
+       }
+
+       patio_registry *rpc = patio_registry_new(NULL);
+       patio_register(rpc, "mul", mul, NULL);
+       patio_executor *pool = patio_thread_pool_new(rpc, 4);
+       patio_broker *broker = patio_memory_broker_new(pool);
+
+       patio_call *calls[100];
+       for (int i = 0; i < 100; i++)
+           calls[i] = patio_call_async(broker, "mul", "iii", 1, 2, 3);
+       patio_wait_all(calls, 100, PATIO_NO_TIMEOUT);
+       for (int i = 0; i < 100; i++) {
+           printf("%lld\n", (long long)patio_result_int(calls[i]));   // 6
+           patio_call_free(calls[i]);
+       }
+       patio_broker_free(broker);
+       patio_executor_free(pool);
+       patio_registry_free(rpc);
+
+   CONCEPTS
+     registry  names -> task functions (patio_fn) with a user pointer. Auto
+               names ("project.function") via PATIO_REGISTER; strict mode adds
+               a hash of a signature string. The first broker locks it.
+     task      a patio_fn reads its MessagePack arguments (patio_arg_next_*,
+               patio_args("iid", ...), patio_task_kwargs) and answers with
+               patio_return_* or patio_fail(t, "ValueError", "..."). It may
+               return PATIO_PENDING and call patio_task_finish later.
+     executor  runs tasks: thread pool, async (on the loop thread), null, or
+               your own (patio_executor_vtable).
+     broker    carries calls: memory broker (same process); your own
+               (patio_broker_vtable). Each broker has a loop (reactor), on a
+               library thread or pumped by you (patio_loop_run_once).
+     call      patio_call_async/start/sync; wait with patio_call_wait,
+               patio_wait_all, patio_wait_any, or get a callback on the loop
+               thread. Results: patio_result_int, patio_call_unpack, readers.
+               Errors: patio_call_status (patio_result), patio_call_error_type
+               and patio_call_error_message ("ZeroDivisionError", ...).
+
+   THREADS: calls may start from any thread; blocking waits from any thread
+   but the loop's; callbacks run on the loop thread. A registry must not be
+   changed while another thread uses it (brokers lock it).
+
+   CONFIGURATION (define before including; defaults in brackets)
+     PATIO_STATIC                  make every function static
+     PATIO_API                     [extern] decoration of public functions
+     PATIO_ASSERT(x)               [assert(x)] programmer-error checks
+     PATIO_DEFAULT_TIMEOUT         [86400.0] seconds, a call's default timeout
+     PATIO_DEFAULT_MAX_WORKERS     [4] thread pool / async executor workers
+     PATIO_DEFAULT_QUEUE_SIZE      [65536] executor queue bound
+     PATIO_SPIN_US                 [50] how long idle threads poll before sleeping
+     PATIO_MAX_DEPTH               [64] MessagePack nesting limit
+     PATIO_USE_EPOLL / PATIO_USE_KQUEUE / PATIO_USE_POLL
+                                   force a loop backend [epoll on Linux,
+                                   kqueue on macOS/BSD, poll elsewhere]
+
+   Allocation and logging hooks: patio_hooks in patio_registry_config (every
+   object built on a registry uses its hooks).
+
+   VERSION 0.1.0 - see the end of the file for the license (MIT).
+*/
+
+/* ========================================================================
+ * >>config  Configuration macros (define before including patio.h)
+ * ======================================================================== */
+#if defined(PATIO_IMPLEMENTATION) && defined(__linux__) && !defined(_GNU_SOURCE)
+/* The implementation needs POSIX and Linux extensions (clock_gettime,
+ * accept4, MSG_NOSIGNAL) even under -std=c99. This only takes effect when
+ * patio.h is the first header of the implementation file. */
+#define _GNU_SOURCE 1
+#endif
+#if defined(PATIO_IMPLEMENTATION) && defined(__APPLE__) && !defined(_DARWIN_C_SOURCE)
+#define _DARWIN_C_SOURCE 1
+#endif
+
+#ifndef PATIO_H_INCLUDED
+#define PATIO_H_INCLUDED
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdarg.h>
+
+#define PATIO_VERSION_MAJOR 0
+#define PATIO_VERSION_MINOR 1
+#define PATIO_VERSION_PATCH 0
+#define PATIO_VERSION "0.1.0"
+
+/* PATIO_STATIC: make every function static (private to one translation unit). */
+#ifndef PATIO_API
+#ifdef PATIO_STATIC
+#define PATIO_API static
+#else
+#define PATIO_API extern
+#endif
+#endif
+
+/* PATIO_ASSERT(x): checks programmer errors only, never network input. */
+#ifndef PATIO_ASSERT
+#include <assert.h>
+#define PATIO_ASSERT(x) assert(x)
+#endif
+
+/* Default call timeout in seconds (Python patio: 86400). */
+#ifndef PATIO_DEFAULT_TIMEOUT
+#define PATIO_DEFAULT_TIMEOUT 86400.0
+#endif
+
+/* Default number of workers of the thread pool and async executor (as patio). */
+#ifndef PATIO_DEFAULT_MAX_WORKERS
+#define PATIO_DEFAULT_MAX_WORKERS 4
+#endif
+
+/* Default bound of an executor's queue of waiting tasks. */
+#ifndef PATIO_DEFAULT_QUEUE_SIZE
+#define PATIO_DEFAULT_QUEUE_SIZE 65536
+#endif
+
+/* How long (microseconds) a thread polls for work before it sleeps. Waking a
+ * sleeping thread on another core costs far more than a short spin. */
+#ifndef PATIO_SPIN_US
+#define PATIO_SPIN_US 50
+#endif
+
+
+/* Deepest nesting of arrays/maps the MessagePack reader accepts (skip, check). */
+#ifndef PATIO_MAX_DEPTH
+#define PATIO_MAX_DEPTH 64
+#endif
+
+/* Event loop backend. Define at most one before including patio.h; with none
+ * defined, the best one for the platform is picked below.
+ *   PATIO_USE_EPOLL   Linux epoll(7): O(ready) waits, and patio_loop_fd()
+ *                     gives a pollable fd for host main loops.
+ *   PATIO_USE_KQUEUE  kqueue(2) on macOS and the BSDs; also a pollable fd.
+ *   PATIO_USE_POLL    plain poll(2): any POSIX system; O(watched fds) per
+ *                     wait and no pollable fd (patio_loop_fd() returns -1),
+ *                     so a host must call patio_loop_run_once with a timeout. */
+#if defined(PATIO_USE_EPOLL) && (defined(PATIO_USE_KQUEUE) || defined(PATIO_USE_POLL))
+#error "patio.h: define at most one of PATIO_USE_EPOLL, PATIO_USE_KQUEUE, PATIO_USE_POLL"
+#endif
+#if defined(PATIO_USE_KQUEUE) && defined(PATIO_USE_POLL)
+#error "patio.h: define at most one of PATIO_USE_EPOLL, PATIO_USE_KQUEUE, PATIO_USE_POLL"
+#endif
+#if !defined(PATIO_USE_EPOLL) && !defined(PATIO_USE_KQUEUE) && !defined(PATIO_USE_POLL)
+#if defined(__linux__)
+#define PATIO_USE_EPOLL 1
+#elif defined(__APPLE__) || defined(__FreeBSD__) || defined(__OpenBSD__) || \
+    defined(__NetBSD__) || defined(__DragonFly__)
+#define PATIO_USE_KQUEUE 1
+#else
+#define PATIO_USE_POLL 1
+#endif
+#endif
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ========================================================================
+ * >>api-base  Results, hooks, logging
+ * ======================================================================== */
+
+/* One result enum for the whole library: 0 = OK, negative = error. */
+typedef enum patio_result {
+    PATIO_OK = 0,
+    PATIO_PENDING = 1,                /* not finished yet / task finishes later */
+    PATIO_ERR_INVALID = -1,           /* invalid argument or configuration */
+    PATIO_ERR_NOMEM = -2,             /* out of memory */
+    PATIO_ERR_TIMEOUT = -3,           /* the call's timeout expired */
+    PATIO_ERR_CANCELLED = -4,         /* the call was cancelled */
+    PATIO_ERR_NOT_FOUND = -5,         /* no such function / no route */
+    PATIO_ERR_REMOTE = -6,            /* the task failed: see error type and message */
+    PATIO_ERR_FULL = -7,              /* executor queue full (back-pressure) */
+    PATIO_ERR_CLOSED = -8,            /* executor or broker closed */
+    PATIO_ERR_LOCKED = -9,            /* registry is locked */
+    PATIO_ERR_EXISTS = -10,           /* name already registered */
+    PATIO_ERR_DECODE = -11,           /* malformed MessagePack */
+    PATIO_ERR_OVERFLOW = -12,         /* value too large / buffer too small */
+    PATIO_ERR_TYPE = -13,             /* value has another type than asked */
+    PATIO_ERR_CONNECTION_LOST = -14,  /* the connection carrying the call closed */
+    PATIO_ERR_PROTOCOL = -15,         /* peer broke the wire protocol */
+    PATIO_ERR_UNAUTHORIZED = -16,     /* authentication failed */
+    PATIO_ERR_IO = -17,               /* operating system error */
+    PATIO_ERR_WORKER_DIED = -18,      /* the worker process running the task died */
+    PATIO_ERR_UNSUPPORTED = -19,      /* not supported on this platform/build */
+    PATIO_ERR_STARTED = -20           /* too late: the task already started */
+} patio_result;
+
+/* Short English description of a result code; never NULL. */
+PATIO_API const char *patio_strerror(int result);
+
+typedef enum patio_log_level {
+    PATIO_LOG_ERROR = 1,
+    PATIO_LOG_WARN = 2,
+    PATIO_LOG_INFO = 3,
+    PATIO_LOG_DEBUG = 4
+} patio_log_level;
+
+/* Allocator and log hooks. Zero-initialised = libc allocator, silent log.
+ * The three allocator functions are all-or-none. Objects copy the struct. */
+typedef struct patio_hooks {
+    void *(*alloc)(size_t size, void *user);
+    void *(*realloc)(void *ptr, size_t new_size, void *user);
+    void (*free)(void *ptr, void *user);
+    void *alloc_user;
+    void (*log)(int level, const char *message, void *user);
+    void *log_user;
+    int log_level; /* highest level passed to log(); 0 = PATIO_LOG_WARN */
+} patio_hooks;
+
+
+/* ========================================================================
+ * >>api-msgpack  MessagePack values
+ * ======================================================================== */
+
+/* Arguments, results and errors travel as MessagePack. The writer appends
+ * values to a buffer; the reader walks a buffer one item at a time and never
+ * reads past its end. Both are plain structs the caller owns: no allocation
+ * per value, and the reader allocates nothing at all. */
+
+typedef enum patio_type {
+    PATIO_NIL,
+    PATIO_BOOL,
+    PATIO_INT,    /* any integer that fits int64_t, positive or negative */
+    PATIO_UINT,   /* only integers above INT64_MAX */
+    PATIO_FLOAT,  /* float32 or float64, as double */
+    PATIO_STR,
+    PATIO_BIN,
+    PATIO_ARRAY,
+    PATIO_MAP,
+    PATIO_EXT
+} patio_type;
+
+/* One item as the reader sees it. Strings, binaries and ext bodies point
+ * into the input buffer (str is not NUL-terminated). For ARRAY and MAP only
+ * the header is read: `count` elements (MAP: pairs) follow in the stream. */
+typedef struct patio_value {
+    patio_type type;
+    union {
+        int boolean;
+        int64_t i;
+        uint64_t u;
+        double f;
+        struct { const char *ptr; uint32_t len; } str;
+        struct { const uint8_t *ptr; uint32_t len; } bin;
+        uint32_t count;
+        struct { int8_t type; const uint8_t *ptr; uint32_t len; } ext;
+    } v;
+} patio_value;
+
+/* "nil", "bool", "int", ... for messages. */
+PATIO_API const char *patio_type_name(patio_type type);
+
+/* ---- writer -------------------------------------------------------------
+ * Growable (memory from hooks) or over the caller's fixed buffer. Errors are
+ * sticky: the first one stays in `err`, later writes do nothing, and every
+ * function returns `err`, so a sequence of writes needs one check at the
+ * end. Integers, strings, binaries, arrays, maps and ext take their smallest
+ * form, as Python's msgpack does, so equal values encode to equal bytes. */
+typedef struct patio_writer {
+    uint8_t *data;
+    size_t len, cap;
+    const patio_hooks *hooks; /* allocator of a growable writer (NULL = libc) */
+    int fixed;                /* 1 = caller's buffer, never grows: PATIO_ERR_OVERFLOW */
+    int err;                  /* sticky first error (0 = OK) */
+    size_t max_len;           /* 0 = unlimited; else len never exceeds it: PATIO_ERR_OVERFLOW */
+} patio_writer;
+
+PATIO_API void patio_writer_init(patio_writer *w, const patio_hooks *hooks);
+PATIO_API void patio_writer_init_fixed(patio_writer *w, void *buf, size_t cap);
+PATIO_API void patio_writer_reset(patio_writer *w);   /* len = 0, err = 0, keeps the memory */
+PATIO_API void patio_writer_free(patio_writer *w);    /* frees growable memory; safe on a zeroed writer */
+PATIO_API int patio_writer_reserve(patio_writer *w, size_t extra);
+
+PATIO_API int patio_write_nil(patio_writer *w);
+PATIO_API int patio_write_bool(patio_writer *w, int b);
+PATIO_API int patio_write_int(patio_writer *w, int64_t v);
+PATIO_API int patio_write_uint(patio_writer *w, uint64_t v);
+PATIO_API int patio_write_double(patio_writer *w, double v);  /* always float64 (as Python) */
+PATIO_API int patio_write_float(patio_writer *w, float v);    /* float32 */
+PATIO_API int patio_write_str(patio_writer *w, const char *s);  /* NUL-terminated; NULL writes nil */
+PATIO_API int patio_write_strn(patio_writer *w, const char *s, size_t n);
+PATIO_API int patio_write_bin(patio_writer *w, const void *p, size_t n);
+PATIO_API int patio_write_array(patio_writer *w, uint32_t count); /* then write count values */
+PATIO_API int patio_write_map(patio_writer *w, uint32_t count);   /* then count key/value pairs */
+PATIO_API int patio_write_ext(patio_writer *w, int8_t type, const void *body, size_t n);
+/* An ext whose body is written in place: mark = patio_write_ext_begin(w),
+ * write the body with the other functions, then patio_write_ext_end(w, type,
+ * mark) inserts the smallest ext header in front of it. */
+PATIO_API size_t patio_write_ext_begin(patio_writer *w);
+PATIO_API int patio_write_ext_end(patio_writer *w, int8_t type, size_t mark);
+/* Appends bytes that already are MessagePack, verbatim. */
+PATIO_API int patio_write_raw(patio_writer *w, const void *p, size_t n);
+
+/* Writes the values a format describes, one format character per value
+ * (spaces ignored):
+ *   n nil (no argument)     b bool (int)         i int            I int64_t
+ *   u unsigned              U uint64_t           d double (a float promotes)
+ *   s const char * (NUL-terminated; NULL = nil)  S const char *, size_t
+ *   y const void *, size_t (bin)
+ *   v const void *, size_t: one complete MessagePack object, checked with
+ *     patio_msgpack_check_all and copied verbatim (PATIO_ERR_INVALID if not)
+ *   [ ... ]  an array of the values between the brackets (nesting allowed)
+ *   { ... }  a map of the key/value pairs between the braces
+ * A bad format (unknown character, unbalanced brackets, odd map) writes
+ * nothing and sets PATIO_ERR_INVALID. patio_pack(w, "[is]", 1, "x"). */
+PATIO_API int patio_pack(patio_writer *w, const char *fmt, ...);
+PATIO_API int patio_packv(patio_writer *w, const char *fmt, va_list ap);
+
+/* ---- reader -------------------------------------------------------------
+ * Reads items in stream order. Malformed input (truncation, the reserved
+ * byte 0xc1, invalid UTF-8 in a str, nesting beyond max_depth) sets the
+ * sticky `err` to PATIO_ERR_DECODE; every later call returns it. A typed
+ * read of an item of another type returns PATIO_ERR_TYPE (an integer out of
+ * range PATIO_ERR_OVERFLOW), does not consume the item and does not set
+ * `err`, so the caller may try another type. Output pointers may be NULL. */
+typedef struct patio_reader {
+    const uint8_t *pos, *end;
+    int err;        /* sticky first error */
+    int max_depth;  /* nesting limit of skip/raw; 0 = PATIO_MAX_DEPTH */
+} patio_reader;
+
+PATIO_API void patio_reader_init(patio_reader *r, const void *data, size_t len);
+PATIO_API size_t patio_reader_remaining(const patio_reader *r);
+/* One item: the header, and the body of a scalar, str, bin or ext (the
+ * reader does not look inside ext bodies). */
+PATIO_API int patio_read(patio_reader *r, patio_value *out);
+PATIO_API int patio_peek(patio_reader *r, patio_value *out);   /* the same, without advancing */
+PATIO_API int patio_read_skip(patio_reader *r);                /* one complete object, nested ones included */
+PATIO_API int patio_read_nil(patio_reader *r);
+PATIO_API int patio_read_bool(patio_reader *r, int *out);
+PATIO_API int patio_read_int(patio_reader *r, int64_t *out);    /* integers only, no floats */
+PATIO_API int patio_read_uint(patio_reader *r, uint64_t *out);  /* negative: PATIO_ERR_TYPE */
+PATIO_API int patio_read_double(patio_reader *r, double *out);  /* floats and integers */
+PATIO_API int patio_read_str(patio_reader *r, const char **ptr, size_t *len);
+PATIO_API int patio_read_bin(patio_reader *r, const void **ptr, size_t *len);
+PATIO_API int patio_read_array(patio_reader *r, uint32_t *count);
+PATIO_API int patio_read_map(patio_reader *r, uint32_t *count);
+/* The bytes of one complete object, e.g. to copy it elsewhere. */
+PATIO_API int patio_read_raw(patio_reader *r, const void **ptr, size_t *len);
+
+/* Reads values by format, the counterpart of patio_pack:
+ *   n expect nil        b int *            i int * (range-checked: OVERFLOW)
+ *   I int64_t *         u unsigned *       U uint64_t *      d double *
+ *   s const char **, size_t *     y const void **, size_t *
+ *   v const void **, size_t *: the raw bytes of one object   * skip one value
+ *   [ ... ] an array of exactly that many elements, else PATIO_ERR_TYPE
+ *   { ... } a map of exactly that many pairs, else PATIO_ERR_TYPE
+ * On any error other than malformed input the reader is left where it was. */
+PATIO_API int patio_unpack(patio_reader *r, const char *fmt, ...);
+PATIO_API int patio_unpackv(patio_reader *r, const char *fmt, va_list ap);
+
+/* Full validation of untrusted input: one complete object at the start of
+ * data that is well formed (no truncation, no 0xc1, UTF-8 strings), has no
+ * array or map as a map key, nests at most max_depth deep (0 =
+ * PATIO_MAX_DEPTH), and uses only ext type 1 (a CallRequest: [str, array,
+ * map with str keys, nil | int | float]) and ext type 2 (an exception: [str,
+ * str]), each body being exactly one such object; ext values are checked
+ * wherever they appear. *used (may be NULL) receives the object's size.
+ * PATIO_OK or PATIO_ERR_DECODE. */
+PATIO_API int patio_msgpack_check(const void *data, size_t len, int max_depth, size_t *used);
+/* The same, and nothing may follow the object. */
+PATIO_API int patio_msgpack_check_all(const void *data, size_t len, int max_depth);
+/* ========================================================================
+ * >>api-registry  Registry of task functions
+ * ======================================================================== */
+
+typedef struct patio_registry patio_registry;
+typedef struct patio_task patio_task;
+typedef struct patio_broker patio_broker;
+typedef struct patio_executor patio_executor;
+
+/* A task function. It reads its arguments from the task (patio_arg_*,
+ * patio_args, patio_task_args) and answers with patio_return_* or
+ * patio_fail, returning what those return. It may instead return
+ * PATIO_PENDING and finish later with patio_task_finish (from any thread). */
+typedef int (*patio_fn)(patio_task *task);
+
+typedef struct patio_registry_config {
+    const char *project;   /* namespace prefix of auto-generated names; NULL = none */
+    int strict;            /* auto-names end with a hash of a signature given at registration */
+    int no_auto_naming;    /* 1 = every registration needs an explicit name */
+    const patio_hooks *hooks; /* copied; shared by every object built on this registry */
+} patio_registry_config;
+
+PATIO_API patio_registry *patio_registry_new(const patio_registry_config *cfg);
+PATIO_API void patio_registry_free(patio_registry *r);
+
+/* Registers fn under an explicit name. PATIO_ERR_EXISTS if taken,
+ * PATIO_ERR_LOCKED after patio_registry_lock. */
+PATIO_API int patio_register(patio_registry *r, const char *name, patio_fn fn, void *user);
+
+/* Registers fn under its generated name (see patio_registry_make_name);
+ * fn_name is the C identifier, normally filled in by PATIO_REGISTER. */
+PATIO_API int patio_register_auto(patio_registry *r, const char *fn_name, patio_fn fn,
+                                  void *user, const char *signature);
+
+#define PATIO_REGISTER(registry, fn, user) \
+    patio_register_auto((registry), #fn, (fn), (user), NULL)
+#define PATIO_REGISTER_SIG(registry, fn, signature, user) \
+    patio_register_auto((registry), #fn, (fn), (user), (signature))
+
+/* The generated name: "<project>.<fn_name>" ("<fn_name>" without a project);
+ * in strict mode followed by "." and the unpadded base64 of
+ * BLAKE2s-256(signature), as Python patio does with the source hash. A
+ * strict registry needs a signature. Writes a NUL-terminated name into out.
+ * PATIO_ERR_OVERFLOW if cap is too small, PATIO_ERR_INVALID if auto-naming
+ * is disabled or the signature is missing in strict mode. */
+PATIO_API int patio_registry_make_name(const patio_registry *r, const char *fn_name,
+                                       const char *signature, char *out, size_t cap);
+
+PATIO_API int patio_unregister(patio_registry *r, const char *name);
+PATIO_API int patio_registry_lock(patio_registry *r);          /* idempotent */
+PATIO_API int patio_registry_is_locked(const patio_registry *r);
+PATIO_API size_t patio_registry_count(const patio_registry *r);
+PATIO_API int patio_registry_contains(const patio_registry *r, const char *name);
+/* Looks a name up: PATIO_OK or PATIO_ERR_NOT_FOUND; fn and user may be NULL. */
+PATIO_API int patio_registry_get(const patio_registry *r, const char *name,
+                                 patio_fn *fn, void **user);
+/* Iteration in registration order: the name at index, NULL past the end. */
+PATIO_API const char *patio_registry_name_at(const patio_registry *r, size_t index,
+                                             patio_fn *fn, void **user);
+/* The first name fn was registered under, NULL if none. */
+PATIO_API const char *patio_registry_name_of(const patio_registry *r, patio_fn fn);
+PATIO_API const char *patio_registry_project(const patio_registry *r);
+PATIO_API int patio_registry_strict(const patio_registry *r);
+PATIO_API int patio_registry_auto_naming(const patio_registry *r);
+
+/* ========================================================================
+ * >>api-loop  Event loop
+ * ======================================================================== */
+
+/* A loop (reactor) waits for sockets, timers and work posted from other
+ * threads, and runs their callbacks on one thread: either a thread the
+ * library starts (patio_loop_start) or the host's own thread, which pumps
+ * it with patio_loop_run_once. A game or GUI main loop can sleep on
+ * patio_loop_fd() and patio_loop_next_timeout_ms() between pumps. */
+typedef struct patio_loop patio_loop;
+
+typedef struct patio_loop_config {
+    const patio_hooks *hooks;   /* copied; NULL = libc, silent */
+    int spin_us;                /* poll for posted work this long before sleeping;
+                                   0 = PATIO_SPIN_US, <0 = never spin */
+} patio_loop_config;
+
+/* NULL cfg = defaults. Returns NULL on error (out of memory, no fds). */
+PATIO_API patio_loop *patio_loop_new(const patio_loop_config *cfg);
+
+/* Stops the library thread if it runs, closes the loop's fds and frees work
+ * posted with patio_loop_post without running it. No callback runs after. */
+PATIO_API void patio_loop_free(patio_loop *loop);
+
+/* Runs the loop on a library thread until patio_loop_stop.
+ * PATIO_ERR_INVALID if a thread already runs it, PATIO_ERR_IO if the thread
+ * cannot be created. */
+PATIO_API int patio_loop_start(patio_loop *loop);
+
+/* Asks the library thread to exit after its current iteration and joins it.
+ * PATIO_ERR_INVALID from the loop thread itself; PATIO_OK if not running. */
+PATIO_API int patio_loop_stop(patio_loop *loop);
+
+/* Host pumping: waits up to timeout_ms (0 = do not block, <0 = until
+ * something happens) for due timers, ready fds and posted work, runs their
+ * callbacks, and returns how many ran (>= 0), or an error. Returns
+ * PATIO_ERR_INVALID while a library thread runs the loop or when called from
+ * inside one of its callbacks. If another thread is pumping, waits for it
+ * (at most timeout_ms) and returns 0 if it did not finish in time. */
+PATIO_API int patio_loop_run_once(patio_loop *loop, int timeout_ms);
+
+/* An fd that becomes readable when patio_loop_run_once has work: the epoll or
+ * kqueue fd. Only watch it for readability; never read it or close it.
+ * Returns -1 with the poll backend (PATIO_USE_POLL): then pump with a timeout. */
+PATIO_API int patio_loop_fd(const patio_loop *loop);
+
+/* Milliseconds until the next timer is due (rounded up), 0 if work is pending
+ * now, -1 if there is neither. */
+PATIO_API int patio_loop_next_timeout_ms(patio_loop *loop);
+
+/* Runs fn(arg) on the loop thread, after work posted before it (FIFO).
+ * Safe from any thread, including the loop thread; allocates a small node.
+ * PATIO_ERR_INVALID for NULL arguments, PATIO_ERR_NOMEM. */
+PATIO_API int patio_loop_post(patio_loop *loop, void (*fn)(void *arg), void *arg);
+
+/* 1 if the caller is the thread currently running the loop, else 0. */
+PATIO_API int patio_loop_in_loop_thread(const patio_loop *loop);
+
+/* "epoll", "kqueue" or "poll". */
+PATIO_API const char *patio_loop_backend(const patio_loop *loop);
+
+/* ========================================================================
+ * >>api-task  Inside a task: arguments, result, errors
+ * ======================================================================== */
+
+PATIO_API void *patio_task_user(const patio_task *t);        /* pointer given at registration */
+PATIO_API const char *patio_task_name(const patio_task *t);
+PATIO_API patio_broker *patio_task_broker(const patio_task *t); /* broker that delivered it (may be NULL) */
+PATIO_API uint32_t patio_task_argc(const patio_task *t);
+
+/* Reader over the remaining positional arguments (elements of the args array). */
+PATIO_API patio_reader *patio_task_args(patio_task *t);
+/* Next positional argument. Return 1 when one was read, 0 at the end or on a
+ * type mismatch; a mismatch makes the task fail with TypeError. */
+PATIO_API int patio_arg_next_int(patio_task *t, int64_t *out);
+PATIO_API int patio_arg_next_double(patio_task *t, double *out);
+PATIO_API int patio_arg_next_str(patio_task *t, const char **s, size_t *len);
+/* Reads all positional arguments with a patio_unpack format ("iid"); the
+ * count must match. On mismatch the task fails with TypeError and this
+ * returns PATIO_ERR_TYPE. */
+PATIO_API int patio_args(patio_task *t, const char *fmt, ...);
+/* Keyword arguments: a reader over the kwargs map (empty map if none), and a
+ * look-up of one key (PATIO_ERR_NOT_FOUND if absent). */
+PATIO_API int patio_task_kwargs(const patio_task *t, patio_reader *map);
+PATIO_API int patio_kwarg(const patio_task *t, const char *key, patio_reader *value);
+
+/* The result: write exactly one value into the writer and return PATIO_OK,
+ * or use a shortcut below. Nothing written = nil. */
+PATIO_API patio_writer *patio_task_result(patio_task *t);
+PATIO_API int patio_return_nil(patio_task *t);
+PATIO_API int patio_return_bool(patio_task *t, int v);
+PATIO_API int patio_return_int(patio_task *t, int64_t v);
+PATIO_API int patio_return_double(patio_task *t, double v);
+PATIO_API int patio_return_str(patio_task *t, const char *s);
+PATIO_API int patio_return_bin(patio_task *t, const void *p, size_t n);
+PATIO_API int patio_return(patio_task *t, const char *fmt, ...); /* one value, patio_pack format */
+/* Fails the task with an exception: type is a Python builtin name
+ * ("ValueError", "ZeroDivisionError", ...) or a dotted "module.Name".
+ * Returns PATIO_ERR_REMOTE, so `return patio_fail(...)` reads naturally. */
+#if defined(__GNUC__)
+__attribute__((format(printf, 3, 4)))
+#endif
+PATIO_API int patio_fail(patio_task *t, const char *type, const char *fmt, ...);
+/* Finishes a task whose function returned PATIO_PENDING; any thread, once. */
+PATIO_API int patio_task_finish(patio_task *t);
+
+/* ========================================================================
+ * >>api-executor  Executors: thread pool, async, null, your own
+ * ======================================================================== */
+
+typedef struct patio_executor_vtable {
+    const char *kind;
+    /* Accepts a task (any thread). PATIO_OK, PATIO_ERR_FULL or PATIO_ERR_CLOSED. */
+    int (*submit)(patio_executor *ex, patio_task *task);
+    /* Removes a task that has not started: PATIO_OK, else PATIO_ERR_STARTED. May be NULL. */
+    int (*cancel)(patio_executor *ex, patio_task *task);
+    /* Called once by the first broker with the loop it runs on. May be NULL. */
+    int (*attach)(patio_executor *ex, patio_loop *loop);
+    /* Called when a task finished (after patio_task_run or patio_task_finish). May be NULL. */
+    void (*finished)(patio_executor *ex, patio_task *task);
+    /* Finishes queued tasks, then stops accepting and running. */
+    void (*shutdown)(patio_executor *ex);
+    /* Frees the object (after shutdown). */
+    void (*destroy)(patio_executor *ex);
+} patio_executor_vtable;
+
+/* Embed this as the first member of your own executor. */
+struct patio_executor {
+    const patio_executor_vtable *vt;
+    patio_registry *registry;
+    const patio_hooks *hooks;
+    patio_loop *loop;       /* set when a broker attaches */
+    int shut_down;
+};
+
+/* For your own executors: initialise the base, and run a task on the
+ * current thread. patio_task_run returns PATIO_OK when the task finished,
+ * PATIO_PENDING when it will finish later (then vt->finished is called). */
+PATIO_API int patio_executor_init(patio_executor *ex, const patio_executor_vtable *vt,
+                                  patio_registry *r);
+PATIO_API int patio_task_run(patio_task *t);
+
+typedef struct patio_thread_pool_config {
+    int max_workers;   /* 0 = PATIO_DEFAULT_MAX_WORKERS (4) */
+    size_t max_queue;  /* waiting tasks before submit says PATIO_ERR_FULL; 0 = PATIO_DEFAULT_QUEUE_SIZE */
+    int spin_us;       /* idle workers poll this long before sleeping; 0 = PATIO_SPIN_US, <0 = never */
+} patio_thread_pool_config;
+
+PATIO_API patio_executor *patio_thread_pool_new(patio_registry *r, int max_workers);
+PATIO_API patio_executor *patio_thread_pool_new_ex(patio_registry *r, const patio_thread_pool_config *cfg);
+/* Tasks run on the loop thread; at most max_workers run (or wait, having
+ * returned PATIO_PENDING) at once, the rest queue (bounded by max_queue). */
+PATIO_API patio_executor *patio_async_executor_new(patio_registry *r, int max_workers);
+PATIO_API patio_executor *patio_async_executor_new_ex(patio_registry *r, const patio_thread_pool_config *cfg);
+/* Runs nothing: every task fails with RuntimeError. */
+PATIO_API patio_executor *patio_null_executor_new(patio_registry *r);
+
+PATIO_API void patio_executor_shutdown(patio_executor *ex); /* finishes queued tasks; idempotent */
+PATIO_API void patio_executor_free(patio_executor *ex);     /* shutdown + free */
+PATIO_API const char *patio_executor_kind(const patio_executor *ex);
+
+/* ========================================================================
+ * >>api-broker  Brokers and calls
+ * ======================================================================== */
+
+typedef struct patio_call patio_call;
+typedef void (*patio_call_cb)(patio_call *call, void *user);
+
+#define PATIO_NO_TIMEOUT (-1.0)
+
+typedef struct patio_call_opts {
+    double timeout;          /* seconds; 0 = the broker's default; PATIO_NO_TIMEOUT = none */
+    patio_call_cb on_done;   /* runs on the loop thread when the call finished */
+    void *user;
+    const void *args;        /* pre-encoded MessagePack array; used instead of fmt if set */
+    size_t args_len;
+    const void *kwargs;      /* pre-encoded MessagePack map of keyword arguments */
+    size_t kwargs_len;
+} patio_call_opts;
+
+/* Starts a call of `name` with arguments given by a patio_pack format
+ * ("iii", 1, 2, 3 = three ints). Any thread. Never NULL unless out of
+ * memory; a call that cannot start is returned already failed. */
+PATIO_API patio_call *patio_call_async(patio_broker *b, const char *name, const char *fmt, ...);
+PATIO_API patio_call *patio_call_start(patio_broker *b, const patio_call_opts *opts,
+                                       const char *name, const char *fmt, ...);
+PATIO_API patio_call *patio_call_startv(patio_broker *b, const patio_call_opts *opts,
+                                        const char *name, const char *fmt, va_list ap);
+/* Starts a call and waits for it (not from the loop thread). */
+PATIO_API patio_call *patio_call_sync(patio_broker *b, double timeout,
+                                      const char *name, const char *fmt, ...);
+/* Calls a function by itself, through the name it has in the broker's registry. */
+PATIO_API patio_call *patio_call_fn(patio_broker *b, patio_fn fn, const char *fmt, ...);
+
+/* Waits (timeout in seconds, PATIO_NO_TIMEOUT = forever). patio_call_wait
+ * returns the call's status, or PATIO_PENDING if the wait timed out (the call
+ * goes on). patio_wait_all returns PATIO_OK once all finished (whatever their
+ * status) or PATIO_ERR_TIMEOUT. patio_wait_any stores the index of a finished
+ * call. Not from the loop thread; with a host-pumped loop they pump it. */
+PATIO_API int patio_call_wait(patio_call *c, double timeout);
+PATIO_API int patio_wait_all(patio_call *const *calls, size_t n, double timeout);
+PATIO_API int patio_wait_any(patio_call *const *calls, size_t n, double timeout, size_t *index);
+
+/* PATIO_PENDING, PATIO_OK, or the error. */
+PATIO_API int patio_call_status(const patio_call *c);
+/* Cancels a call whose task has not started: PATIO_OK, else PATIO_ERR_STARTED
+ * (running) or PATIO_ERR_INVALID (already finished). */
+PATIO_API int patio_call_cancel(patio_call *c);
+/* Releases the call; if it is still running its result is dropped. */
+PATIO_API void patio_call_free(patio_call *c);
+PATIO_API const char *patio_call_name(const patio_call *c);
+
+/* Result of a successful call: raw MessagePack, a reader, or one value. */
+PATIO_API const void *patio_call_result(const patio_call *c, size_t *len);
+PATIO_API int patio_call_reader(const patio_call *c, patio_reader *r);
+PATIO_API int patio_call_unpack(const patio_call *c, const char *fmt, ...);
+PATIO_API int64_t patio_result_int(const patio_call *c);    /* 0 unless OK and an int */
+PATIO_API double patio_result_double(const patio_call *c);  /* 0 unless OK and a number */
+/* Error of a failed call: exception type and message ("" when OK). Local
+ * errors are named as Python would (TimeoutError, KeyError, ...). */
+PATIO_API const char *patio_call_error_type(const patio_call *c);
+PATIO_API const char *patio_call_error_message(const patio_call *c);
+
+/* ---- brokers ---- */
+typedef struct patio_broker_config {
+    patio_loop *loop;          /* run on this loop (not owned; start or pump it yourself);
+                                  NULL = the broker owns a loop on a library thread */
+    double default_timeout;    /* 0 = PATIO_DEFAULT_TIMEOUT (86400 s) */
+} patio_broker_config;
+
+PATIO_API patio_broker *patio_memory_broker_new(patio_executor *ex);
+PATIO_API patio_broker *patio_memory_broker_new_ex(patio_executor *ex, const patio_broker_config *cfg);
+/* Fails pending calls with PATIO_ERR_CLOSED; later calls fail the same way. */
+PATIO_API void patio_broker_close(patio_broker *b);
+PATIO_API void patio_broker_free(patio_broker *b);
+PATIO_API patio_loop *patio_broker_loop(const patio_broker *b);
+PATIO_API patio_registry *patio_broker_registry(const patio_broker *b);
+PATIO_API patio_executor *patio_broker_executor(const patio_broker *b);
+
+/* ---- your own broker ---- */
+typedef struct patio_broker_vtable {
+    const char *kind;
+    /* Carries a started call (any thread) and later finishes it with
+     * patio_call_succeed / patio_call_fail_with. */
+    void (*send)(patio_broker *b, patio_call *c);
+    /* Tries to cancel a call not yet started: PATIO_OK or PATIO_ERR_STARTED. May be NULL. */
+    int (*cancel)(patio_broker *b, patio_call *c);
+    void (*close)(patio_broker *b);    /* stop carrying calls; may be NULL */
+    void (*destroy)(patio_broker *b);  /* free your object */
+} patio_broker_vtable;
+
+/* Base for brokers; embed as the first member. Fields are private. */
+struct patio_broker {
+    const patio_broker_vtable *vt;
+    patio_executor *executor;
+    patio_registry *registry;
+    const patio_hooks *hooks;
+    patio_loop *loop;
+    int owns_loop;
+    double default_timeout;
+    int closed;
+    void *internal;
+};
+PATIO_API int patio_broker_init(patio_broker *b, const patio_broker_vtable *vt,
+                                patio_executor *ex, const patio_broker_config *cfg);
+PATIO_API void patio_broker_deinit(patio_broker *b);
+/* Call details for a broker carrying it. */
+PATIO_API int patio_call_args(const patio_call *c, const void **args, size_t *len,
+                              const void **kwargs, size_t *kwargs_len);
+PATIO_API double patio_call_timeout(const patio_call *c);   /* seconds, <0 = none */
+/* Finish a call (first finisher wins; later ones return PATIO_ERR_INVALID). */
+PATIO_API int patio_call_succeed(patio_call *c, const void *value, size_t len);
+PATIO_API int patio_call_fail_with(patio_call *c, int status, const char *type, const char *message);
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* PATIO_H_INCLUDED */
+
+/* ************************************************************************
+ *
+ *                          IMPLEMENTATION
+ *
+ * ************************************************************************ */
+#if defined(PATIO_IMPLEMENTATION) && !defined(PATIO__IMPLEMENTATION_DONE)
+#define PATIO__IMPLEMENTATION_DONE 1
+
+#include <stdlib.h>
+#include <string.h>
+#include <stdio.h>
+#include <errno.h>
+#include <math.h>
+#include <time.h>
+#include <limits.h>
+#include <pthread.h>
+#include <unistd.h>
+#include <fcntl.h>
+#include <sched.h>
+
+/* ========================================================================
+ * >>platform  Platform layer: atomics, clock, allocation, logging
+ * ======================================================================== */
+
+#if !defined(__GNUC__) && !defined(__clang__)
+#error "patio.h needs GCC-compatible __atomic builtins (gcc or clang)"
+#endif
+
+#define PATIO__UNUSED(x) ((void)(x))
+/* internal helpers that only some configurations call */
+#define PATIO__MAYBE_UNUSED __attribute__((unused))
+#define PATIO__CONTAINER(ptr, type, member) \
+    ((type *)(void *)((char *)(ptr) - offsetof(type, member)))
+
+#define patio__load(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
+#define patio__load_relaxed(p) __atomic_load_n((p), __ATOMIC_RELAXED)
+#define patio__store(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+#define patio__xchg(p, v) __atomic_exchange_n((p), (v), __ATOMIC_ACQ_REL)
+#define patio__fetch_add(p, v) __atomic_fetch_add((p), (v), __ATOMIC_ACQ_REL)
+#define patio__fetch_sub(p, v) __atomic_fetch_sub((p), (v), __ATOMIC_ACQ_REL)
+#define patio__cas(p, expected, desired) \
+    __atomic_compare_exchange_n((p), (expected), (desired), 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)
+
+static void patio__cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* Monotonic clock in nanoseconds. */
+static uint64_t patio__now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Seconds (may be fractional, <= 0 or infinite) to a deadline in ns;
+ * UINT64_MAX means "never". */
+static uint64_t patio__deadline_after(double seconds)
+{
+    double ns;
+    if (seconds != seconds) return patio__now_ns(); /* NaN: already expired */
+    if (seconds <= 0) return patio__now_ns();
+    ns = seconds * 1e9;
+    if (ns >= 1.8e19) return UINT64_MAX;
+    return patio__now_ns() + (uint64_t)ns;
+}
+
+/* CLOCK_MONOTONIC-based absolute timespec for pthread_cond_timedwait. */
+static void patio__abs_timespec(struct timespec *ts, uint64_t deadline_ns)
+{
+    ts->tv_sec = (time_t)(deadline_ns / 1000000000u);
+    ts->tv_nsec = (long)(deadline_ns % 1000000000u);
+}
+
+/* A condition variable that waits on the monotonic clock where supported. */
+static int patio__cond_init(pthread_cond_t *c)
+{
+    pthread_condattr_t a;
+    int rc;
+    if (pthread_condattr_init(&a) != 0) return PATIO_ERR_NOMEM;
+#if !defined(__APPLE__)
+    pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
+#endif
+    rc = pthread_cond_init(c, &a);
+    pthread_condattr_destroy(&a);
+    return rc == 0 ? PATIO_OK : PATIO_ERR_NOMEM;
+}
+
+/* Waits until signalled or deadline_ns (monotonic; UINT64_MAX = forever).
+ * Returns 0, or ETIMEDOUT. */
+static int patio__cond_wait_until(pthread_cond_t *c, pthread_mutex_t *m, uint64_t deadline_ns)
+{
+    if (deadline_ns == UINT64_MAX) return pthread_cond_wait(c, m);
+#if defined(__APPLE__)
+    {
+        uint64_t now = patio__now_ns();
+        struct timespec rel;
+        uint64_t d = deadline_ns > now ? deadline_ns - now : 0;
+        rel.tv_sec = (time_t)(d / 1000000000u);
+        rel.tv_nsec = (long)(d % 1000000000u);
+        return pthread_cond_timedwait_relative_np(c, m, &rel);
+    }
+#else
+    {
+        struct timespec ts;
+        patio__abs_timespec(&ts, deadline_ns);
+        return pthread_cond_timedwait(c, m, &ts);
+    }
+#endif
+}
+
+static int patio__hooks_valid(const patio_hooks *h)
+{
+    int n;
+    if (!h) return 1;
+    n = (h->alloc != NULL) + (h->realloc != NULL) + (h->free != NULL);
+    return n == 0 || n == 3;
+}
+
+static void *patio__malloc(const patio_hooks *h, size_t n)
+{
+    if (n == 0) n = 1;
+    if (h && h->alloc) return h->alloc(n, h->alloc_user);
+    return malloc(n);
+}
+
+static void *patio__calloc(const patio_hooks *h, size_t n)
+{
+    void *p = patio__malloc(h, n);
+    if (p) memset(p, 0, n);
+    return p;
+}
+
+static void *patio__realloc(const patio_hooks *h, void *p, size_t n)
+{
+    if (n == 0) n = 1;
+    if (h && h->realloc) return h->realloc(p, n, h->alloc_user);
+    return realloc(p, n);
+}
+
+static void patio__free(const patio_hooks *h, void *p)
+{
+    if (!p) return;
+    if (h && h->free) h->free(p, h->alloc_user);
+    else free(p);
+}
+
+static char *patio__strndup(const patio_hooks *h, const char *s, size_t n)
+{
+    char *d = (char *)patio__malloc(h, n + 1);
+    if (!d) return NULL;
+    if (n) memcpy(d, s, n);
+    d[n] = '\0';
+    return d;
+}
+
+static char *patio__strdup(const patio_hooks *h, const char *s)
+{
+    return patio__strndup(h, s, strlen(s));
+}
+
+static int patio__log_enabled(const patio_hooks *h, int level)
+{
+    int max;
+    if (!h || !h->log) return 0;
+    max = h->log_level ? h->log_level : PATIO_LOG_WARN;
+    return level <= max;
+}
+
+#if defined(__GNUC__)
+__attribute__((format(printf, 3, 4)))
+#endif
+static void patio__log(const patio_hooks *h, int level, const char *fmt, ...)
+{
+    char msg[512];
+    va_list ap;
+    if (!patio__log_enabled(h, level)) return;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    h->log(level, msg, h->log_user);
+}
+
+PATIO_API const char *patio_strerror(int result)
+{
+    switch (result) {
+    case PATIO_OK: return "success";
+    case PATIO_PENDING: return "not finished yet";
+    case PATIO_ERR_INVALID: return "invalid argument";
+    case PATIO_ERR_NOMEM: return "out of memory";
+    case PATIO_ERR_TIMEOUT: return "timed out";
+    case PATIO_ERR_CANCELLED: return "cancelled";
+    case PATIO_ERR_NOT_FOUND: return "no such function or no route";
+    case PATIO_ERR_REMOTE: return "the task raised an error";
+    case PATIO_ERR_FULL: return "executor queue is full";
+    case PATIO_ERR_CLOSED: return "closed";
+    case PATIO_ERR_LOCKED: return "registry is locked";
+    case PATIO_ERR_EXISTS: return "name already registered";
+    case PATIO_ERR_DECODE: return "malformed MessagePack data";
+    case PATIO_ERR_OVERFLOW: return "value too large or buffer too small";
+    case PATIO_ERR_TYPE: return "value has an unexpected type";
+    case PATIO_ERR_CONNECTION_LOST: return "connection lost";
+    case PATIO_ERR_PROTOCOL: return "protocol error";
+    case PATIO_ERR_UNAUTHORIZED: return "authentication failed";
+    case PATIO_ERR_IO: return "input/output error";
+    case PATIO_ERR_WORKER_DIED: return "worker process died";
+    case PATIO_ERR_UNSUPPORTED: return "not supported";
+    case PATIO_ERR_STARTED: return "task already started";
+    default: return "unknown error";
+    }
+}
+
+
+/* ========================================================================
+ * >>platform-io  Platform layer: random bytes, wake-up fd, poller backends
+ * ======================================================================== */
+
+#include <poll.h>
+#if defined(PATIO_USE_EPOLL)
+#include <sys/epoll.h>
+#elif defined(PATIO_USE_KQUEUE)
+#include <sys/types.h>
+#include <sys/event.h>
+#include <sys/time.h>
+#endif
+#if defined(__linux__)
+#include <sys/eventfd.h>
+#include <sys/syscall.h>
+#endif
+#if defined(__APPLE__)
+#include <sys/random.h>
+#endif
+
+/* Internal entry points that some builds or sections do not call. */
+#define PATIO__MAYBE_UNUSED __attribute__((unused))
+
+/* Sequentially consistent atomics, for the few "store mine, then load
+ * theirs" handshakes (sleep/wake-up) where acquire/release is too weak. */
+#define patio__sc_load(p) __atomic_load_n((p), __ATOMIC_SEQ_CST)
+#define patio__sc_store(p, v) __atomic_store_n((p), (v), __ATOMIC_SEQ_CST)
+#define patio__sc_xchg(p, v) __atomic_exchange_n((p), (v), __ATOMIC_SEQ_CST)
+
+/* ---- cryptographically secure random bytes -------------------------- */
+
+#if defined(__linux__) && defined(SYS_getrandom)
+/* getrandom(2) through syscall(), so that old C libraries work too. Blocks
+ * only until the kernel pool is seeded at boot. 1 = filled, 0 = unusable. */
+static int patio__random_kernel(unsigned char *p, size_t n)
+{
+    while (n > 0) {
+        long r = syscall(SYS_getrandom, p, n, 0);
+        if (r > 0) { p += r; n -= (size_t)r; continue; }
+        if (r < 0 && errno == EINTR) continue;
+        return 0; /* ENOSYS (old kernel), EPERM (seccomp), ...: try /dev/urandom */
+    }
+    return 1;
+}
+#elif defined(__APPLE__) || defined(__OpenBSD__)
+/* getentropy(2) fills at most 256 bytes per call. */
+static int patio__random_kernel(unsigned char *p, size_t n)
+{
+    while (n > 0) {
+        size_t chunk = n < 256 ? n : 256;
+        if (getentropy(p, chunk) != 0) return 0;
+        p += chunk;
+        n -= chunk;
+    }
+    return 1;
+}
+#else
+static int patio__random_kernel(unsigned char *p, size_t n)
+{
+    PATIO__UNUSED(p);
+    PATIO__UNUSED(n);
+    return 0;
+}
+#endif
+
+/* /dev/urandom, retrying interrupted opens and short or interrupted reads. */
+static int patio__random_urandom(unsigned char *p, size_t n)
+{
+    int fd = -1, tries;
+    for (tries = 0; tries < 16 && fd < 0; tries++) {
+        fd = open("/dev/urandom", O_RDONLY | O_CLOEXEC);
+        if (fd < 0 && errno != EINTR) break;
+    }
+    if (fd < 0) return PATIO_ERR_IO;
+    while (n > 0) {
+        ssize_t r = read(fd, p, n);
+        if (r > 0) { p += r; n -= (size_t)r; continue; }
+        if (r < 0 && errno == EINTR) continue;
+        close(fd);
+        return PATIO_ERR_IO;
+    }
+    close(fd);
+    return PATIO_OK;
+}
+
+/* Fills buf with n unpredictable bytes, or fails with PATIO_ERR_IO: there
+ * is deliberately no weak fallback, since callers use them for keys. */
+PATIO__MAYBE_UNUSED static int patio__random(void *buf, size_t n)
+{
+    if (n == 0) return PATIO_OK;
+    if (!buf) return PATIO_ERR_INVALID;
+    if (patio__random_kernel((unsigned char *)buf, n)) return PATIO_OK;
+    return patio__random_urandom((unsigned char *)buf, n);
+}
+
+/* ---- wake-up fd: makes a sleeping poller return ----------------------- */
+
+typedef struct patio__wake {
+    int rfd; /* watched for readability by the poller */
+    int wfd; /* written by wakers (the same fd for an eventfd) */
+} patio__wake;
+
+#if defined(__linux__)
+static int patio__wake_open(patio__wake *w)
+{
+    int fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (fd < 0) return PATIO_ERR_IO;
+    w->rfd = w->wfd = fd;
+    return PATIO_OK;
+}
+
+static void patio__wake_signal(patio__wake *w)
+{
+    uint64_t one = 1;
+    ssize_t r;
+    do r = write(w->wfd, &one, sizeof one);
+    while (r < 0 && errno == EINTR);
+    /* EAGAIN means the counter is saturated: the fd is readable anyway. */
+}
+
+static void patio__wake_drain(patio__wake *w)
+{
+    uint64_t count;
+    ssize_t r;
+    do r = read(w->rfd, &count, sizeof count);
+    while (r < 0 && errno == EINTR);
+}
+#else
+static int patio__fd_nonblock_cloexec(int fd)
+{
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) return PATIO_ERR_IO;
+    if (fcntl(fd, F_SETFD, FD_CLOEXEC) < 0) return PATIO_ERR_IO;
+    return PATIO_OK;
+}
+
+/* A self-pipe; pipe2() is missing on macOS, so the flags are set after. */
+static int patio__wake_open(patio__wake *w)
+{
+    int fds[2];
+    if (pipe(fds) != 0) return PATIO_ERR_IO;
+    if (patio__fd_nonblock_cloexec(fds[0]) != PATIO_OK || patio__fd_nonblock_cloexec(fds[1]) != PATIO_OK) {
+        close(fds[0]);
+        close(fds[1]);
+        return PATIO_ERR_IO;
+    }
+    w->rfd = fds[0];
+    w->wfd = fds[1];
+    return PATIO_OK;
+}
+
+static void patio__wake_signal(patio__wake *w)
+{
+    unsigned char one = 1;
+    ssize_t r;
+    do r = write(w->wfd, &one, 1);
+    while (r < 0 && errno == EINTR);
+    /* EAGAIN means the pipe is full: the read end is readable anyway. */
+}
+
+static void patio__wake_drain(patio__wake *w)
+{
+    unsigned char buf[64];
+    ssize_t r;
+    do r = read(w->rfd, buf, sizeof buf);
+    while (r == (ssize_t)sizeof buf || (r < 0 && errno == EINTR));
+}
+#endif
+
+static void patio__wake_close(patio__wake *w)
+{
+    if (w->wfd >= 0 && w->wfd != w->rfd) close(w->wfd);
+    if (w->rfd >= 0) close(w->rfd);
+    w->rfd = w->wfd = -1;
+}
+
+/* ---- poller: one small interface, three backends ---------------------- */
+
+#define PATIO__READ 1u
+#define PATIO__WRITE 2u
+#define PATIO__ERROR 4u /* error or hang-up; always reported together with READ */
+
+/* A watched fd. The owner fills nothing by hand: patio__io_start does. */
+typedef struct patio__io {
+    int fd;
+    unsigned events;    /* current interest: PATIO__READ | PATIO__WRITE */
+    void (*fn)(struct patio__io *io, unsigned revents);
+    int active;         /* between patio__io_start and patio__io_stop */
+    size_t slot;        /* poll backend: index + 1 in its arrays, 0 = none */
+} patio__io;
+
+/* One readiness report, collected before any callback runs. */
+typedef struct patio__ready {
+    patio__io *io;      /* NULL once stopped by an earlier callback */
+    unsigned revents;
+} patio__ready;
+
+/* Most readiness reports handled per wait; more are seen on the next one. */
+#define PATIO__READY_MAX 256
+
+/* Interface of every backend:
+ *   patio__poller_open(p, h)          PATIO_OK or PATIO_ERR_IO
+ *   patio__poller_close(p, h)
+ *   patio__poller_fd(p)               pollable fd, or -1
+ *   patio__poller_name()
+ *   patio__poller_set(p, h, io, old, new)
+ *                                     changes io's interest; new = 0 removes it
+ *   patio__poller_wait(p, out, ms)    fills out[] (at most PATIO__READY_MAX);
+ *                                     ms < 0 = forever; EINTR counts as 0 ready */
+
+#if defined(PATIO_USE_EPOLL)
+
+typedef struct patio__poller {
+    int fd;
+    struct epoll_event ev[PATIO__READY_MAX];
+} patio__poller;
+
+static const char *patio__poller_name(void) { return "epoll"; }
+
+static int patio__poller_open(patio__poller *p, const patio_hooks *h)
+{
+    PATIO__UNUSED(h);
+    p->fd = epoll_create1(EPOLL_CLOEXEC);
+    return p->fd < 0 ? PATIO_ERR_IO : PATIO_OK;
+}
+
+static void patio__poller_close(patio__poller *p, const patio_hooks *h)
+{
+    PATIO__UNUSED(h);
+    if (p->fd >= 0) close(p->fd);
+    p->fd = -1;
+}
+
+static int patio__poller_fd(const patio__poller *p) { return p->fd; }
+
+static uint32_t patio__epoll_mask(unsigned events)
+{
+    uint32_t m = 0;
+    if (events & PATIO__READ) m |= (uint32_t)EPOLLIN;
+    if (events & PATIO__WRITE) m |= (uint32_t)EPOLLOUT;
+    return m;
+}
+
+static unsigned patio__epoll_revents(uint32_t e)
+{
+    unsigned r = 0;
+    if (e & (uint32_t)EPOLLIN) r |= PATIO__READ;
+    if (e & (uint32_t)EPOLLOUT) r |= PATIO__WRITE;
+    if (e & ((uint32_t)EPOLLERR | (uint32_t)EPOLLHUP)) r |= PATIO__READ | PATIO__ERROR;
+    return r;
+}
+
+/* Level-triggered, so a callback that reads only part of the input is
+ * called again on the next wait. An fd without interest is removed: epoll
+ * would otherwise keep reporting its hang-up. */
+static int patio__poller_set(patio__poller *p, const patio_hooks *h, patio__io *io,
+                             unsigned old_events, unsigned new_events)
+{
+    struct epoll_event e;
+    int op;
+    PATIO__UNUSED(h);
+    if (old_events == new_events) return PATIO_OK;
+    memset(&e, 0, sizeof e);
+    e.events = patio__epoll_mask(new_events);
+    e.data.ptr = io;
+    op = !old_events ? EPOLL_CTL_ADD : !new_events ? EPOLL_CTL_DEL : EPOLL_CTL_MOD;
+    if (epoll_ctl(p->fd, op, io->fd, &e) == 0) return PATIO_OK;
+    if (op == EPOLL_CTL_DEL) return PATIO_OK; /* fd already closed: the kernel dropped it */
+    return errno == ENOMEM || errno == ENOSPC ? PATIO_ERR_NOMEM : PATIO_ERR_IO;
+}
+
+static int patio__poller_wait(patio__poller *p, patio__ready *out, int timeout_ms)
+{
+    int n, i;
+    n = epoll_wait(p->fd, p->ev, PATIO__READY_MAX, timeout_ms);
+    if (n < 0) return errno == EINTR ? 0 : PATIO_ERR_IO;
+    for (i = 0; i < n; i++) {
+        out[i].io = (patio__io *)p->ev[i].data.ptr;
+        out[i].revents = patio__epoll_revents(p->ev[i].events);
+    }
+    return n;
+}
+
+#elif defined(PATIO_USE_KQUEUE)
+
+typedef struct patio__poller {
+    int fd;
+    struct kevent ev[PATIO__READY_MAX];
+} patio__poller;
+
+static const char *patio__poller_name(void) { return "kqueue"; }
+
+static int patio__poller_open(patio__poller *p, const patio_hooks *h)
+{
+    PATIO__UNUSED(h);
+    p->fd = kqueue();
+    if (p->fd < 0) return PATIO_ERR_IO;
+    fcntl(p->fd, F_SETFD, FD_CLOEXEC);
+    return PATIO_OK;
+}
+
+static void patio__poller_close(patio__poller *p, const patio_hooks *h)
+{
+    PATIO__UNUSED(h);
+    if (p->fd >= 0) close(p->fd);
+    p->fd = -1;
+}
+
+static int patio__poller_fd(const patio__poller *p) { return p->fd; }
+
+/* NetBSD before 10 declares udata as intptr_t, the others as void *. */
+static void patio__kevent_set(struct kevent *k, int fd, int filter, int flags, patio__io *io)
+{
+    memset(k, 0, sizeof *k);
+    k->ident = (uintptr_t)fd;
+    k->filter = (short)filter;
+    k->flags = (unsigned short)flags;
+#if defined(__NetBSD__)
+    k->udata = (__typeof__(k->udata))(intptr_t)io;
+#else
+    k->udata = (void *)io;
+#endif
+}
+
+static patio__io *patio__kevent_io(const struct kevent *k)
+{
+    return (patio__io *)(void *)(intptr_t)k->udata;
+}
+
+/* One filter per direction, added and deleted as interest changes. */
+static int patio__poller_set(patio__poller *p, const patio_hooks *h, patio__io *io,
+                             unsigned old_events, unsigned new_events)
+{
+    struct kevent ch[2];
+    int n = 0;
+    unsigned changed = old_events ^ new_events;
+    PATIO__UNUSED(h);
+    if (changed & PATIO__READ)
+        patio__kevent_set(&ch[n++], io->fd, EVFILT_READ, new_events & PATIO__READ ? EV_ADD : EV_DELETE, io);
+    if (changed & PATIO__WRITE)
+        patio__kevent_set(&ch[n++], io->fd, EVFILT_WRITE, new_events & PATIO__WRITE ? EV_ADD : EV_DELETE, io);
+    if (n == 0) return PATIO_OK;
+    if (kevent(p->fd, ch, n, NULL, 0, NULL) == 0) return PATIO_OK;
+    if (!new_events) return PATIO_OK; /* fd already closed: the kernel dropped it */
+    return errno == ENOMEM ? PATIO_ERR_NOMEM : PATIO_ERR_IO;
+}
+
+/* EV_EOF on the read filter is not an error: the pending bytes can still be
+ * read and read() then returns 0. With an error number it is one. */
+static unsigned patio__kevent_revents(const struct kevent *k)
+{
+    unsigned r = k->filter == EVFILT_WRITE ? PATIO__WRITE : PATIO__READ;
+    if (k->flags & EV_ERROR) r |= PATIO__READ | PATIO__ERROR;
+    if ((k->flags & EV_EOF) && (k->filter == EVFILT_WRITE || k->fflags != 0)) r |= PATIO__READ | PATIO__ERROR;
+    return r;
+}
+
+static int patio__poller_wait(patio__poller *p, patio__ready *out, int timeout_ms)
+{
+    struct timespec ts, *tp = NULL;
+    int n, i, got = 0;
+    if (timeout_ms >= 0) {
+        ts.tv_sec = timeout_ms / 1000;
+        ts.tv_nsec = (long)(timeout_ms % 1000) * 1000000L;
+        tp = &ts;
+    }
+    n = kevent(p->fd, NULL, 0, p->ev, PATIO__READY_MAX, tp);
+    if (n < 0) return errno == EINTR ? 0 : PATIO_ERR_IO;
+    for (i = 0; i < n; i++) {
+        patio__io *io = patio__kevent_io(&p->ev[i]);
+        unsigned revents = patio__kevent_revents(&p->ev[i]);
+        /* Read and write readiness arrive as two events, usually adjacent:
+         * merge those so the callback runs once, as with epoll. */
+        if (got > 0 && out[got - 1].io == io) {
+            out[got - 1].revents |= revents;
+            continue;
+        }
+        out[got].io = io;
+        out[got].revents = revents;
+        got++;
+    }
+    return got;
+}
+
+#else /* PATIO_USE_POLL */
+
+/* pollfd array and the io of each entry, kept parallel; removal moves the
+ * last entry into the hole so the arrays stay dense. */
+typedef struct patio__poller {
+    struct pollfd *fds;
+    patio__io **ios;
+    size_t n, cap;
+    size_t start; /* where the next scan begins, so no fd starves */
+} patio__poller;
+
+static const char *patio__poller_name(void) { return "poll"; }
+
+static int patio__poller_open(patio__poller *p, const patio_hooks *h)
+{
+    PATIO__UNUSED(h);
+    memset(p, 0, sizeof *p);
+    return PATIO_OK;
+}
+
+static void patio__poller_close(patio__poller *p, const patio_hooks *h)
+{
+    patio__free(h, p->fds);
+    patio__free(h, p->ios);
+    memset(p, 0, sizeof *p);
+}
+
+static int patio__poller_fd(const patio__poller *p)
+{
+    PATIO__UNUSED(p);
+    return -1;
+}
+
+static short patio__poll_mask(unsigned events)
+{
+    return (short)((events & PATIO__READ ? POLLIN : 0) | (events & PATIO__WRITE ? POLLOUT : 0));
+}
+
+static int patio__poller_grow(patio__poller *p, const patio_hooks *h)
+{
+    size_t cap = p->cap ? p->cap * 2 : 16;
+    struct pollfd *fds;
+    patio__io **ios;
+    fds = (struct pollfd *)patio__realloc(h, p->fds, cap * sizeof *fds);
+    if (!fds) return PATIO_ERR_NOMEM;
+    p->fds = fds;
+    ios = (patio__io **)patio__realloc(h, p->ios, cap * sizeof *ios);
+    if (!ios) return PATIO_ERR_NOMEM;
+    p->ios = ios;
+    p->cap = cap;
+    return PATIO_OK;
+}
+
+static void patio__poller_remove(patio__poller *p, patio__io *io)
+{
+    size_t i = io->slot - 1, last = p->n - 1;
+    if (i != last) {
+        p->fds[i] = p->fds[last];
+        p->ios[i] = p->ios[last];
+        p->ios[i]->slot = i + 1;
+    }
+    p->n--;
+    io->slot = 0;
+    if (p->start >= p->n) p->start = 0;
+}
+
+static int patio__poller_set(patio__poller *p, const patio_hooks *h, patio__io *io,
+                             unsigned old_events, unsigned new_events)
+{
+    PATIO__UNUSED(old_events);
+    if (!new_events) {
+        if (io->slot) patio__poller_remove(p, io);
+        return PATIO_OK;
+    }
+    if (!io->slot) {
+        if (p->n == p->cap && patio__poller_grow(p, h) != PATIO_OK) return PATIO_ERR_NOMEM;
+        p->ios[p->n] = io;
+        p->fds[p->n].fd = io->fd;
+        p->fds[p->n].revents = 0;
+        io->slot = ++p->n;
+    }
+    p->fds[io->slot - 1].events = patio__poll_mask(new_events);
+    return PATIO_OK;
+}
+
+static unsigned patio__poll_revents(short e)
+{
+    unsigned r = 0;
+    if (e & POLLIN) r |= PATIO__READ;
+    if (e & POLLOUT) r |= PATIO__WRITE;
+    if (e & (POLLERR | POLLHUP | POLLNVAL)) r |= PATIO__READ | PATIO__ERROR;
+    return r;
+}
+
+static int patio__poller_wait(patio__poller *p, patio__ready *out, int timeout_ms)
+{
+    size_t k, i, n = p->n;
+    int got = 0, r;
+    r = poll(p->fds, (nfds_t)n, timeout_ms);
+    if (r < 0) return errno == EINTR ? 0 : PATIO_ERR_IO;
+    if (r == 0) return 0;
+    for (k = 0; k < n; k++) {
+        i = (p->start + k) % n;
+        if (!p->fds[i].revents) continue;
+        out[got].io = p->ios[i];
+        out[got].revents = patio__poll_revents(p->fds[i].revents);
+        if (++got == PATIO__READY_MAX) {
+            p->start = (i + 1) % n;
+            break;
+        }
+    }
+    return got;
+}
+
+#endif
+
+/* ========================================================================
+ * >>util  Utilities: BLAKE2s, base64, UTF-8, constant-time compare
+ * ======================================================================== */
+
+/* ---- BLAKE2s (RFC 7693) ---------------------------------------------------
+ * Used for the handshake digest and proof (PROTOCOL.md §6) and for strict
+ * registry names. Keyed, with salt and personalization, as Python's
+ * hashlib.blake2s; sequential mode only (fanout 1, depth 1). */
+
+typedef struct patio__blake2s_state {
+    uint32_t h[8];      /* chain value */
+    uint32_t t[2];      /* bytes compressed so far, 64-bit counter */
+    uint8_t buf[64];    /* pending block: the last one must be flagged, so it waits */
+    size_t buflen;
+    size_t outlen;
+} patio__blake2s_state;
+
+static const uint32_t patio__blake2s_iv[8] = {
+    0x6A09E667u, 0xBB67AE85u, 0x3C6EF372u, 0xA54FF53Au,
+    0x510E527Fu, 0x9B05688Cu, 0x1F83D9ABu, 0x5BE0CD19u
+};
+
+/* Message word order of each of the ten rounds. */
+static const uint8_t patio__blake2s_sigma[10][16] = {
+    { 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15 },
+    { 14, 10, 4, 8, 9, 15, 13, 6, 1, 12, 0, 2, 11, 7, 5, 3 },
+    { 11, 8, 12, 0, 5, 2, 15, 13, 10, 14, 3, 6, 7, 1, 9, 4 },
+    { 7, 9, 3, 1, 13, 12, 11, 14, 2, 6, 5, 10, 4, 0, 15, 8 },
+    { 9, 0, 5, 7, 2, 4, 10, 15, 14, 1, 11, 12, 6, 8, 3, 13 },
+    { 2, 12, 6, 10, 0, 11, 8, 3, 4, 13, 7, 5, 15, 14, 1, 9 },
+    { 12, 5, 1, 15, 14, 13, 4, 10, 0, 7, 6, 3, 9, 2, 8, 11 },
+    { 13, 11, 7, 14, 12, 1, 3, 9, 5, 0, 15, 4, 8, 6, 2, 10 },
+    { 6, 15, 14, 9, 11, 3, 0, 8, 12, 2, 13, 7, 1, 4, 10, 5 },
+    { 10, 2, 8, 4, 7, 6, 1, 5, 15, 11, 9, 14, 3, 12, 13, 0 }
+};
+
+static uint32_t patio__load32_le(const uint8_t *p)
+{
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
+}
+
+static void patio__store32_le(uint8_t *p, uint32_t v)
+{
+    p[0] = (uint8_t)v;
+    p[1] = (uint8_t)(v >> 8);
+    p[2] = (uint8_t)(v >> 16);
+    p[3] = (uint8_t)(v >> 24);
+}
+
+static uint32_t patio__rotr32(uint32_t x, unsigned n)
+{
+    return (x >> n) | (x << (32 - n));
+}
+
+/* The mixing function G on four words of the work vector. */
+static void patio__blake2s_g(uint32_t *v, int a, int b, int c, int d, uint32_t x, uint32_t y)
+{
+    v[a] = v[a] + v[b] + x;
+    v[d] = patio__rotr32(v[d] ^ v[a], 16);
+    v[c] = v[c] + v[d];
+    v[b] = patio__rotr32(v[b] ^ v[c], 12);
+    v[a] = v[a] + v[b] + y;
+    v[d] = patio__rotr32(v[d] ^ v[a], 8);
+    v[c] = v[c] + v[d];
+    v[b] = patio__rotr32(v[b] ^ v[c], 7);
+}
+
+static void patio__blake2s_compress(patio__blake2s_state *s, const uint8_t *block, int last)
+{
+    uint32_t m[16], v[16];
+    int i, r;
+    for (i = 0; i < 16; i++) m[i] = patio__load32_le(block + 4 * i);
+    for (i = 0; i < 8; i++) {
+        v[i] = s->h[i];
+        v[i + 8] = patio__blake2s_iv[i];
+    }
+    v[12] ^= s->t[0];
+    v[13] ^= s->t[1];
+    if (last) v[14] = ~v[14];
+    for (r = 0; r < 10; r++) {
+        const uint8_t *o = patio__blake2s_sigma[r];
+        patio__blake2s_g(v, 0, 4, 8, 12, m[o[0]], m[o[1]]);
+        patio__blake2s_g(v, 1, 5, 9, 13, m[o[2]], m[o[3]]);
+        patio__blake2s_g(v, 2, 6, 10, 14, m[o[4]], m[o[5]]);
+        patio__blake2s_g(v, 3, 7, 11, 15, m[o[6]], m[o[7]]);
+        patio__blake2s_g(v, 0, 5, 10, 15, m[o[8]], m[o[9]]);
+        patio__blake2s_g(v, 1, 6, 11, 12, m[o[10]], m[o[11]]);
+        patio__blake2s_g(v, 2, 7, 8, 13, m[o[12]], m[o[13]]);
+        patio__blake2s_g(v, 3, 4, 9, 14, m[o[14]], m[o[15]]);
+    }
+    for (i = 0; i < 8; i++) s->h[i] ^= v[i] ^ v[i + 8];
+}
+
+static void patio__blake2s_count(patio__blake2s_state *s, size_t n)
+{
+    s->t[0] += (uint32_t)n;
+    if (s->t[0] < (uint32_t)n) s->t[1]++;
+}
+
+/* outlen 1..32, keylen 0..32; salt8/person8 are 8 bytes each or NULL (zeros). */
+static void patio__blake2s_init(patio__blake2s_state *s, size_t outlen, const void *key, size_t keylen,
+                                const uint8_t *salt8, const uint8_t *person8)
+{
+    int i;
+    PATIO_ASSERT(outlen >= 1 && outlen <= 32 && keylen <= 32);
+    for (i = 0; i < 8; i++) s->h[i] = patio__blake2s_iv[i];
+    /* Parameter block word 0: digest length, key length, fanout 1, depth 1;
+     * leaf length, node offset/depth and inner length are all zero. */
+    s->h[0] ^= 0x01010000u ^ ((uint32_t)keylen << 8) ^ (uint32_t)outlen;
+    if (salt8) {
+        s->h[4] ^= patio__load32_le(salt8);
+        s->h[5] ^= patio__load32_le(salt8 + 4);
+    }
+    if (person8) {
+        s->h[6] ^= patio__load32_le(person8);
+        s->h[7] ^= patio__load32_le(person8 + 4);
+    }
+    s->t[0] = s->t[1] = 0;
+    s->buflen = 0;
+    s->outlen = outlen;
+    memset(s->buf, 0, sizeof s->buf);
+    if (keylen > 0) {
+        /* A key is hashed as a first block of its own, zero-padded. */
+        memcpy(s->buf, key, keylen);
+        s->buflen = sizeof s->buf;
+    }
+}
+
+static void patio__blake2s_update(patio__blake2s_state *s, const void *data, size_t len)
+{
+    const uint8_t *p = (const uint8_t *)data;
+    while (len > 0) {
+        size_t take;
+        if (s->buflen == sizeof s->buf) {
+            patio__blake2s_count(s, sizeof s->buf);
+            patio__blake2s_compress(s, s->buf, 0);
+            s->buflen = 0;
+        }
+        /* Whole blocks straight from the input, keeping the last one back. */
+        while (s->buflen == 0 && len > sizeof s->buf) {
+            patio__blake2s_count(s, sizeof s->buf);
+            patio__blake2s_compress(s, p, 0);
+            p += sizeof s->buf;
+            len -= sizeof s->buf;
+        }
+        take = sizeof s->buf - s->buflen;
+        if (take > len) take = len;
+        memcpy(s->buf + s->buflen, p, take);
+        s->buflen += take;
+        p += take;
+        len -= take;
+    }
+}
+
+static void patio__blake2s_final(patio__blake2s_state *s, uint8_t *out)
+{
+    uint8_t full[32];
+    int i;
+    patio__blake2s_count(s, s->buflen);
+    memset(s->buf + s->buflen, 0, sizeof s->buf - s->buflen);
+    patio__blake2s_compress(s, s->buf, 1);
+    for (i = 0; i < 8; i++) patio__store32_le(full + 4 * i, s->h[i]);
+    memcpy(out, full, s->outlen);
+}
+
+/* One-shot BLAKE2s; see patio__blake2s_init for the parameters. */
+static void patio__blake2s(uint8_t *out, size_t outlen, const void *key, size_t keylen,
+                           const uint8_t *salt8, const uint8_t *person8, const void *data, size_t len)
+{
+    patio__blake2s_state s;
+    patio__blake2s_init(&s, outlen, key, keylen, salt8, person8);
+    patio__blake2s_update(&s, data, len);
+    patio__blake2s_final(&s, out);
+}
+
+/* ---- base64 (RFC 4648, standard alphabet) ------------------------------- */
+
+/* Writes the base64 of in[0..n) and a NUL; out holds 4*((n+2)/3)+1 chars.
+ * Without pad the trailing '=' are left out (as Python patio's names).
+ * Returns the number of characters before the NUL. */
+static size_t patio__base64(char *out, const uint8_t *in, size_t n, int pad)
+{
+    static const char digits[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    size_t i = 0, o = 0;
+    uint32_t v;
+    for (; n - i >= 3; i += 3) {
+        v = ((uint32_t)in[i] << 16) | ((uint32_t)in[i + 1] << 8) | in[i + 2];
+        out[o++] = digits[(v >> 18) & 63];
+        out[o++] = digits[(v >> 12) & 63];
+        out[o++] = digits[(v >> 6) & 63];
+        out[o++] = digits[v & 63];
+    }
+    if (n - i == 1) {
+        v = (uint32_t)in[i] << 16;
+        out[o++] = digits[(v >> 18) & 63];
+        out[o++] = digits[(v >> 12) & 63];
+        if (pad) { out[o++] = '='; out[o++] = '='; }
+    } else if (n - i == 2) {
+        v = ((uint32_t)in[i] << 16) | ((uint32_t)in[i + 1] << 8);
+        out[o++] = digits[(v >> 18) & 63];
+        out[o++] = digits[(v >> 12) & 63];
+        out[o++] = digits[(v >> 6) & 63];
+        if (pad) out[o++] = '=';
+    }
+    out[o] = '\0';
+    return o;
+}
+
+/* ---- UTF-8 ---------------------------------------------------------------- */
+
+/* 1 if p[0..n) is well-formed UTF-8 (Unicode table 3-7): no overlong forms,
+ * no surrogates (U+D800..DFFF), nothing above U+10FFFF, no cut sequence. */
+static int patio__utf8_valid(const uint8_t *p, size_t n)
+{
+    size_t i = 0;
+    while (i < n) {
+        uint8_t c, lo = 0x80, hi = 0xbf;
+        size_t more, k;
+        /* Strings are mostly ASCII: test eight bytes at a time. */
+        if (n - i >= 8) {
+            uint64_t word;
+            memcpy(&word, p + i, 8);
+            if ((word & UINT64_C(0x8080808080808080)) == 0) {
+                i += 8;
+                continue;
+            }
+        }
+        c = p[i];
+        if (c < 0x80) {
+            i++;
+            continue;
+        }
+        if (c >= 0xc2 && c <= 0xdf) {
+            more = 1;
+        } else if (c >= 0xe0 && c <= 0xef) {
+            more = 2;
+            if (c == 0xe0) lo = 0xa0;      /* overlong below U+0800 */
+            if (c == 0xed) hi = 0x9f;      /* surrogates */
+        } else if (c >= 0xf0 && c <= 0xf4) {
+            more = 3;
+            if (c == 0xf0) lo = 0x90;      /* overlong below U+10000 */
+            if (c == 0xf4) hi = 0x8f;      /* above U+10FFFF */
+        } else {
+            return 0;                      /* continuation byte, C0/C1, F5..FF */
+        }
+        if (n - i - 1 < more) return 0;
+        if (p[i + 1] < lo || p[i + 1] > hi) return 0;
+        for (k = 2; k <= more; k++)
+            if ((p[i + k] & 0xc0) != 0x80) return 0;
+        i += more + 1;
+    }
+    return 1;
+}
+
+/* 1 if equal. Looks at every byte whatever it finds, so the time does not
+ * tell where a secret first differs. */
+PATIO__MAYBE_UNUSED static int patio__consttime_equal(const void *a, const void *b, size_t n)
+{
+    const volatile uint8_t *x = (const volatile uint8_t *)a;
+    const volatile uint8_t *y = (const volatile uint8_t *)b;
+    uint8_t diff = 0;
+    size_t i;
+    for (i = 0; i < n; i++) diff = (uint8_t)(diff | (x[i] ^ y[i]));
+    return diff == 0;
+}
+
+/* ========================================================================
+ * >>msgpack  MessagePack writer, reader, validation, CallRequest, exception
+ * ======================================================================== */
+
+static void patio__put_be16(uint8_t *p, uint16_t v)
+{
+    p[0] = (uint8_t)(v >> 8);
+    p[1] = (uint8_t)v;
+}
+
+static void patio__put_be32(uint8_t *p, uint32_t v)
+{
+    p[0] = (uint8_t)(v >> 24);
+    p[1] = (uint8_t)(v >> 16);
+    p[2] = (uint8_t)(v >> 8);
+    p[3] = (uint8_t)v;
+}
+
+static void patio__put_be64(uint8_t *p, uint64_t v)
+{
+    patio__put_be32(p, (uint32_t)(v >> 32));
+    patio__put_be32(p + 4, (uint32_t)v);
+}
+
+/* A big-endian unsigned field of 1, 2, 4 or 8 bytes. */
+static uint64_t patio__get_be(const uint8_t *p, size_t size)
+{
+    uint64_t v = 0;
+    size_t i;
+    for (i = 0; i < size; i++) v = (v << 8) | p[i];
+    return v;
+}
+
+/* Two's complement reading of a `size`-byte field, without relying on
+ * implementation-defined conversions. */
+static int64_t patio__to_signed(uint64_t x, size_t size)
+{
+    if (size == 8) return x <= (uint64_t)INT64_MAX ? (int64_t)x : -(int64_t)(~x) - 1;
+    if (x >> (8 * size - 1)) return (int64_t)x - ((int64_t)1 << (8 * size));
+    return (int64_t)x;
+}
+
+PATIO_API const char *patio_type_name(patio_type type)
+{
+    switch (type) {
+    case PATIO_NIL: return "nil";
+    case PATIO_BOOL: return "bool";
+    case PATIO_INT: return "int";
+    case PATIO_UINT: return "uint";
+    case PATIO_FLOAT: return "float";
+    case PATIO_STR: return "str";
+    case PATIO_BIN: return "bin";
+    case PATIO_ARRAY: return "array";
+    case PATIO_MAP: return "map";
+    case PATIO_EXT: return "ext";
+    }
+    return "unknown";
+}
+
+/* ---- writer --------------------------------------------------------------- */
+
+static int patio__writer_fail(patio_writer *w, int err)
+{
+    if (!w->err) w->err = err;
+    return w->err;
+}
+
+PATIO_API void patio_writer_init(patio_writer *w, const patio_hooks *hooks)
+{
+    memset(w, 0, sizeof *w);
+    w->hooks = hooks;
+}
+
+PATIO_API void patio_writer_init_fixed(patio_writer *w, void *buf, size_t cap)
+{
+    memset(w, 0, sizeof *w);
+    w->data = (uint8_t *)buf;
+    w->cap = buf ? cap : 0;
+    w->fixed = 1;
+}
+
+PATIO_API void patio_writer_reset(patio_writer *w)
+{
+    w->len = 0;
+    w->err = 0;
+}
+
+PATIO_API void patio_writer_free(patio_writer *w)
+{
+    if (!w->fixed) patio__free(w->hooks, w->data);
+    w->data = NULL;
+    w->len = w->cap = 0;
+    w->err = 0;
+}
+
+/* Grows a growable writer's buffer to hold at least `need` bytes, doubling
+ * so that appending n bytes costs O(n) overall. */
+static int patio__writer_grow(patio_writer *w, size_t need)
+{
+    size_t cap = w->cap ? w->cap : 128;
+    uint8_t *p;
+    if (w->fixed) return patio__writer_fail(w, PATIO_ERR_OVERFLOW);
+    while (cap < need) {
+        if (cap > SIZE_MAX / 2) {
+            cap = need;
+            break;
+        }
+        cap *= 2;
+    }
+    if (w->max_len && cap > w->max_len) cap = w->max_len;
+    if (w->data) p = (uint8_t *)patio__realloc(w->hooks, w->data, cap);
+    else p = (uint8_t *)patio__malloc(w->hooks, cap);
+    if (!p) return patio__writer_fail(w, PATIO_ERR_NOMEM);
+    w->data = p;
+    w->cap = cap;
+    return PATIO_OK;
+}
+
+PATIO_API int patio_writer_reserve(patio_writer *w, size_t extra)
+{
+    size_t need;
+    if (w->err) return w->err;
+    if (extra > SIZE_MAX - w->len) return patio__writer_fail(w, PATIO_ERR_OVERFLOW);
+    need = w->len + extra;
+    if (w->max_len && need > w->max_len) return patio__writer_fail(w, PATIO_ERR_OVERFLOW);
+    if (need <= w->cap) return PATIO_OK;
+    return patio__writer_grow(w, need);
+}
+
+/* Claims n (> 0) bytes at the end and returns where to store them, or NULL
+ * once the writer has an error. The common case is one test and a add. */
+static uint8_t *patio__writer_append(patio_writer *w, size_t n)
+{
+    uint8_t *p;
+    if (w->err || w->max_len || n > w->cap - w->len) {
+        if (patio_writer_reserve(w, n) != PATIO_OK) return NULL;
+    }
+    p = w->data + w->len;
+    w->len += n;
+    return p;
+}
+
+/* A type byte followed by a big-endian field of `size` bytes (0, 1, 2, 4, 8). */
+static int patio__write_head(patio_writer *w, uint8_t tag, uint64_t field, size_t size)
+{
+    uint8_t *p = patio__writer_append(w, 1 + size);
+    if (!p) return w->err;
+    p[0] = tag;
+    switch (size) {
+    case 1: p[1] = (uint8_t)field; break;
+    case 2: patio__put_be16(p + 1, (uint16_t)field); break;
+    case 4: patio__put_be32(p + 1, (uint32_t)field); break;
+    case 8: patio__put_be64(p + 1, field); break;
+    default: break;
+    }
+    return PATIO_OK;
+}
+
+/* Smallest headers of a str / bin / ext of n bytes (n <= UINT32_MAX) into h;
+ * each returns the header size. */
+static size_t patio__str_head(uint8_t *h, size_t n)
+{
+    if (n < 32) { h[0] = (uint8_t)(0xa0 | n); return 1; }
+    if (n <= 0xff) { h[0] = 0xd9; h[1] = (uint8_t)n; return 2; }
+    if (n <= 0xffff) { h[0] = 0xda; patio__put_be16(h + 1, (uint16_t)n); return 3; }
+    h[0] = 0xdb;
+    patio__put_be32(h + 1, (uint32_t)n);
+    return 5;
+}
+
+static size_t patio__bin_head(uint8_t *h, size_t n)
+{
+    if (n <= 0xff) { h[0] = 0xc4; h[1] = (uint8_t)n; return 2; }
+    if (n <= 0xffff) { h[0] = 0xc5; patio__put_be16(h + 1, (uint16_t)n); return 3; }
+    h[0] = 0xc6;
+    patio__put_be32(h + 1, (uint32_t)n);
+    return 5;
+}
+
+static size_t patio__ext_head(uint8_t *h, int8_t type, size_t n)
+{
+    uint8_t t = (uint8_t)type;
+    switch (n) {
+    case 1: h[0] = 0xd4; h[1] = t; return 2;
+    case 2: h[0] = 0xd5; h[1] = t; return 2;
+    case 4: h[0] = 0xd6; h[1] = t; return 2;
+    case 8: h[0] = 0xd7; h[1] = t; return 2;
+    case 16: h[0] = 0xd8; h[1] = t; return 2;
+    default: break;
+    }
+    if (n <= 0xff) { h[0] = 0xc7; h[1] = (uint8_t)n; h[2] = t; return 3; }
+    if (n <= 0xffff) { h[0] = 0xc8; patio__put_be16(h + 1, (uint16_t)n); h[3] = t; return 4; }
+    h[0] = 0xc9;
+    patio__put_be32(h + 1, (uint32_t)n);
+    h[5] = t;
+    return 6;
+}
+
+/* A header from one of the helpers above followed by n body bytes. */
+static int patio__write_headed(patio_writer *w, const uint8_t *head, size_t head_len, const void *body, size_t n)
+{
+    uint8_t *p;
+    if (n && !body) return patio__writer_fail(w, PATIO_ERR_INVALID);
+    p = patio__writer_append(w, head_len + n);
+    if (!p) return w->err;
+    memcpy(p, head, head_len);
+    if (n) memcpy(p + head_len, body, n);
+    return PATIO_OK;
+}
+
+PATIO_API int patio_write_nil(patio_writer *w)
+{
+    return patio__write_head(w, 0xc0, 0, 0);
+}
+
+PATIO_API int patio_write_bool(patio_writer *w, int b)
+{
+    return patio__write_head(w, b ? 0xc3 : 0xc2, 0, 0);
+}
+
+PATIO_API int patio_write_uint(patio_writer *w, uint64_t v)
+{
+    if (v < 0x80) return patio__write_head(w, (uint8_t)v, 0, 0);
+    if (v <= 0xff) return patio__write_head(w, 0xcc, v, 1);
+    if (v <= 0xffff) return patio__write_head(w, 0xcd, v, 2);
+    if (v <= 0xffffffffu) return patio__write_head(w, 0xce, v, 4);
+    return patio__write_head(w, 0xcf, v, 8);
+}
+
+PATIO_API int patio_write_int(patio_writer *w, int64_t v)
+{
+    /* Non-negative values use the unsigned forms, as Python's msgpack does. */
+    if (v >= 0) return patio_write_uint(w, (uint64_t)v);
+    if (v >= -32) return patio__write_head(w, (uint8_t)(0x100 + v), 0, 0);
+    if (v >= INT8_MIN) return patio__write_head(w, 0xd0, (uint64_t)v, 1);
+    if (v >= INT16_MIN) return patio__write_head(w, 0xd1, (uint64_t)v, 2);
+    if (v >= INT32_MIN) return patio__write_head(w, 0xd2, (uint64_t)v, 4);
+    return patio__write_head(w, 0xd3, (uint64_t)v, 8);
+}
+
+PATIO_API int patio_write_double(patio_writer *w, double v)
+{
+    uint64_t bits;
+    memcpy(&bits, &v, sizeof bits);
+    return patio__write_head(w, 0xcb, bits, 8);
+}
+
+PATIO_API int patio_write_float(patio_writer *w, float v)
+{
+    uint32_t bits;
+    memcpy(&bits, &v, sizeof bits);
+    return patio__write_head(w, 0xca, bits, 4);
+}
+
+PATIO_API int patio_write_strn(patio_writer *w, const char *s, size_t n)
+{
+    uint8_t head[5];
+    if (w->err) return w->err;
+    if ((uint64_t)n > UINT32_MAX) return patio__writer_fail(w, PATIO_ERR_OVERFLOW);
+    return patio__write_headed(w, head, patio__str_head(head, n), s, n);
+}
+
+PATIO_API int patio_write_str(patio_writer *w, const char *s)
+{
+    if (!s) return patio_write_nil(w);
+    return patio_write_strn(w, s, strlen(s));
+}
+
+PATIO_API int patio_write_bin(patio_writer *w, const void *p, size_t n)
+{
+    uint8_t head[5];
+    if (w->err) return w->err;
+    if ((uint64_t)n > UINT32_MAX) return patio__writer_fail(w, PATIO_ERR_OVERFLOW);
+    return patio__write_headed(w, head, patio__bin_head(head, n), p, n);
+}
+
+PATIO_API int patio_write_array(patio_writer *w, uint32_t count)
+{
+    if (count < 16) return patio__write_head(w, (uint8_t)(0x90 | count), 0, 0);
+    if (count <= 0xffff) return patio__write_head(w, 0xdc, count, 2);
+    return patio__write_head(w, 0xdd, count, 4);
+}
+
+PATIO_API int patio_write_map(patio_writer *w, uint32_t count)
+{
+    if (count < 16) return patio__write_head(w, (uint8_t)(0x80 | count), 0, 0);
+    if (count <= 0xffff) return patio__write_head(w, 0xde, count, 2);
+    return patio__write_head(w, 0xdf, count, 4);
+}
+
+PATIO_API int patio_write_ext(patio_writer *w, int8_t type, const void *body, size_t n)
+{
+    uint8_t head[6];
+    if (w->err) return w->err;
+    if ((uint64_t)n > UINT32_MAX) return patio__writer_fail(w, PATIO_ERR_OVERFLOW);
+    return patio__write_headed(w, head, patio__ext_head(head, type, n), body, n);
+}
+
+PATIO_API size_t patio_write_ext_begin(patio_writer *w)
+{
+    return w->len;
+}
+
+PATIO_API int patio_write_ext_end(patio_writer *w, int8_t type, size_t mark)
+{
+    uint8_t head[6];
+    size_t body, head_len;
+    if (w->err) return w->err;
+    if (mark > w->len) return patio__writer_fail(w, PATIO_ERR_INVALID);
+    body = w->len - mark;
+    if ((uint64_t)body > UINT32_MAX) return patio__writer_fail(w, PATIO_ERR_OVERFLOW);
+    head_len = patio__ext_head(head, type, body);
+    if (!patio__writer_append(w, head_len)) return w->err;
+    /* The body size is known only now: slide it up to make room. */
+    memmove(w->data + mark + head_len, w->data + mark, body);
+    memcpy(w->data + mark, head, head_len);
+    return PATIO_OK;
+}
+
+PATIO_API int patio_write_raw(patio_writer *w, const void *p, size_t n)
+{
+    uint8_t *dst;
+    if (w->err || n == 0) return w->err;
+    if (!p) return patio__writer_fail(w, PATIO_ERR_INVALID);
+    dst = patio__writer_append(w, n);
+    if (!dst) return w->err;
+    memcpy(dst, p, n);
+    return PATIO_OK;
+}
+
+/* ---- pack / unpack formats ------------------------------------------------ */
+
+/* For the bracket at open[0] ('[' or '{'): counts the values directly
+ * inside (a nested group counts as one) and checks that the matching closer
+ * is of the same kind. Returns the position after the closer, or NULL. */
+static const char *patio__fmt_group(const char *open, uint32_t *count)
+{
+    char closer = *open == '[' ? ']' : '}';
+    uint32_t n = 0;
+    int depth = 0;
+    const char *p;
+    for (p = open + 1; *p; p++) {
+        char c = *p;
+        if (c == ' ') continue;
+        if (c == '[' || c == '{') {
+            if (depth++ == 0) n++;
+        } else if (c == ']' || c == '}') {
+            if (depth == 0) {
+                if (c != closer) return NULL;
+                *count = n;
+                return p + 1;
+            }
+            depth--;
+        } else if (depth == 0) {
+            n++;
+        }
+    }
+    return NULL;
+}
+
+/* 1 if fmt uses only `scalars`, spaces and brackets, every bracket pairs
+ * with one of its kind, and every map holds whole key/value pairs. Checked
+ * before anything is written or read, so a bad format has no effect. */
+static int patio__fmt_valid(const char *fmt, const char *scalars)
+{
+    int depth = 0;
+    const char *p;
+    for (p = fmt; *p; p++) {
+        char c = *p;
+        if (c == ' ') continue;
+        if (c == '[' || c == '{') {
+            uint32_t n;
+            if (!patio__fmt_group(p, &n)) return 0;
+            if (c == '{' && (n & 1u)) return 0;
+            depth++;
+        } else if (c == ']' || c == '}') {
+            if (depth-- == 0) return 0;
+        } else if (!strchr(scalars, c)) {
+            return 0;
+        }
+    }
+    return depth == 0;
+}
+
+/* Writes the value of one format character, taking its arguments. */
+static int patio__pack_one(patio_writer *w, const char *f, va_list *ap)
+{
+    uint32_t n = 0;
+    switch (*f) {
+    case '[':
+        patio__fmt_group(f, &n);
+        return patio_write_array(w, n);
+    case '{':
+        patio__fmt_group(f, &n);
+        return patio_write_map(w, n / 2);
+    case 'n': return patio_write_nil(w);
+    case 'b': return patio_write_bool(w, va_arg(*ap, int));
+    case 'i': return patio_write_int(w, (int64_t)va_arg(*ap, int));
+    case 'I': return patio_write_int(w, va_arg(*ap, int64_t));
+    case 'u': return patio_write_uint(w, (uint64_t)va_arg(*ap, unsigned));
+    case 'U': return patio_write_uint(w, va_arg(*ap, uint64_t));
+    case 'd': return patio_write_double(w, va_arg(*ap, double));
+    case 's': return patio_write_str(w, va_arg(*ap, const char *));
+    case 'S': {
+        const char *s = va_arg(*ap, const char *);
+        size_t len = va_arg(*ap, size_t);
+        return patio_write_strn(w, s, len);
+    }
+    case 'y': {
+        const void *p = va_arg(*ap, const void *);
+        size_t len = va_arg(*ap, size_t);
+        return patio_write_bin(w, p, len);
+    }
+    case 'v': {
+        const void *p = va_arg(*ap, const void *);
+        size_t len = va_arg(*ap, size_t);
+        if (!p || patio_msgpack_check_all(p, len, 0) != PATIO_OK)
+            return patio__writer_fail(w, PATIO_ERR_INVALID);
+        return patio_write_raw(w, p, len);
+    }
+    default: /* spaces and closing brackets: nothing to write */
+        return w->err;
+    }
+}
+
+PATIO_API int patio_packv(patio_writer *w, const char *fmt, va_list ap)
+{
+    va_list args;
+    const char *f;
+    if (w->err) return w->err;
+    if (!fmt || !patio__fmt_valid(fmt, "nbiIuUdsSyv")) return patio__writer_fail(w, PATIO_ERR_INVALID);
+    /* A copy that can be passed by address: va_list may be an array type. */
+    va_copy(args, ap);
+    for (f = fmt; *f && !w->err; f++) patio__pack_one(w, f, &args);
+    va_end(args);
+    return w->err;
+}
+
+PATIO_API int patio_pack(patio_writer *w, const char *fmt, ...)
+{
+    va_list ap;
+    int rc;
+    va_start(ap, fmt);
+    rc = patio_packv(w, fmt, ap);
+    va_end(ap);
+    return rc;
+}
+
+/* ---- reader --------------------------------------------------------------- */
+
+static const uint8_t patio__no_bytes[1] = { 0 };
+
+PATIO_API void patio_reader_init(patio_reader *r, const void *data, size_t len)
+{
+    if (!data) {
+        data = patio__no_bytes;
+        len = 0;
+    }
+    r->pos = (const uint8_t *)data;
+    r->end = r->pos + len;
+    r->err = 0;
+    r->max_depth = 0;
+}
+
+PATIO_API size_t patio_reader_remaining(const patio_reader *r)
+{
+    return (size_t)(r->end - r->pos);
+}
+
+static int patio__reader_fail(patio_reader *r)
+{
+    if (!r->err) r->err = PATIO_ERR_DECODE;
+    return r->err;
+}
+
+static int patio__depth_limit(int max_depth)
+{
+    return max_depth > 0 ? max_depth : PATIO_MAX_DEPTH;
+}
+
+/* Moves past a big-endian field of `size` bytes into *field, if present. */
+static int patio__take_field(const uint8_t **p, size_t *avail, size_t size, uint64_t *field)
+{
+    if (*avail < size) return 0;
+    *field = patio__get_be(*p, size);
+    *p += size;
+    *avail -= size;
+    return 1;
+}
+
+static int patio__parse_str(const uint8_t *p, size_t avail, uint64_t len, patio_value *v, const uint8_t **next)
+{
+    if (len > avail || !patio__utf8_valid(p, (size_t)len)) return PATIO_ERR_DECODE;
+    v->type = PATIO_STR;
+    v->v.str.ptr = (const char *)p;
+    v->v.str.len = (uint32_t)len;
+    *next = p + len;
+    return PATIO_OK;
+}
+
+/* p is at the ext type byte, len is the body size. */
+static int patio__parse_ext(const uint8_t *p, size_t avail, uint64_t len, patio_value *v, const uint8_t **next)
+{
+    if (avail < 1 || len > avail - 1) return PATIO_ERR_DECODE;
+    v->type = PATIO_EXT;
+    v->v.ext.type = (int8_t)patio__to_signed(p[0], 1);
+    v->v.ext.ptr = p + 1;
+    v->v.ext.len = (uint32_t)len;
+    *next = p + 1 + len;
+    return PATIO_OK;
+}
+
+static void patio__set_int(patio_value *v, int64_t i)
+{
+    v->type = PATIO_INT;
+    v->v.i = i;
+}
+
+/* Decodes the item at p (end: first byte after the input) into v and sets
+ * *next past its header and, except for arrays and maps, its body. Every
+ * length is compared with what remains before anything is read.
+ * PATIO_OK or PATIO_ERR_DECODE; never touches a reader. */
+static int patio__parse(const uint8_t *p, const uint8_t *end, patio_value *v, const uint8_t **next)
+{
+    size_t avail = (size_t)(end - p);
+    uint64_t x = 0;
+    uint8_t b;
+    if (avail == 0) return PATIO_ERR_DECODE;
+    b = *p++;
+    avail--;
+    /* The one-byte forms first: they are most of the traffic. */
+    if (b <= 0x7f) {
+        patio__set_int(v, b);
+    } else if (b >= 0xe0) {
+        patio__set_int(v, (int64_t)b - 0x100);
+    } else if (b <= 0x8f) {
+        v->type = PATIO_MAP;
+        v->v.count = b & 0x0fu;
+    } else if (b <= 0x9f) {
+        v->type = PATIO_ARRAY;
+        v->v.count = b & 0x0fu;
+    } else if (b <= 0xbf) {
+        return patio__parse_str(p, avail, b & 0x1fu, v, next);
+    } else {
+        switch (b) {
+        case 0xc0:
+            v->type = PATIO_NIL;
+            break;
+        case 0xc2: case 0xc3:
+            v->type = PATIO_BOOL;
+            v->v.boolean = b & 1;
+            break;
+        case 0xc4: case 0xc5: case 0xc6:
+            if (!patio__take_field(&p, &avail, (size_t)1 << (b - 0xc4), &x) || x > avail)
+                return PATIO_ERR_DECODE;
+            v->type = PATIO_BIN;
+            v->v.bin.ptr = p;
+            v->v.bin.len = (uint32_t)x;
+            p += x;
+            break;
+        case 0xc7: case 0xc8: case 0xc9:
+            if (!patio__take_field(&p, &avail, (size_t)1 << (b - 0xc7), &x)) return PATIO_ERR_DECODE;
+            return patio__parse_ext(p, avail, x, v, next);
+        case 0xca: {
+            float f;
+            uint32_t bits;
+            if (!patio__take_field(&p, &avail, 4, &x)) return PATIO_ERR_DECODE;
+            bits = (uint32_t)x;
+            memcpy(&f, &bits, sizeof f);
+            v->type = PATIO_FLOAT;
+            v->v.f = f;
+            break;
+        }
+        case 0xcb:
+            if (!patio__take_field(&p, &avail, 8, &x)) return PATIO_ERR_DECODE;
+            v->type = PATIO_FLOAT;
+            memcpy(&v->v.f, &x, sizeof v->v.f);
+            break;
+        case 0xcc: case 0xcd: case 0xce: case 0xcf:
+            if (!patio__take_field(&p, &avail, (size_t)1 << (b - 0xcc), &x)) return PATIO_ERR_DECODE;
+            if (x > (uint64_t)INT64_MAX) {
+                v->type = PATIO_UINT;
+                v->v.u = x;
+            } else {
+                patio__set_int(v, (int64_t)x);
+            }
+            break;
+        case 0xd0: case 0xd1: case 0xd2: case 0xd3: {
+            size_t size = (size_t)1 << (b - 0xd0);
+            if (!patio__take_field(&p, &avail, size, &x)) return PATIO_ERR_DECODE;
+            patio__set_int(v, patio__to_signed(x, size));
+            break;
+        }
+        case 0xd4: case 0xd5: case 0xd6: case 0xd7: case 0xd8:
+            return patio__parse_ext(p, avail, (uint64_t)1 << (b - 0xd4), v, next);
+        case 0xd9: case 0xda: case 0xdb:
+            if (!patio__take_field(&p, &avail, (size_t)1 << (b - 0xd9), &x)) return PATIO_ERR_DECODE;
+            return patio__parse_str(p, avail, x, v, next);
+        case 0xdc: case 0xdd:
+            if (!patio__take_field(&p, &avail, b == 0xdc ? 2 : 4, &x)) return PATIO_ERR_DECODE;
+            v->type = PATIO_ARRAY;
+            v->v.count = (uint32_t)x;
+            break;
+        case 0xde: case 0xdf:
+            if (!patio__take_field(&p, &avail, b == 0xde ? 2 : 4, &x)) return PATIO_ERR_DECODE;
+            v->type = PATIO_MAP;
+            v->v.count = (uint32_t)x;
+            break;
+        default: /* 0xc1 is reserved: never valid */
+            return PATIO_ERR_DECODE;
+        }
+    }
+    *next = p;
+    return PATIO_OK;
+}
+
+/* Decodes the next item without consuming it; *next is where it ends. */
+static int patio__reader_look(patio_reader *r, patio_value *v, const uint8_t **next)
+{
+    if (r->err) return r->err;
+    if (patio__parse(r->pos, r->end, v, next) != PATIO_OK) return patio__reader_fail(r);
+    return PATIO_OK;
+}
+
+PATIO_API int patio_peek(patio_reader *r, patio_value *out)
+{
+    patio_value v;
+    const uint8_t *next;
+    int rc = patio__reader_look(r, &v, &next);
+    if (rc == PATIO_OK && out) *out = v;
+    return rc;
+}
+
+PATIO_API int patio_read(patio_reader *r, patio_value *out)
+{
+    patio_value v;
+    const uint8_t *next;
+    int rc = patio__reader_look(r, &v, &next);
+    if (rc != PATIO_OK) return rc;
+    if (out) *out = v;
+    r->pos = next;
+    return PATIO_OK;
+}
+
+/* Skips one object; depth_left is how many more container levels may open. */
+static int patio__skip(patio_reader *r, int depth_left)
+{
+    patio_value v;
+    uint64_t items;
+    if (patio_read(r, &v) != PATIO_OK) return r->err;
+    if (v.type == PATIO_ARRAY) items = v.v.count;
+    else if (v.type == PATIO_MAP) items = 2 * (uint64_t)v.v.count;
+    else return PATIO_OK;
+    if (depth_left <= 0) return patio__reader_fail(r);
+    /* Every item takes at least one byte, so a huge count on a short
+     * input ends at the truncation, not after 2^32 rounds. */
+    while (items--)
+        if (patio__skip(r, depth_left - 1) != PATIO_OK) return r->err;
+    return PATIO_OK;
+}
+
+PATIO_API int patio_read_skip(patio_reader *r)
+{
+    return patio__skip(r, patio__depth_limit(r->max_depth));
+}
+
+PATIO_API int patio_read_raw(patio_reader *r, const void **ptr, size_t *len)
+{
+    const uint8_t *start = r->pos;
+    int rc = patio_read_skip(r);
+    if (rc != PATIO_OK) return rc;
+    if (ptr) *ptr = start;
+    if (len) *len = (size_t)(r->pos - start);
+    return PATIO_OK;
+}
+
+/* Typed reads: look first, consume only what matches. */
+PATIO_API int patio_read_nil(patio_reader *r)
+{
+    patio_value v;
+    const uint8_t *next;
+    int rc = patio__reader_look(r, &v, &next);
+    if (rc != PATIO_OK) return rc;
+    if (v.type != PATIO_NIL) return PATIO_ERR_TYPE;
+    r->pos = next;
+    return PATIO_OK;
+}
+
+PATIO_API int patio_read_bool(patio_reader *r, int *out)
+{
+    patio_value v;
+    const uint8_t *next;
+    int rc = patio__reader_look(r, &v, &next);
+    if (rc != PATIO_OK) return rc;
+    if (v.type != PATIO_BOOL) return PATIO_ERR_TYPE;
+    if (out) *out = v.v.boolean;
+    r->pos = next;
+    return PATIO_OK;
+}
+
+PATIO_API int patio_read_int(patio_reader *r, int64_t *out)
+{
+    patio_value v;
+    const uint8_t *next;
+    int rc = patio__reader_look(r, &v, &next);
+    if (rc != PATIO_OK) return rc;
+    if (v.type == PATIO_UINT) return PATIO_ERR_OVERFLOW;
+    if (v.type != PATIO_INT) return PATIO_ERR_TYPE;
+    if (out) *out = v.v.i;
+    r->pos = next;
+    return PATIO_OK;
+}
+
+PATIO_API int patio_read_uint(patio_reader *r, uint64_t *out)
+{
+    patio_value v;
+    const uint8_t *next;
+    uint64_t u;
+    int rc = patio__reader_look(r, &v, &next);
+    if (rc != PATIO_OK) return rc;
+    if (v.type == PATIO_UINT) u = v.v.u;
+    else if (v.type == PATIO_INT && v.v.i >= 0) u = (uint64_t)v.v.i;
+    else return PATIO_ERR_TYPE;
+    if (out) *out = u;
+    r->pos = next;
+    return PATIO_OK;
+}
+
+PATIO_API int patio_read_double(patio_reader *r, double *out)
+{
+    patio_value v;
+    const uint8_t *next;
+    double d;
+    int rc = patio__reader_look(r, &v, &next);
+    if (rc != PATIO_OK) return rc;
+    if (v.type == PATIO_FLOAT) d = v.v.f;
+    else if (v.type == PATIO_INT) d = (double)v.v.i;
+    else if (v.type == PATIO_UINT) d = (double)v.v.u;
+    else return PATIO_ERR_TYPE;
+    if (out) *out = d;
+    r->pos = next;
+    return PATIO_OK;
+}
+
+PATIO_API int patio_read_str(patio_reader *r, const char **ptr, size_t *len)
+{
+    patio_value v;
+    const uint8_t *next;
+    int rc = patio__reader_look(r, &v, &next);
+    if (rc != PATIO_OK) return rc;
+    if (v.type != PATIO_STR) return PATIO_ERR_TYPE;
+    if (ptr) *ptr = v.v.str.ptr;
+    if (len) *len = v.v.str.len;
+    r->pos = next;
+    return PATIO_OK;
+}
+
+PATIO_API int patio_read_bin(patio_reader *r, const void **ptr, size_t *len)
+{
+    patio_value v;
+    const uint8_t *next;
+    int rc = patio__reader_look(r, &v, &next);
+    if (rc != PATIO_OK) return rc;
+    if (v.type != PATIO_BIN) return PATIO_ERR_TYPE;
+    if (ptr) *ptr = v.v.bin.ptr;
+    if (len) *len = v.v.bin.len;
+    r->pos = next;
+    return PATIO_OK;
+}
+
+static int patio__read_container(patio_reader *r, patio_type type, uint32_t *count)
+{
+    patio_value v;
+    const uint8_t *next;
+    int rc = patio__reader_look(r, &v, &next);
+    if (rc != PATIO_OK) return rc;
+    if (v.type != type) return PATIO_ERR_TYPE;
+    if (count) *count = v.v.count;
+    r->pos = next;
+    return PATIO_OK;
+}
+
+PATIO_API int patio_read_array(patio_reader *r, uint32_t *count)
+{
+    return patio__read_container(r, PATIO_ARRAY, count);
+}
+
+PATIO_API int patio_read_map(patio_reader *r, uint32_t *count)
+{
+    return patio__read_container(r, PATIO_MAP, count);
+}
+
+/* Reads the value of one format character into its argument(s). */
+static int patio__unpack_one(patio_reader *r, const char *f, va_list *ap)
+{
+    uint32_t want = 0, got = 0;
+    int rc;
+    switch (*f) {
+    case '[':
+    case '{':
+        patio__fmt_group(f, &want);
+        if (*f == '[') rc = patio_read_array(r, &got);
+        else { want /= 2; rc = patio_read_map(r, &got); }
+        if (rc != PATIO_OK) return rc;
+        return got == want ? PATIO_OK : PATIO_ERR_TYPE;
+    case 'n': return patio_read_nil(r);
+    case 'b': return patio_read_bool(r, va_arg(*ap, int *));
+    case 'i': {
+        int *out = va_arg(*ap, int *);
+        int64_t x;
+        if ((rc = patio_read_int(r, &x)) != PATIO_OK) return rc;
+        if (x < INT_MIN || x > INT_MAX) return PATIO_ERR_OVERFLOW;
+        if (out) *out = (int)x;
+        return PATIO_OK;
+    }
+    case 'I': return patio_read_int(r, va_arg(*ap, int64_t *));
+    case 'u': {
+        unsigned *out = va_arg(*ap, unsigned *);
+        uint64_t x;
+        if ((rc = patio_read_uint(r, &x)) != PATIO_OK) return rc;
+        if (x > UINT_MAX) return PATIO_ERR_OVERFLOW;
+        if (out) *out = (unsigned)x;
+        return PATIO_OK;
+    }
+    case 'U': return patio_read_uint(r, va_arg(*ap, uint64_t *));
+    case 'd': return patio_read_double(r, va_arg(*ap, double *));
+    case 's': {
+        const char **s = va_arg(*ap, const char **);
+        size_t *len = va_arg(*ap, size_t *);
+        return patio_read_str(r, s, len);
+    }
+    case 'y': {
+        const void **p = va_arg(*ap, const void **);
+        size_t *len = va_arg(*ap, size_t *);
+        return patio_read_bin(r, p, len);
+    }
+    case 'v': {
+        const void **p = va_arg(*ap, const void **);
+        size_t *len = va_arg(*ap, size_t *);
+        return patio_read_raw(r, p, len);
+    }
+    case '*': return patio_read_skip(r);
+    default: /* spaces and closing brackets */
+        return PATIO_OK;
+    }
+}
+
+PATIO_API int patio_unpackv(patio_reader *r, const char *fmt, va_list ap)
+{
+    va_list args;
+    const uint8_t *start = r->pos;
+    const char *f;
+    int rc = PATIO_OK;
+    if (r->err) return r->err;
+    if (!fmt || !patio__fmt_valid(fmt, "nbiIuUdsyv*")) return PATIO_ERR_INVALID;
+    va_copy(args, ap);
+    for (f = fmt; *f && rc == PATIO_OK; f++) rc = patio__unpack_one(r, f, &args);
+    va_end(args);
+    /* All or nothing, unless the input itself is broken. */
+    if (rc != PATIO_OK && !r->err) r->pos = start;
+    return rc;
+}
+
+PATIO_API int patio_unpack(patio_reader *r, const char *fmt, ...)
+{
+    va_list ap;
+    int rc;
+    va_start(ap, fmt);
+    rc = patio_unpackv(r, fmt, ap);
+    va_end(ap);
+    return rc;
+}
+
+/* ---- validation of untrusted input (PROTOCOL.md §7.1) -------------------- */
+
+/* CallRequest (ext 1 over [func, args, kwargs, timeout]), decoded in place:
+ * func, args and kwargs point into the input. */
+typedef struct patio__call_request {
+    const char *func;
+    size_t func_len;
+    const uint8_t *args;     /* the whole args array object */
+    size_t args_len;
+    uint32_t argc;
+    const uint8_t *kwargs;   /* the whole kwargs map object */
+    size_t kwargs_len;
+    uint32_t kwargc;
+    int has_timeout;         /* 0: nil, no limit */
+    double timeout;          /* seconds */
+} patio__call_request;
+
+static int patio__check_value(patio_reader *r, int depth_left);
+static int patio__parse_call_body(const uint8_t *p, size_t len, int depth_left, patio__call_request *out);
+static int patio__parse_exception_body(const uint8_t *p, size_t len, int depth_left, const char **type,
+                                       size_t *type_len, const char **msg, size_t *msg_len);
+
+/* A map whose keys must not be containers (str_keys: must be str). The
+ * header is already read; depth_left is the level of its keys and values. */
+static int patio__check_map_items(patio_reader *r, uint32_t pairs, int depth_left, int str_keys)
+{
+    patio_value key;
+    uint32_t i;
+    for (i = 0; i < pairs; i++) {
+        if (patio_peek(r, &key) != PATIO_OK) return r->err;
+        if (key.type == PATIO_ARRAY || key.type == PATIO_MAP || (str_keys && key.type != PATIO_STR))
+            return patio__reader_fail(r);
+        if (patio__check_value(r, depth_left) != PATIO_OK) return r->err;
+        if (patio__check_value(r, depth_left) != PATIO_OK) return r->err;
+    }
+    return PATIO_OK;
+}
+
+/* Ext 1 and 2 bodies are checked where they appear; any other type is
+ * refused (the -1 timestamp included). The body takes the ext's place, so
+ * its array counts as the container at this level. */
+static int patio__check_ext(patio_reader *r, const patio_value *v, int depth_left)
+{
+    patio__call_request call;
+    const char *t, *m;
+    size_t tl, ml;
+    int rc;
+    if (v->v.ext.type == 1)
+        rc = patio__parse_call_body(v->v.ext.ptr, v->v.ext.len, depth_left, &call);
+    else if (v->v.ext.type == 2)
+        rc = patio__parse_exception_body(v->v.ext.ptr, v->v.ext.len, depth_left, &t, &tl, &m, &ml);
+    else
+        rc = PATIO_ERR_DECODE;
+    return rc == PATIO_OK ? PATIO_OK : patio__reader_fail(r);
+}
+
+/* Checks one complete object; depth_left is how many container levels may
+ * still open (recursion is bounded by it). */
+static int patio__check_value(patio_reader *r, int depth_left)
+{
+    patio_value v;
+    uint32_t i;
+    if (patio_read(r, &v) != PATIO_OK) return r->err;
+    switch (v.type) {
+    case PATIO_ARRAY:
+        if (depth_left <= 0) return patio__reader_fail(r);
+        for (i = 0; i < v.v.count; i++)
+            if (patio__check_value(r, depth_left - 1) != PATIO_OK) return r->err;
+        return PATIO_OK;
+    case PATIO_MAP:
+        if (depth_left <= 0) return patio__reader_fail(r);
+        return patio__check_map_items(r, v.v.count, depth_left - 1, 0);
+    case PATIO_EXT:
+        return patio__check_ext(r, &v, depth_left);
+    default:
+        return PATIO_OK;
+    }
+}
+
+/* Checks one complete object at the reader and returns its bytes. */
+static int patio__check_raw(patio_reader *r, int depth_left, const uint8_t **ptr, size_t *len)
+{
+    const uint8_t *start = r->pos;
+    if (patio__check_value(r, depth_left) != PATIO_OK) return r->err;
+    *ptr = start;
+    *len = (size_t)(r->pos - start);
+    return PATIO_OK;
+}
+
+/* A CallRequest body: exactly one [func: str, args: array, kwargs: map with
+ * str keys, timeout: nil | int | float], nothing after it. */
+static int patio__parse_call_body(const uint8_t *p, size_t len, int depth_left, patio__call_request *out)
+{
+    patio_reader r;
+    patio_value v;
+    uint32_t n;
+    memset(out, 0, sizeof *out);
+    patio_reader_init(&r, p, len);
+    if (depth_left <= 0) return PATIO_ERR_DECODE;
+    if (patio_read_array(&r, &n) != PATIO_OK || n != 4) return PATIO_ERR_DECODE;
+    if (patio_read_str(&r, &out->func, &out->func_len) != PATIO_OK) return PATIO_ERR_DECODE;
+
+    if (patio_peek(&r, &v) != PATIO_OK || v.type != PATIO_ARRAY) return PATIO_ERR_DECODE;
+    out->argc = v.v.count;
+    if (patio__check_raw(&r, depth_left - 1, &out->args, &out->args_len) != PATIO_OK) return PATIO_ERR_DECODE;
+
+    out->kwargs = r.pos;
+    if (patio_read_map(&r, &out->kwargc) != PATIO_OK || depth_left - 1 <= 0) return PATIO_ERR_DECODE;
+    if (patio__check_map_items(&r, out->kwargc, depth_left - 2, 1) != PATIO_OK) return PATIO_ERR_DECODE;
+    out->kwargs_len = (size_t)(r.pos - out->kwargs);
+
+    if (patio_read(&r, &v) != PATIO_OK) return PATIO_ERR_DECODE;
+    switch (v.type) {
+    case PATIO_NIL: out->has_timeout = 0; break;
+    case PATIO_INT: out->has_timeout = 1; out->timeout = (double)v.v.i; break;
+    case PATIO_UINT: out->has_timeout = 1; out->timeout = (double)v.v.u; break;
+    case PATIO_FLOAT: out->has_timeout = 1; out->timeout = v.v.f; break;
+    default: return PATIO_ERR_DECODE;   /* bool or anything else */
+    }
+    return r.pos == r.end ? PATIO_OK : PATIO_ERR_DECODE;
+}
+
+/* An exception body: exactly one [type: str, message: str]. */
+static int patio__parse_exception_body(const uint8_t *p, size_t len, int depth_left, const char **type,
+                                       size_t *type_len, const char **msg, size_t *msg_len)
+{
+    patio_reader r;
+    uint32_t n;
+    patio_reader_init(&r, p, len);
+    if (depth_left <= 0) return PATIO_ERR_DECODE;
+    if (patio_read_array(&r, &n) != PATIO_OK || n != 2) return PATIO_ERR_DECODE;
+    if (patio_read_str(&r, type, type_len) != PATIO_OK) return PATIO_ERR_DECODE;
+    if (patio_read_str(&r, msg, msg_len) != PATIO_OK) return PATIO_ERR_DECODE;
+    return r.pos == r.end ? PATIO_OK : PATIO_ERR_DECODE;
+}
+
+PATIO_API int patio_msgpack_check(const void *data, size_t len, int max_depth, size_t *used)
+{
+    patio_reader r;
+    if (used) *used = 0;
+    if (!data && len) return PATIO_ERR_INVALID;
+    patio_reader_init(&r, data, len);
+    if (patio__check_value(&r, patio__depth_limit(max_depth)) != PATIO_OK) return PATIO_ERR_DECODE;
+    if (used) *used = len - patio_reader_remaining(&r);
+    return PATIO_OK;
+}
+
+PATIO_API int patio_msgpack_check_all(const void *data, size_t len, int max_depth)
+{
+    size_t used;
+    int rc = patio_msgpack_check(data, len, max_depth, &used);
+    if (rc != PATIO_OK) return rc;
+    return used == len ? PATIO_OK : PATIO_ERR_DECODE;
+}
+
+/* ---- CallRequest and exception on the wire (PROTOCOL.md §7.2, §7.3) ------ */
+
+/* Writes ext 1 over [func, args, kwargs, timeout]. args/kwargs are encoded
+ * array/map objects (NULL or empty: [] and {}); the timeout goes out as
+ * float64, or nil without one. The body size is computed first, so the
+ * smallest ext header is written directly, without moving bytes. */
+PATIO__MAYBE_UNUSED static int patio__write_call_request(patio_writer *w, const char *func, size_t func_len, const void *args,
+                                     size_t args_len, const void *kwargs, size_t kwargs_len,
+                                     int has_timeout, double timeout)
+{
+    static const uint8_t empty_array = 0x90, empty_map = 0x80;
+    uint8_t head[6], func_head[5], *p;
+    size_t head_len, func_head_len;
+    uint64_t body;
+    if (w->err) return w->err;
+    if (!args || !args_len) { args = &empty_array; args_len = 1; }
+    if (!kwargs || !kwargs_len) { kwargs = &empty_map; kwargs_len = 1; }
+    if (func_len && !func) return patio__writer_fail(w, PATIO_ERR_INVALID);
+    if ((uint64_t)func_len > UINT32_MAX || (uint64_t)args_len > UINT32_MAX || (uint64_t)kwargs_len > UINT32_MAX)
+        return patio__writer_fail(w, PATIO_ERR_OVERFLOW);
+    func_head_len = patio__str_head(func_head, func_len);
+    body = 1 + (uint64_t)func_head_len + func_len + args_len + kwargs_len + (has_timeout ? 9 : 1);
+    if (body > UINT32_MAX) return patio__writer_fail(w, PATIO_ERR_OVERFLOW);
+    head_len = patio__ext_head(head, 1, (size_t)body);
+    if (!(p = patio__writer_append(w, head_len + (size_t)body))) return w->err;
+    memcpy(p, head, head_len);
+    p += head_len;
+    *p++ = 0x94;
+    memcpy(p, func_head, func_head_len);
+    p += func_head_len;
+    if (func_len) memcpy(p, func, func_len);
+    p += func_len;
+    memcpy(p, args, args_len);
+    p += args_len;
+    memcpy(p, kwargs, kwargs_len);
+    p += kwargs_len;
+    if (has_timeout) {
+        uint64_t bits;
+        memcpy(&bits, &timeout, sizeof bits);
+        *p++ = 0xcb;
+        patio__put_be64(p, bits);
+    } else {
+        *p = 0xc0;
+    }
+    return PATIO_OK;
+}
+
+/* Decodes a REQUEST payload: exactly one ext-1 object, validated as
+ * patio_msgpack_check does. PATIO_OK or PATIO_ERR_DECODE. */
+PATIO__MAYBE_UNUSED static int patio__decode_call_request(const uint8_t *p, size_t len, int max_depth, patio__call_request *out)
+{
+    patio_reader r;
+    patio_value v;
+    memset(out, 0, sizeof *out);
+    patio_reader_init(&r, p, len);
+    if (patio_read(&r, &v) != PATIO_OK || v.type != PATIO_EXT || v.v.ext.type != 1 || r.pos != r.end)
+        return PATIO_ERR_DECODE;
+    return patio__parse_call_body(v.v.ext.ptr, v.v.ext.len, patio__depth_limit(max_depth), out);
+}
+
+/* Writes ext 2 over [type, message]. */
+static int patio__write_exception(patio_writer *w, const char *type, size_t type_len, const char *msg,
+                                  size_t msg_len)
+{
+    uint8_t head[6], type_head[5], msg_head[5], *p;
+    size_t head_len, type_head_len, msg_head_len;
+    uint64_t body;
+    if (w->err) return w->err;
+    if ((type_len && !type) || (msg_len && !msg)) return patio__writer_fail(w, PATIO_ERR_INVALID);
+    if ((uint64_t)type_len > UINT32_MAX || (uint64_t)msg_len > UINT32_MAX)
+        return patio__writer_fail(w, PATIO_ERR_OVERFLOW);
+    type_head_len = patio__str_head(type_head, type_len);
+    msg_head_len = patio__str_head(msg_head, msg_len);
+    body = 1 + (uint64_t)type_head_len + type_len + msg_head_len + msg_len;
+    if (body > UINT32_MAX) return patio__writer_fail(w, PATIO_ERR_OVERFLOW);
+    head_len = patio__ext_head(head, 2, (size_t)body);
+    if (!(p = patio__writer_append(w, head_len + (size_t)body))) return w->err;
+    memcpy(p, head, head_len);
+    p += head_len;
+    *p++ = 0x92;
+    memcpy(p, type_head, type_head_len);
+    p += type_head_len;
+    if (type_len) memcpy(p, type, type_len);
+    p += type_len;
+    memcpy(p, msg_head, msg_head_len);
+    p += msg_head_len;
+    if (msg_len) memcpy(p, msg, msg_len);
+    return PATIO_OK;
+}
+
+/* Decodes an ERROR payload: exactly one ext-2 object, nothing after it.
+ * The strings point into p. PATIO_OK or PATIO_ERR_DECODE. */
+static int patio__decode_exception(const uint8_t *p, size_t len, const char **type, size_t *type_len,
+                                   const char **msg, size_t *msg_len)
+{
+    patio_reader r;
+    patio_value v;
+    patio_reader_init(&r, p, len);
+    if (patio_read(&r, &v) != PATIO_OK || v.type != PATIO_EXT || v.v.ext.type != 2 || r.pos != r.end)
+        return PATIO_ERR_DECODE;
+    return patio__parse_exception_body(v.v.ext.ptr, v.v.ext.len, PATIO_MAX_DEPTH, type, type_len, msg,
+                                       msg_len);
+}
+/* ========================================================================
+ * >>registry  Registry: names -> functions, registration order kept
+ * ======================================================================== */
+
+typedef struct patio__entry {
+    char *name;
+    size_t name_len;
+    uint32_t hash;
+    patio_fn fn;
+    void *user;
+} patio__entry;
+
+struct patio_registry {
+    patio_hooks hooks;
+    char *project;
+    int strict;
+    int auto_naming;
+    int locked;
+    patio__entry *entries;  /* registration order */
+    size_t count, cap;
+    uint32_t *slots;        /* open addressing: entry index + 1, 0 = empty */
+    size_t nslots;          /* power of two, > 2 * count */
+};
+
+/* FNV-1a: names are short and this runs once per call. */
+static uint32_t patio__hash_name(const char *s, size_t n)
+{
+    uint32_t h = 2166136261u;
+    size_t i;
+    for (i = 0; i < n; i++) { h ^= (uint8_t)s[i]; h *= 16777619u; }
+    return h;
+}
+
+static const patio__entry *patio__registry_find(const patio_registry *r, const char *name, size_t len)
+{
+    uint32_t h;
+    size_t i, mask;
+    if (!r->nslots) return NULL;
+    h = patio__hash_name(name, len);
+    mask = r->nslots - 1;
+    for (i = h & mask;; i = (i + 1) & mask) {
+        uint32_t slot = r->slots[i];
+        const patio__entry *e;
+        if (!slot) return NULL;
+        e = &r->entries[slot - 1];
+        if (e->hash == h && e->name_len == len && memcmp(e->name, name, len) == 0) return e;
+    }
+}
+
+static void patio__registry_index(patio_registry *r)
+{
+    size_t i, mask = r->nslots - 1;
+    memset(r->slots, 0, r->nslots * sizeof *r->slots);
+    for (i = 0; i < r->count; i++) {
+        size_t j = r->entries[i].hash & mask;
+        while (r->slots[j]) j = (j + 1) & mask;
+        r->slots[j] = (uint32_t)(i + 1);
+    }
+}
+
+static int patio__registry_grow(patio_registry *r)
+{
+    if (r->count + 1 > r->cap) {
+        size_t ncap = r->cap ? r->cap * 2 : 8;
+        patio__entry *ne = (patio__entry *)patio__realloc(&r->hooks, r->entries, ncap * sizeof *ne);
+        if (!ne) return PATIO_ERR_NOMEM;
+        r->entries = ne;
+        r->cap = ncap;
+    }
+    if ((r->count + 1) * 2 >= r->nslots) {
+        size_t nn = r->nslots ? r->nslots * 2 : 16;
+        uint32_t *ns = (uint32_t *)patio__malloc(&r->hooks, nn * sizeof *ns);
+        if (!ns) return PATIO_ERR_NOMEM;
+        patio__free(&r->hooks, r->slots);
+        r->slots = ns;
+        r->nslots = nn;
+        patio__registry_index(r);
+    }
+    return PATIO_OK;
+}
+
+PATIO_API patio_registry *patio_registry_new(const patio_registry_config *cfg)
+{
+    patio_registry_config def;
+    patio_registry *r;
+    const patio_hooks *h;
+    if (!cfg) { memset(&def, 0, sizeof def); cfg = &def; }
+    h = cfg->hooks;
+    if (!patio__hooks_valid(h)) return NULL;
+    r = (patio_registry *)patio__calloc(h, sizeof *r);
+    if (!r) return NULL;
+    if (h) r->hooks = *h;
+    r->strict = cfg->strict != 0;
+    r->auto_naming = !cfg->no_auto_naming;
+    if (cfg->project) {
+        r->project = patio__strdup(&r->hooks, cfg->project);
+        if (!r->project) { patio__free(&r->hooks, r); return NULL; }
+    }
+    return r;
+}
+
+PATIO_API void patio_registry_free(patio_registry *r)
+{
+    size_t i;
+    patio_hooks h;
+    if (!r) return;
+    h = r->hooks;
+    for (i = 0; i < r->count; i++) patio__free(&h, r->entries[i].name);
+    patio__free(&h, r->entries);
+    patio__free(&h, r->slots);
+    patio__free(&h, r->project);
+    patio__free(&h, r);
+}
+
+static int patio__registry_writable(patio_registry *r, const char *what)
+{
+    if (!r->locked) return PATIO_OK;
+    patio__log(&r->hooks, PATIO_LOG_ERROR, "registry: cannot %s: the registry is locked", what);
+    return PATIO_ERR_LOCKED;
+}
+
+PATIO_API int patio_register(patio_registry *r, const char *name, patio_fn fn, void *user)
+{
+    patio__entry *e;
+    size_t len;
+    int rc;
+    if (!r || !name || !fn) return PATIO_ERR_INVALID;
+    if ((rc = patio__registry_writable(r, "register")) != PATIO_OK) return rc;
+    len = strlen(name);
+    if (len == 0 || len > UINT32_MAX) return PATIO_ERR_INVALID;
+    if (patio__registry_find(r, name, len)) {
+        patio__log(&r->hooks, PATIO_LOG_ERROR, "registry: '%s' is already registered", name);
+        return PATIO_ERR_EXISTS;
+    }
+    if ((rc = patio__registry_grow(r)) != PATIO_OK) return rc;
+    e = &r->entries[r->count];
+    e->name = patio__strndup(&r->hooks, name, len);
+    if (!e->name) return PATIO_ERR_NOMEM;
+    e->name_len = len;
+    e->hash = patio__hash_name(name, len);
+    e->fn = fn;
+    e->user = user;
+    r->count++;
+    patio__registry_index(r);
+    return PATIO_OK;
+}
+
+/* Python patio strips '=' padding from the base64 of a 32-byte BLAKE2s digest. */
+#define PATIO__STRICT_HASH_CHARS 43
+
+PATIO_API int patio_registry_make_name(const patio_registry *r, const char *fn_name,
+                                       const char *signature, char *out, size_t cap)
+{
+    char hash[PATIO__STRICT_HASH_CHARS + 2];
+    size_t need;
+    if (!r || !fn_name || !*fn_name || !out) return PATIO_ERR_INVALID;
+    if (!r->auto_naming) {
+        patio__log(&r->hooks, PATIO_LOG_ERROR, "registry: auto-naming is disabled, a name is required");
+        return PATIO_ERR_INVALID;
+    }
+    hash[0] = '\0';
+    if (r->strict) {
+        uint8_t digest[32];
+        if (!signature) {
+            patio__log(&r->hooks, PATIO_LOG_ERROR, "registry: strict mode needs a signature for '%s'", fn_name);
+            return PATIO_ERR_INVALID;
+        }
+        patio__blake2s(digest, 32, NULL, 0, NULL, NULL, signature, strlen(signature));
+        patio__base64(hash, digest, sizeof digest, 0);
+    }
+    need = (r->project ? strlen(r->project) + 1 : 0) + strlen(fn_name)
+         + (r->strict ? strlen(hash) + 1 : 0) + 1;
+    if (need > cap) return PATIO_ERR_OVERFLOW;
+    snprintf(out, cap, "%s%s%s%s%s", r->project ? r->project : "", r->project ? "." : "",
+             fn_name, r->strict ? "." : "", hash);
+    return PATIO_OK;
+}
+
+PATIO_API int patio_register_auto(patio_registry *r, const char *fn_name, patio_fn fn,
+                                  void *user, const char *signature)
+{
+    char stack[256];
+    char *name = stack;
+    size_t cap;
+    int rc;
+    if (!r || !fn_name || !fn) return PATIO_ERR_INVALID;
+    cap = strlen(fn_name) + (r->project ? strlen(r->project) : 0) + PATIO__STRICT_HASH_CHARS + 4;
+    if (cap > sizeof stack) {
+        name = (char *)patio__malloc(&r->hooks, cap);
+        if (!name) return PATIO_ERR_NOMEM;
+    }
+    rc = patio_registry_make_name(r, fn_name, signature, name, cap);
+    if (rc == PATIO_OK) rc = patio_register(r, name, fn, user);
+    if (name != stack) patio__free(&r->hooks, name);
+    return rc;
+}
+
+PATIO_API int patio_unregister(patio_registry *r, const char *name)
+{
+    const patio__entry *e;
+    size_t idx;
+    int rc;
+    if (!r || !name) return PATIO_ERR_INVALID;
+    if ((rc = patio__registry_writable(r, "unregister")) != PATIO_OK) return rc;
+    e = patio__registry_find(r, name, strlen(name));
+    if (!e) return PATIO_ERR_NOT_FOUND;
+    idx = (size_t)(e - r->entries);
+    patio__free(&r->hooks, r->entries[idx].name);
+    memmove(&r->entries[idx], &r->entries[idx + 1], (r->count - idx - 1) * sizeof *r->entries);
+    r->count--;
+    patio__registry_index(r);
+    return PATIO_OK;
+}
+
+PATIO_API int patio_registry_lock(patio_registry *r)
+{
+    if (!r) return PATIO_ERR_INVALID;
+    patio__store(&r->locked, 1);
+    return PATIO_OK;
+}
+
+PATIO_API int patio_registry_is_locked(const patio_registry *r) { return r ? patio__load(&r->locked) : 0; }
+PATIO_API size_t patio_registry_count(const patio_registry *r) { return r ? r->count : 0; }
+PATIO_API const char *patio_registry_project(const patio_registry *r) { return r ? r->project : NULL; }
+PATIO_API int patio_registry_strict(const patio_registry *r) { return r ? r->strict : 0; }
+PATIO_API int patio_registry_auto_naming(const patio_registry *r) { return r ? r->auto_naming : 0; }
+
+PATIO_API int patio_registry_contains(const patio_registry *r, const char *name)
+{
+    return r && name && patio__registry_find(r, name, strlen(name)) != NULL;
+}
+
+PATIO_API int patio_registry_get(const patio_registry *r, const char *name, patio_fn *fn, void **user)
+{
+    const patio__entry *e;
+    if (!r || !name) return PATIO_ERR_INVALID;
+    e = patio__registry_find(r, name, strlen(name));
+    if (!e) return PATIO_ERR_NOT_FOUND;
+    if (fn) *fn = e->fn;
+    if (user) *user = e->user;
+    return PATIO_OK;
+}
+
+PATIO_API const char *patio_registry_name_at(const patio_registry *r, size_t index, patio_fn *fn, void **user)
+{
+    if (!r || index >= r->count) return NULL;
+    if (fn) *fn = r->entries[index].fn;
+    if (user) *user = r->entries[index].user;
+    return r->entries[index].name;
+}
+
+PATIO_API const char *patio_registry_name_of(const patio_registry *r, patio_fn fn)
+{
+    size_t i;
+    if (!r || !fn) return NULL;
+    for (i = 0; i < r->count; i++)
+        if (r->entries[i].fn == fn) return r->entries[i].name;
+    return NULL;
+}
+
+
+/* ========================================================================
+ * >>loop  Event loop: posted work, timers, fd watchers, thread mode
+ * ======================================================================== */
+
+/* Work handed to the loop thread. Intrusive: the owner embeds the node and
+ * sets fn, so posting never allocates. */
+typedef struct patio__post {
+    struct patio__post *next;
+    void (*fn)(struct patio__post *);
+} patio__post;
+
+/* A one-shot timer. The owner embeds it and sets fn; deadlines are
+ * patio__now_ns() based. Equal deadlines fire in the order they were set. */
+typedef struct patio__timer {
+    uint64_t deadline_ns;
+    uint64_t seq;       /* arming order: breaks deadline ties */
+    size_t index;       /* heap slot + 1, 0 = not armed */
+    void (*fn)(struct patio__timer *);
+} patio__timer;
+
+/* A hand-off to a busy loop skips the fd poll, but never more often than
+ * this in a row nor for longer than this, so fds are still served. */
+#define PATIO__MAX_SKIPPED_POLLS 16
+#define PATIO__MAX_POLL_GAP_NS 20000u
+
+struct patio_loop {
+    patio_hooks hooks_copy;
+    const patio_hooks *hooks;    /* &hooks_copy, or NULL for libc */
+    uint64_t spin_ns;            /* 0 = never spin */
+    patio__poller poller;
+    patio__wake wake;
+    patio__io wake_io;
+
+    /* Posted work: producers push onto a lock-free stack; the loop takes
+     * the whole stack at once and reverses it, which restores FIFO order. */
+    patio__post *posts;          /* atomic */
+    /* 1 while the loop is awake or a wake-up is already on its way: only
+     * the producer that flips it from 0 writes the wake fd. */
+    int wake_pending;            /* atomic */
+
+    /* Timers: a binary min-heap on (deadline, seq). Other threads start and
+     * stop timers, hence the mutex; callbacks run without it. */
+    pthread_mutex_t timer_mu;
+    patio__timer **heap;
+    size_t heap_len, heap_cap;
+    uint64_t timer_seq;          /* atomic reads; written under timer_mu */
+    uint64_t next_due;           /* atomic: earliest deadline, UINT64_MAX = none */
+    uint64_t sleep_until;        /* atomic: deadline the loop last slept to; an
+                                    earlier timer must wake it */
+
+    /* The readiness batch being dispatched; stopping an io clears its
+     * later entries so that nothing touches it after patio__io_stop. */
+    patio__ready ready[PATIO__READY_MAX];
+    int nready, ready_pos;
+
+    /* Who runs the loop: at most one thread at a time. */
+    pthread_mutex_t run_mu;
+    pthread_cond_t run_cv;
+    int running;                 /* under run_mu */
+    int thread_mode;             /* under run_mu: a library thread owns the loop */
+    int stop_claimed;            /* under run_mu: a stop is joining the thread */
+    int owner_set;               /* atomic */
+    pthread_t owner;             /* atomic (generic builtins): valid while owner_set */
+    pthread_t thread;
+    int stop;                    /* atomic: the library thread should exit */
+    int handover;                /* atomic: a starting library thread waits for
+                                    the host's run_once to return */
+
+    /* Loop-thread state */
+    uint64_t last_work_ns;       /* when a callback last ran: spin only after work */
+    uint64_t last_poll_ns;
+    int polls_skipped;
+
+    /* Statistics (atomic): wake fd writes, and iterations. */
+    uint64_t wakeups;
+    uint64_t iterations;
+};
+
+PATIO__MAYBE_UNUSED static const patio_hooks *patio__loop_hooks(patio_loop *l) { return l->hooks; }
+
+/* ---- wake-up ------------------------------------------------------------ */
+
+/* Makes a sleeping loop return from its wait. Coalesced: while the loop is
+ * awake or already being woken this is a single atomic exchange. */
+static void patio__loop_wake(patio_loop *l)
+{
+    if (patio__sc_xchg(&l->wake_pending, 1) != 0) return;
+    patio__fetch_add(&l->wakeups, 1);
+    patio__wake_signal(&l->wake);
+}
+
+static void patio__loop_on_wake_fd(patio__io *io, unsigned revents)
+{
+    patio_loop *l = PATIO__CONTAINER(io, patio_loop, wake_io);
+    PATIO__UNUSED(revents);
+    patio__wake_drain(&l->wake);
+}
+
+/* ---- posted work -------------------------------------------------------- */
+
+/* Queues p to run on the loop thread; any thread. */
+static void patio__loop_post(patio_loop *l, patio__post *p)
+{
+    patio__post *head = patio__load_relaxed(&l->posts);
+    do p->next = head;
+    while (!__atomic_compare_exchange_n(&l->posts, &head, p, 1, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED));
+    patio__loop_wake(l);
+}
+
+/* Runs the batch posted so far; work posted meanwhile waits for the next
+ * iteration, so a callback that re-posts itself cannot starve the loop. */
+static int patio__loop_run_posts(patio_loop *l)
+{
+    patio__post *p, *fifo = NULL, *next;
+    int ran = 0;
+    if (!patio__load_relaxed(&l->posts)) return 0;
+    p = patio__xchg(&l->posts, (patio__post *)NULL);
+    while (p) {
+        next = p->next;
+        p->next = fifo;
+        fifo = p;
+        p = next;
+    }
+    while (fifo) {
+        next = fifo->next; /* fn may free or re-post its node */
+        fifo->fn(fifo);
+        fifo = next;
+        ran++;
+    }
+    return ran;
+}
+
+/* Nodes of patio_loop_post: the one kind of post the loop owns. */
+typedef struct patio__user_post {
+    patio__post base;
+    void (*fn)(void *arg);
+    void *arg;
+    const patio_hooks *hooks;
+} patio__user_post;
+
+static void patio__user_post_run(patio__post *p)
+{
+    patio__user_post *u = PATIO__CONTAINER(p, patio__user_post, base);
+    void (*fn)(void *) = u->fn;
+    void *arg = u->arg;
+    patio__free(u->hooks, u);
+    fn(arg);
+}
+
+PATIO_API int patio_loop_post(patio_loop *loop, void (*fn)(void *arg), void *arg)
+{
+    patio__user_post *u;
+    if (!loop || !fn) return PATIO_ERR_INVALID;
+    u = (patio__user_post *)patio__malloc(loop->hooks, sizeof *u);
+    if (!u) return PATIO_ERR_NOMEM;
+    u->base.fn = patio__user_post_run;
+    u->fn = fn;
+    u->arg = arg;
+    u->hooks = loop->hooks;
+    patio__loop_post(loop, &u->base);
+    return PATIO_OK;
+}
+
+/* ---- timers --------------------------------------------------------------- */
+
+static int patio__timer_before(const patio__timer *a, const patio__timer *b)
+{
+    return a->deadline_ns < b->deadline_ns || (a->deadline_ns == b->deadline_ns && a->seq < b->seq);
+}
+
+static void patio__heap_place(patio_loop *l, size_t i, patio__timer *t)
+{
+    l->heap[i] = t;
+    t->index = i + 1;
+}
+
+static void patio__heap_sift_up(patio_loop *l, size_t i)
+{
+    patio__timer *t = l->heap[i];
+    while (i > 0) {
+        size_t parent = (i - 1) / 2;
+        if (!patio__timer_before(t, l->heap[parent])) break;
+        patio__heap_place(l, i, l->heap[parent]);
+        i = parent;
+    }
+    patio__heap_place(l, i, t);
+}
+
+static void patio__heap_sift_down(patio_loop *l, size_t i)
+{
+    patio__timer *t = l->heap[i];
+    for (;;) {
+        size_t child = 2 * i + 1;
+        if (child >= l->heap_len) break;
+        if (child + 1 < l->heap_len && patio__timer_before(l->heap[child + 1], l->heap[child])) child++;
+        if (!patio__timer_before(l->heap[child], t)) break;
+        patio__heap_place(l, i, l->heap[child]);
+        i = child;
+    }
+    patio__heap_place(l, i, t);
+}
+
+static void patio__heap_publish_next(patio_loop *l)
+{
+    patio__store(&l->next_due, l->heap_len ? l->heap[0]->deadline_ns : UINT64_MAX);
+}
+
+static int patio__heap_push(patio_loop *l, patio__timer *t)
+{
+    if (l->heap_len == l->heap_cap) {
+        size_t cap = l->heap_cap ? l->heap_cap * 2 : 16;
+        patio__timer **h = (patio__timer **)patio__realloc(l->hooks, l->heap, cap * sizeof *h);
+        if (!h) return PATIO_ERR_NOMEM;
+        l->heap = h;
+        l->heap_cap = cap;
+    }
+    l->heap[l->heap_len++] = t;
+    patio__heap_sift_up(l, l->heap_len - 1);
+    patio__heap_publish_next(l);
+    return PATIO_OK;
+}
+
+static void patio__heap_remove(patio_loop *l, patio__timer *t)
+{
+    size_t i = t->index - 1;
+    patio__timer *last = l->heap[--l->heap_len];
+    t->index = 0;
+    if (last != t) {
+        patio__heap_place(l, i, last);
+        patio__heap_sift_up(l, i);
+        patio__heap_sift_down(l, last->index - 1);
+    }
+    patio__heap_publish_next(l);
+}
+
+/* Arms t (re-arms it if armed) to fire at deadline_ns; any thread. Wakes
+ * the loop only when it sleeps past the new deadline. */
+PATIO__MAYBE_UNUSED static void patio__timer_start(patio_loop *l, patio__timer *t, uint64_t deadline_ns)
+{
+    int wake = 0, rc;
+    pthread_mutex_lock(&l->timer_mu);
+    if (t->index) patio__heap_remove(l, t);
+    t->deadline_ns = deadline_ns;
+    t->seq = l->timer_seq + 1;
+    patio__store(&l->timer_seq, t->seq);
+    rc = patio__heap_push(l, t);
+    if (rc == PATIO_OK && deadline_ns < patio__load(&l->sleep_until)) {
+        patio__sc_store(&l->sleep_until, deadline_ns);
+        wake = 1;
+    }
+    pthread_mutex_unlock(&l->timer_mu);
+    if (rc != PATIO_OK) patio__log(l->hooks, PATIO_LOG_ERROR, "loop: out of memory, a timer was not armed");
+    if (wake) patio__loop_wake(l);
+}
+
+/* Disarms t; any thread. 1 if it was disarmed before firing, 0 if it had
+ * already fired or its callback is running now. */
+PATIO__MAYBE_UNUSED static int patio__timer_stop(patio_loop *l, patio__timer *t)
+{
+    int armed;
+    pthread_mutex_lock(&l->timer_mu);
+    armed = t->index != 0;
+    if (armed) patio__heap_remove(l, t);
+    pthread_mutex_unlock(&l->timer_mu);
+    return armed;
+}
+
+/* Pops the earliest timer if it is due and was armed before this round
+ * began (max_seq): a callback that re-arms its timer for "now" waits for
+ * the next iteration instead of looping here forever. */
+static patio__timer *patio__loop_pop_due(patio_loop *l, uint64_t now, uint64_t max_seq)
+{
+    patio__timer *t = NULL;
+    if (patio__load(&l->next_due) > now) return NULL;
+    pthread_mutex_lock(&l->timer_mu);
+    if (l->heap_len && l->heap[0]->deadline_ns <= now && l->heap[0]->seq <= max_seq) {
+        t = l->heap[0];
+        patio__heap_remove(l, t);
+    }
+    pthread_mutex_unlock(&l->timer_mu);
+    return t;
+}
+
+static int patio__loop_fire_timers(patio_loop *l)
+{
+    uint64_t now, max_seq;
+    patio__timer *t;
+    int ran = 0;
+    if (patio__load(&l->next_due) == UINT64_MAX) return 0;
+    now = patio__now_ns();
+    max_seq = patio__load(&l->timer_seq);
+    while ((t = patio__loop_pop_due(l, now, max_seq)) != NULL) {
+        t->fn(t);
+        ran++;
+    }
+    return ran;
+}
+
+/* ---- fd watchers (loop thread, or before the loop runs) ------------------ */
+
+/* Changes io's interest to events (PATIO__READ | PATIO__WRITE). */
+PATIO__MAYBE_UNUSED static int patio__io_update(patio_loop *l, patio__io *io, unsigned events)
+{
+    int rc;
+    events &= PATIO__READ | PATIO__WRITE;
+    if (!io->active) return PATIO_ERR_INVALID;
+    rc = patio__poller_set(&l->poller, l->hooks, io, io->events, events);
+    if (rc == PATIO_OK) io->events = events;
+    return rc;
+}
+
+/* Watches fd; fn(io, revents) runs on the loop thread when it is ready.
+ * revents holds the ready directions of interest, and PATIO__READ |
+ * PATIO__ERROR on an error or hang-up. Stop before closing fd. */
+PATIO__MAYBE_UNUSED static int patio__io_start(patio_loop *l, patio__io *io, int fd, unsigned events,
+                                               void (*fn)(patio__io *, unsigned))
+{
+    int rc;
+    if (!l || !io || fd < 0 || !fn || io->active) return PATIO_ERR_INVALID;
+    io->fd = fd;
+    io->fn = fn;
+    io->events = 0;
+    io->slot = 0;
+    io->active = 1;
+    rc = patio__io_update(l, io, events);
+    if (rc != PATIO_OK) io->active = 0;
+    return rc;
+}
+
+/* Stops watching io. Safe inside any callback, including io's own: the
+ * loop does not touch io afterwards, so the caller may free it at once. */
+PATIO__MAYBE_UNUSED static void patio__io_stop(patio_loop *l, patio__io *io)
+{
+    int i;
+    if (!io->active) return;
+    patio__poller_set(&l->poller, l->hooks, io, io->events, 0);
+    io->events = 0;
+    io->active = 0;
+    for (i = l->ready_pos + 1; i < l->nready; i++)
+        if (l->ready[i].io == io) l->ready[i].io = NULL;
+}
+
+static int patio__loop_dispatch_io(patio_loop *l)
+{
+    int ran = 0;
+    for (l->ready_pos = 0; l->ready_pos < l->nready; l->ready_pos++) {
+        patio__ready *r = &l->ready[l->ready_pos];
+        patio__io *io = r->io;
+        unsigned revents;
+        if (!io) continue;
+        revents = r->revents & io->events;
+        if (r->revents & PATIO__ERROR) revents |= PATIO__READ | PATIO__ERROR;
+        if (!revents) continue; /* interest dropped by an earlier callback */
+        io->fn(io, revents);
+        if (io != &l->wake_io) ran++;
+    }
+    l->nready = 0;
+    l->ready_pos = 0;
+    return ran;
+}
+
+/* ---- one iteration -------------------------------------------------------- */
+
+/* Milliseconds from now to deadline, rounded up so a timer is due when the
+ * wait ends; -1 = no deadline. */
+static int patio__ms_until(uint64_t deadline_ns, uint64_t now)
+{
+    uint64_t ms;
+    if (deadline_ns == UINT64_MAX) return -1;
+    if (deadline_ns <= now) return 0;
+    ms = (deadline_ns - now + 999999u) / 1000000u;
+    return ms > (uint64_t)INT_MAX ? INT_MAX : (int)ms;
+}
+
+/* Something the loop must not sleep through: posted work, a stop, or a
+ * library thread waiting to take the loop over from the host. */
+static int patio__loop_has_urgent(patio_loop *l)
+{
+    return patio__sc_load(&l->posts) != NULL || patio__sc_load(&l->stop) != 0 ||
+           patio__sc_load(&l->handover) != 0;
+}
+
+/* Records the deadline the loop is about to sleep to, so that a timer
+ * started later by another thread knows whether it must wake the loop. */
+static void patio__loop_publish_sleep(patio_loop *l)
+{
+    pthread_mutex_lock(&l->timer_mu);
+    patio__sc_store(&l->sleep_until, l->heap_len ? l->heap[0]->deadline_ns : UINT64_MAX);
+    pthread_mutex_unlock(&l->timer_mu);
+}
+
+/* Busy-waits for posted work for at most spin_ns, and only when the loop
+ * was busy within the last spin_ns: a hand-off to a spinning loop costs
+ * the producer no system call, while an idle loop goes straight to sleep.
+ * Returns 1 if work arrived. */
+static int patio__loop_spin(patio_loop *l, uint64_t now, uint64_t until)
+{
+    uint64_t end;
+    unsigned i;
+    if (!l->spin_ns || now - l->last_work_ns > l->spin_ns) return 0;
+    end = now + l->spin_ns < until ? now + l->spin_ns : until;
+    for (i = 1;; i++) {
+        if (patio__load_relaxed(&l->posts) || patio__load_relaxed(&l->stop)) return 1;
+        patio__cpu_relax();
+        if ((i & 31) == 0 && patio__now_ns() >= end) return 0;
+    }
+}
+
+static int patio__loop_poll(patio_loop *l, int timeout_ms)
+{
+    int n = patio__poller_wait(&l->poller, l->ready, timeout_ms);
+    l->polls_skipped = 0;
+    l->last_poll_ns = patio__now_ns();
+    l->nready = n > 0 ? n : 0;
+    return n;
+}
+
+/* Work is waiting: check fds without blocking, or skip even that for a
+ * few rounds so that back-to-back hand-offs stay free of system calls. */
+static int patio__loop_poll_busy(patio_loop *l, uint64_t now)
+{
+    if (l->polls_skipped < PATIO__MAX_SKIPPED_POLLS && now - l->last_poll_ns < PATIO__MAX_POLL_GAP_NS) {
+        l->polls_skipped++;
+        return 0;
+    }
+    return patio__loop_poll(l, 0);
+}
+
+/* Sleeps in the poller until an fd is ready, a timer or host_deadline is
+ * due, or someone wakes the loop. Producers see wake_pending == 0 only
+ * between the two stores below; the checks in between close the race with
+ * a post or timer that came just before. */
+static int patio__loop_sleep(patio_loop *l, uint64_t host_deadline)
+{
+    uint64_t until;
+    int timeout, n;
+    patio__loop_publish_sleep(l);
+    patio__sc_store(&l->wake_pending, 0);
+    until = patio__sc_load(&l->sleep_until);
+    if (host_deadline < until) until = host_deadline;
+    timeout = patio__loop_has_urgent(l) ? 0 : patio__ms_until(until, patio__now_ns());
+    n = patio__loop_poll(l, timeout);
+    patio__sc_store(&l->wake_pending, 1);
+    return n;
+}
+
+/* Waits as the state demands and collects ready fds; count or error. */
+static int patio__loop_wait(patio_loop *l, uint64_t host_deadline)
+{
+    uint64_t now = patio__now_ns();
+    uint64_t until = patio__load(&l->next_due);
+    if (host_deadline < until) until = host_deadline;
+    if (patio__loop_has_urgent(l)) return patio__loop_poll_busy(l, now);
+    if (until <= now) return patio__loop_poll(l, 0);
+    if (patio__loop_spin(l, now, until)) return patio__loop_poll_busy(l, patio__now_ns());
+    return patio__loop_sleep(l, host_deadline);
+}
+
+/* One round: wait, then fds, due timers, posted work. Returns the number
+ * of callbacks run, or an error from the poller. */
+static int patio__loop_iterate(patio_loop *l, uint64_t host_deadline)
+{
+    int n, ran;
+    patio__fetch_add(&l->iterations, 1);
+    n = patio__loop_wait(l, host_deadline);
+    if (n < 0) return n;
+    ran = patio__loop_dispatch_io(l);
+    ran += patio__loop_fire_timers(l);
+    ran += patio__loop_run_posts(l);
+    if (ran) l->last_work_ns = patio__now_ns();
+    return ran;
+}
+
+/* Leaves the loop asleep between host pumps: a post from now on writes the
+ * wake fd (so patio_loop_fd turns readable), as does a timer earlier than
+ * the published deadline. Work that is already queued is signalled now. */
+static void patio__loop_doze(patio_loop *l)
+{
+    patio__loop_publish_sleep(l);
+    patio__sc_store(&l->wake_pending, 0);
+    if (patio__loop_has_urgent(l)) patio__loop_wake(l);
+}
+
+/* ---- who runs the loop ------------------------------------------------------ */
+
+static void patio__loop_set_owner(patio_loop *l, int set)
+{
+    if (set) {
+        pthread_t self = pthread_self();
+        __atomic_store(&l->owner, &self, __ATOMIC_RELEASE);
+    }
+    patio__store(&l->owner_set, set);
+}
+
+/* Makes the caller the one thread running the loop. PATIO_OK; PATIO_PENDING
+ * if another thread still runs it at deadline; PATIO_ERR_INVALID when a
+ * library thread owns the loop or the caller is inside a loop callback. */
+static int patio__loop_enter(patio_loop *l, uint64_t deadline, int library_thread)
+{
+    int rc = PATIO_OK;
+    pthread_mutex_lock(&l->run_mu);
+    for (;;) {
+        if (l->running && pthread_equal(l->owner, pthread_self())) { rc = PATIO_ERR_INVALID; break; }
+        if (l->thread_mode && !library_thread) { rc = PATIO_ERR_INVALID; break; }
+        if (!l->running) break;
+        if (patio__cond_wait_until(&l->run_cv, &l->run_mu, deadline) == ETIMEDOUT && l->running) {
+            rc = PATIO_PENDING;
+            break;
+        }
+    }
+    if (rc == PATIO_OK) {
+        l->running = 1;
+        patio__loop_set_owner(l, 1);
+    }
+    pthread_mutex_unlock(&l->run_mu);
+    return rc;
+}
+
+static void patio__loop_leave(patio_loop *l)
+{
+    pthread_mutex_lock(&l->run_mu);
+    patio__loop_set_owner(l, 0);
+    l->running = 0;
+    pthread_cond_broadcast(&l->run_cv);
+    pthread_mutex_unlock(&l->run_mu);
+}
+
+PATIO_API int patio_loop_in_loop_thread(const patio_loop *loop)
+{
+    pthread_t owner;
+    if (!loop || !patio__load(&loop->owner_set)) return 0;
+    __atomic_load(&loop->owner, &owner, __ATOMIC_ACQUIRE);
+    return pthread_equal(owner, pthread_self()) != 0;
+}
+
+PATIO_API int patio_loop_run_once(patio_loop *loop, int timeout_ms)
+{
+    uint64_t deadline;
+    int rc, ran;
+    if (!loop) return PATIO_ERR_INVALID;
+    deadline = timeout_ms < 0 ? UINT64_MAX : patio__now_ns() + (uint64_t)timeout_ms * 1000000u;
+    rc = patio__loop_enter(loop, deadline, 0);
+    if (rc == PATIO_PENDING) return 0;
+    if (rc != PATIO_OK) return rc;
+    patio__sc_store(&loop->wake_pending, 1); /* awake: posts need no wake-up */
+    do ran = patio__loop_iterate(loop, deadline);
+    while (ran == 0 && patio__now_ns() < deadline && !patio__load(&loop->handover));
+    patio__loop_doze(loop);
+    patio__loop_leave(loop);
+    return ran;
+}
+
+static void *patio__loop_thread_main(void *arg)
+{
+    patio_loop *l = (patio_loop *)arg;
+    if (patio__loop_enter(l, UINT64_MAX, 1) != PATIO_OK) return NULL;
+    patio__store(&l->handover, 0);
+    patio__sc_store(&l->wake_pending, 1);
+    while (!patio__load(&l->stop)) {
+        int rc = patio__loop_iterate(l, UINT64_MAX);
+        if (rc < 0) {
+            /* The poller failed (e.g. out of memory): retry, but gently. */
+            patio__log(l->hooks, PATIO_LOG_ERROR, "loop: wait failed: %s", patio_strerror(rc));
+            poll(NULL, 0, 10);
+        }
+    }
+    patio__loop_doze(l);
+    patio__loop_leave(l);
+    return NULL;
+}
+
+PATIO_API int patio_loop_start(patio_loop *loop)
+{
+    if (!loop) return PATIO_ERR_INVALID;
+    pthread_mutex_lock(&loop->run_mu);
+    if (loop->thread_mode) {
+        pthread_mutex_unlock(&loop->run_mu);
+        return PATIO_ERR_INVALID;
+    }
+    loop->thread_mode = 1;
+    patio__store(&loop->stop, 0);
+    patio__sc_store(&loop->handover, loop->running); /* a host pump is in progress */
+    pthread_mutex_unlock(&loop->run_mu);
+    if (pthread_create(&loop->thread, NULL, patio__loop_thread_main, loop) != 0) {
+        pthread_mutex_lock(&loop->run_mu);
+        loop->thread_mode = 0;
+        patio__store(&loop->handover, 0);
+        pthread_mutex_unlock(&loop->run_mu);
+        return PATIO_ERR_IO;
+    }
+    if (patio__load(&loop->handover)) patio__loop_wake(loop);
+    return PATIO_OK;
+}
+
+PATIO_API int patio_loop_stop(patio_loop *loop)
+{
+    if (!loop) return PATIO_ERR_INVALID;
+    if (patio_loop_in_loop_thread(loop)) return PATIO_ERR_INVALID; /* would join itself */
+    pthread_mutex_lock(&loop->run_mu);
+    if (!loop->thread_mode || loop->stop_claimed) {
+        pthread_mutex_unlock(&loop->run_mu);
+        return PATIO_OK;
+    }
+    loop->stop_claimed = 1;
+    pthread_mutex_unlock(&loop->run_mu);
+    patio__sc_store(&loop->stop, 1);
+    patio__loop_wake(loop);
+    pthread_join(loop->thread, NULL);
+    pthread_mutex_lock(&loop->run_mu);
+    loop->thread_mode = 0;
+    loop->stop_claimed = 0;
+    patio__store(&loop->stop, 0);
+    pthread_mutex_unlock(&loop->run_mu);
+    return PATIO_OK;
+}
+
+/* ---- creation and queries -------------------------------------------------- */
+
+/* Frees posted nodes the loop owns (from patio_loop_post) without running
+ * them; intrusive posts belong to their owners and are just dropped. */
+static void patio__loop_drop_posts(patio_loop *l)
+{
+    patio__post *p = patio__xchg(&l->posts, (patio__post *)NULL), *next;
+    for (; p; p = next) {
+        next = p->next;
+        if (p->fn == patio__user_post_run) patio__free(l->hooks, PATIO__CONTAINER(p, patio__user_post, base));
+    }
+}
+
+static void patio__loop_destroy(patio_loop *l)
+{
+    size_t i;
+    patio__loop_drop_posts(l);
+    for (i = 0; i < l->heap_len; i++) l->heap[i]->index = 0;
+    patio__free(l->hooks, l->heap);
+    patio__poller_close(&l->poller, l->hooks);
+    patio__wake_close(&l->wake);
+    pthread_mutex_destroy(&l->timer_mu);
+    pthread_mutex_destroy(&l->run_mu);
+    pthread_cond_destroy(&l->run_cv);
+    patio__free(l->hooks, l);
+}
+
+PATIO_API patio_loop *patio_loop_new(const patio_loop_config *cfg)
+{
+    const patio_hooks *h = cfg ? cfg->hooks : NULL;
+    int spin_us = cfg ? cfg->spin_us : 0;
+    patio_loop *l;
+    if (!patio__hooks_valid(h)) return NULL;
+    l = (patio_loop *)patio__calloc(h, sizeof *l);
+    if (!l) return NULL;
+    if (h) {
+        l->hooks_copy = *h;
+        l->hooks = &l->hooks_copy;
+    }
+    if (spin_us == 0) spin_us = PATIO_SPIN_US;
+    l->spin_ns = spin_us > 0 ? (uint64_t)spin_us * 1000u : 0;
+    l->wake.rfd = l->wake.wfd = -1;
+    l->next_due = UINT64_MAX;
+    l->sleep_until = UINT64_MAX;
+    pthread_mutex_init(&l->timer_mu, NULL);
+    pthread_mutex_init(&l->run_mu, NULL);
+    patio__cond_init(&l->run_cv);
+    if (patio__poller_open(&l->poller, l->hooks) != PATIO_OK) {
+        patio__log(l->hooks, PATIO_LOG_ERROR, "loop: cannot create the %s poller (errno %d)",
+                   patio__poller_name(), errno);
+        patio__loop_destroy(l);
+        return NULL;
+    }
+    if (patio__wake_open(&l->wake) != PATIO_OK ||
+        patio__io_start(l, &l->wake_io, l->wake.rfd, PATIO__READ, patio__loop_on_wake_fd) != PATIO_OK) {
+        patio__log(l->hooks, PATIO_LOG_ERROR, "loop: cannot create the wake-up fd (errno %d)", errno);
+        patio__loop_destroy(l);
+        return NULL;
+    }
+    return l;
+}
+
+PATIO_API void patio_loop_free(patio_loop *loop)
+{
+    if (!loop) return;
+    if (patio_loop_in_loop_thread(loop)) {
+        patio__log(loop->hooks, PATIO_LOG_ERROR, "loop: cannot be freed from its own thread");
+        return;
+    }
+    patio_loop_stop(loop);
+    patio__io_stop(loop, &loop->wake_io);
+    patio__loop_destroy(loop);
+}
+
+PATIO_API int patio_loop_fd(const patio_loop *loop)
+{
+    return loop ? patio__poller_fd(&loop->poller) : -1;
+}
+
+PATIO_API int patio_loop_next_timeout_ms(patio_loop *loop)
+{
+    if (!loop) return -1;
+    if (patio__load(&loop->posts)) return 0;
+    return patio__ms_until(patio__load(&loop->next_due), patio__now_ns());
+}
+
+PATIO_API const char *patio_loop_backend(const patio_loop *loop)
+{
+    PATIO__UNUSED(loop);
+    return patio__poller_name();
+}
+/* ========================================================================
+ * >>task  Task: arguments in, result or exception out
+ * ======================================================================== */
+
+enum {
+    PATIO__TASK_NEW = 0,
+    PATIO__TASK_QUEUED = 1,
+    PATIO__TASK_RUNNING = 2,
+    PATIO__TASK_DONE = 3,
+    PATIO__TASK_CANCELLED = 4
+};
+
+struct patio_task {
+    const patio__entry *entry;
+    patio_executor *executor;
+    patio_broker *broker;
+    const uint8_t *args;        /* the whole args array object */
+    size_t args_len;
+    const uint8_t *kwargs;      /* the whole kwargs map object; NULL = {} */
+    size_t kwargs_len;
+    patio_reader argr;          /* positioned at the next unread argument */
+    uint32_t argc, argi;
+    int arg_error;              /* a type mismatch was seen: fail with TypeError */
+    char arg_message[160];
+    patio_writer result;        /* one value, or an ext-2 exception when status is REMOTE */
+    int status;                 /* PATIO_OK or PATIO_ERR_REMOTE once finished */
+    int state;                  /* PATIO__TASK_*, atomic */
+    int finished;               /* atomic guard: a task finishes once */
+    patio_task *next, *prev;    /* executor queue links */
+    void (*on_done)(patio_task *t);   /* set by whoever submitted it */
+    void *owner;
+};
+
+static const uint8_t patio__empty_map[1] = { 0x80 };
+static const uint8_t patio__empty_array[1] = { 0x90 };
+
+/* Prepares a task to run entry with the given encoded arguments. */
+static void patio__task_init(patio_task *t, const patio__entry *entry, const patio_hooks *hooks,
+                             const uint8_t *args, size_t args_len,
+                             const uint8_t *kwargs, size_t kwargs_len)
+{
+    memset(t, 0, sizeof *t);
+    t->entry = entry;
+    t->args = args_len ? args : patio__empty_array;
+    t->args_len = args_len ? args_len : 1;
+    t->kwargs = kwargs_len ? kwargs : NULL;
+    t->kwargs_len = kwargs_len;
+    patio_writer_init(&t->result, hooks);
+}
+
+static void patio__task_reset_args(patio_task *t)
+{
+    patio_reader_init(&t->argr, t->args, t->args_len);
+    t->argi = 0;
+    t->argc = 0;
+    if (patio_read_array(&t->argr, &t->argc) != PATIO_OK) {
+        t->arg_error = 1;
+        snprintf(t->arg_message, sizeof t->arg_message, "arguments are not an array");
+    }
+}
+
+static void patio__task_type_error(patio_task *t, const char *fmt, ...)
+{
+    va_list ap;
+    if (t->arg_error) return; /* keep the first reason */
+    t->arg_error = 1;
+    va_start(ap, fmt);
+    vsnprintf(t->arg_message, sizeof t->arg_message, fmt, ap);
+    va_end(ap);
+}
+
+static void patio__task_set_exception(patio_task *t, const char *type, const char *msg, size_t msg_len)
+{
+    patio_writer_reset(&t->result);
+    patio__write_exception(&t->result, type, strlen(type), msg, msg_len);
+    t->status = PATIO_ERR_REMOTE;
+}
+
+/* Turns the function's return code into the final status and result. */
+static void patio__task_settle(patio_task *t, int rc)
+{
+    if (t->arg_error) {
+        patio__task_set_exception(t, "TypeError", t->arg_message, strlen(t->arg_message));
+    } else if (t->status == PATIO_ERR_REMOTE) {
+        /* patio_fail already wrote the exception */
+    } else if (rc < 0) {
+        const char *m = patio_strerror(rc);
+        patio__task_set_exception(t, "RuntimeError", m, strlen(m));
+    } else if (t->result.err) {
+        const char *m = "result could not be encoded";
+        if (t->result.err == PATIO_ERR_OVERFLOW) m = "result too large";
+        patio__task_set_exception(t, "OverflowError", m, strlen(m));
+    } else {
+        if (t->result.len == 0) patio_write_nil(&t->result);
+        t->status = PATIO_OK;
+    }
+}
+
+static void patio__task_complete(patio_task *t, int rc)
+{
+    patio_executor *ex = t->executor;
+    patio__task_settle(t, rc);
+    patio__store(&t->state, PATIO__TASK_DONE);
+    if (ex && ex->vt->finished) ex->vt->finished(ex, t);
+    if (t->on_done) t->on_done(t);
+}
+
+PATIO_API int patio_task_run(patio_task *t)
+{
+    int rc;
+    if (!t || !t->entry) return PATIO_ERR_INVALID;
+    patio__store(&t->state, PATIO__TASK_RUNNING);
+    patio__task_reset_args(t);
+    if (t->arg_error) rc = PATIO_ERR_TYPE;
+    else rc = t->entry->fn(t);
+    if (rc == PATIO_PENDING) return PATIO_PENDING;
+    patio__store(&t->finished, 1);
+    patio__task_complete(t, rc);
+    return PATIO_OK;
+}
+
+PATIO_API int patio_task_finish(patio_task *t)
+{
+    int expected = 0;
+    if (!t) return PATIO_ERR_INVALID;
+    if (!patio__cas(&t->finished, &expected, 1)) return PATIO_ERR_INVALID;
+    patio__task_complete(t, t->status == PATIO_ERR_REMOTE ? PATIO_ERR_REMOTE : PATIO_OK);
+    return PATIO_OK;
+}
+
+PATIO_API void *patio_task_user(const patio_task *t) { return t && t->entry ? t->entry->user : NULL; }
+PATIO_API const char *patio_task_name(const patio_task *t) { return t && t->entry ? t->entry->name : ""; }
+PATIO_API patio_broker *patio_task_broker(const patio_task *t) { return t ? t->broker : NULL; }
+PATIO_API uint32_t patio_task_argc(const patio_task *t) { return t ? t->argc : 0; }
+PATIO_API patio_reader *patio_task_args(patio_task *t) { return &t->argr; }
+
+static int patio__arg_begin(patio_task *t)
+{
+    if (t->arg_error) return 0;
+    return t->argi < t->argc;
+}
+
+static int patio__arg_end(patio_task *t, int rc, const char *expected)
+{
+    if (rc == PATIO_OK) { t->argi++; return 1; }
+    patio__task_type_error(t, "%s(): argument %u must be %s", t->entry->name, (unsigned)(t->argi + 1), expected);
+    return 0;
+}
+
+PATIO_API int patio_arg_next_int(patio_task *t, int64_t *out)
+{
+    if (!patio__arg_begin(t)) return 0;
+    return patio__arg_end(t, patio_read_int(&t->argr, out), "an integer");
+}
+
+PATIO_API int patio_arg_next_double(patio_task *t, double *out)
+{
+    if (!patio__arg_begin(t)) return 0;
+    return patio__arg_end(t, patio_read_double(&t->argr, out), "a number");
+}
+
+PATIO_API int patio_arg_next_str(patio_task *t, const char **s, size_t *len)
+{
+    if (!patio__arg_begin(t)) return 0;
+    return patio__arg_end(t, patio_read_str(&t->argr, s, len), "a string");
+}
+
+/* Number of top-level values an unpack format describes. */
+static uint32_t patio__fmt_count(const char *fmt)
+{
+    uint32_t n = 0;
+    int depth = 0;
+    for (; *fmt; fmt++) {
+        char c = *fmt;
+        if (c == ' ') continue;
+        if (c == '[' || c == '{') { if (depth++ == 0) n++; }
+        else if (c == ']' || c == '}') depth--;
+        else if (depth == 0) n++;
+    }
+    return n;
+}
+
+PATIO_API int patio_args(patio_task *t, const char *fmt, ...)
+{
+    va_list ap;
+    uint32_t want;
+    int rc;
+    if (!t || !fmt) return PATIO_ERR_INVALID;
+    if (t->arg_error) return PATIO_ERR_TYPE;
+    want = patio__fmt_count(fmt);
+    if (want != t->argc - t->argi) {
+        patio__task_type_error(t, "%s() takes %u positional arguments but %u were given",
+                               t->entry->name, (unsigned)want, (unsigned)(t->argc - t->argi));
+        return PATIO_ERR_TYPE;
+    }
+    va_start(ap, fmt);
+    rc = patio_unpackv(&t->argr, fmt, ap);
+    va_end(ap);
+    if (rc != PATIO_OK) {
+        patio__task_type_error(t, "%s(): arguments do not match \"%s\" (%s)", t->entry->name, fmt,
+                               patio_strerror(rc));
+        return PATIO_ERR_TYPE;
+    }
+    t->argi = t->argc;
+    return PATIO_OK;
+}
+
+PATIO_API int patio_task_kwargs(const patio_task *t, patio_reader *map)
+{
+    if (!t || !map) return PATIO_ERR_INVALID;
+    if (t->kwargs) patio_reader_init(map, t->kwargs, t->kwargs_len);
+    else patio_reader_init(map, patio__empty_map, sizeof patio__empty_map);
+    return PATIO_OK;
+}
+
+PATIO_API int patio_kwarg(const patio_task *t, const char *key, patio_reader *value)
+{
+    patio_reader r;
+    uint32_t n, i;
+    size_t klen;
+    int rc;
+    if (!t || !key || !value) return PATIO_ERR_INVALID;
+    patio_task_kwargs(t, &r);
+    if ((rc = patio_read_map(&r, &n)) != PATIO_OK) return rc;
+    klen = strlen(key);
+    for (i = 0; i < n; i++) {
+        const char *k;
+        size_t kl;
+        if (patio_read_str(&r, &k, &kl) == PATIO_OK && kl == klen && memcmp(k, key, kl) == 0) {
+            *value = r;
+            return PATIO_OK;
+        }
+        if (patio_read_skip(&r) != PATIO_OK && r.err) return r.err; /* key (if not a str) */
+        if (patio_read_skip(&r) != PATIO_OK) return PATIO_ERR_DECODE; /* value */
+    }
+    return PATIO_ERR_NOT_FOUND;
+}
+
+PATIO_API patio_writer *patio_task_result(patio_task *t) { return &t->result; }
+
+#define PATIO__RETURN(t, write_call) \
+    do { patio_writer_reset(&(t)->result); write_call; \
+         return (t)->result.err ? (t)->result.err : PATIO_OK; } while (0)
+
+PATIO_API int patio_return_nil(patio_task *t) { PATIO__RETURN(t, patio_write_nil(&t->result)); }
+PATIO_API int patio_return_bool(patio_task *t, int v) { PATIO__RETURN(t, patio_write_bool(&t->result, v)); }
+PATIO_API int patio_return_int(patio_task *t, int64_t v) { PATIO__RETURN(t, patio_write_int(&t->result, v)); }
+PATIO_API int patio_return_double(patio_task *t, double v) { PATIO__RETURN(t, patio_write_double(&t->result, v)); }
+PATIO_API int patio_return_str(patio_task *t, const char *s) { PATIO__RETURN(t, patio_write_str(&t->result, s)); }
+PATIO_API int patio_return_bin(patio_task *t, const void *p, size_t n) { PATIO__RETURN(t, patio_write_bin(&t->result, p, n)); }
+
+PATIO_API int patio_return(patio_task *t, const char *fmt, ...)
+{
+    va_list ap;
+    patio_writer_reset(&t->result);
+    if (patio__fmt_count(fmt) != 1) return PATIO_ERR_INVALID;
+    va_start(ap, fmt);
+    patio_packv(&t->result, fmt, ap);
+    va_end(ap);
+    return t->result.err ? t->result.err : PATIO_OK;
+}
+
+PATIO_API int patio_fail(patio_task *t, const char *type, const char *fmt, ...)
+{
+    char stack[256];
+    char *msg = stack;
+    va_list ap;
+    int n;
+    if (!t) return PATIO_ERR_INVALID;
+    if (!type || !*type) type = "RuntimeError";
+    if (!fmt) fmt = "%s";
+    va_start(ap, fmt);
+    n = vsnprintf(stack, sizeof stack, fmt, ap);
+    va_end(ap);
+    if (n < 0) n = 0;
+    if ((size_t)n >= sizeof stack) {
+        msg = (char *)patio__malloc(t->result.hooks, (size_t)n + 1);
+        if (msg) {
+            va_start(ap, fmt);
+            vsnprintf(msg, (size_t)n + 1, fmt, ap);
+            va_end(ap);
+        } else {
+            msg = stack;
+            n = (int)strlen(stack);
+        }
+    }
+    patio__task_set_exception(t, type, msg, (size_t)n);
+    if (msg != stack) patio__free(t->result.hooks, msg);
+    return PATIO_ERR_REMOTE;
+}
+
+/* ========================================================================
+ * >>executor  Executors: common part, thread pool, async, null
+ * ======================================================================== */
+
+PATIO_API int patio_executor_init(patio_executor *ex, const patio_executor_vtable *vt, patio_registry *r)
+{
+    if (!ex || !vt || !vt->submit || !r) return PATIO_ERR_INVALID;
+    memset(ex, 0, sizeof *ex);
+    ex->vt = vt;
+    ex->registry = r;
+    ex->hooks = &r->hooks;
+    return PATIO_OK;
+}
+
+/* An executor serves the loop of the first broker that uses it. */
+static int patio__executor_attach(patio_executor *ex, patio_loop *loop)
+{
+    if (ex->loop == loop) return PATIO_OK;
+    if (ex->loop) return PATIO_ERR_INVALID;
+    if (ex->vt->attach) {
+        int rc = ex->vt->attach(ex, loop);
+        if (rc != PATIO_OK) return rc;
+    }
+    ex->loop = loop;
+    return PATIO_OK;
+}
+
+PATIO_API void patio_executor_shutdown(patio_executor *ex)
+{
+    if (!ex || ex->shut_down) return;
+    ex->shut_down = 1;
+    if (ex->vt->shutdown) ex->vt->shutdown(ex);
+}
+
+PATIO_API void patio_executor_free(patio_executor *ex)
+{
+    if (!ex) return;
+    patio_executor_shutdown(ex);
+    if (ex->vt->destroy) ex->vt->destroy(ex);
+}
+
+PATIO_API const char *patio_executor_kind(const patio_executor *ex)
+{
+    return ex && ex->vt->kind ? ex->vt->kind : "";
+}
+
+/* A doubly linked FIFO of tasks, shared by the queueing executors. */
+typedef struct patio__task_queue {
+    patio_task *head, *tail;
+    size_t count;
+} patio__task_queue;
+
+static void patio__tq_push(patio__task_queue *q, patio_task *t)
+{
+    t->next = NULL;
+    t->prev = q->tail;
+    if (q->tail) q->tail->next = t; else q->head = t;
+    q->tail = t;
+    q->count++;
+}
+
+static void patio__tq_unlink(patio__task_queue *q, patio_task *t)
+{
+    if (t->prev) t->prev->next = t->next; else q->head = t->next;
+    if (t->next) t->next->prev = t->prev; else q->tail = t->prev;
+    t->next = t->prev = NULL;
+    q->count--;
+}
+
+static patio_task *patio__tq_pop(patio__task_queue *q)
+{
+    patio_task *t = q->head;
+    if (t) patio__tq_unlink(q, t);
+    return t;
+}
+
+/* Queued -> cancelled, under the owner's lock. */
+static int patio__tq_cancel(patio__task_queue *q, patio_task *t)
+{
+    if (patio__load(&t->state) != PATIO__TASK_QUEUED) return PATIO_ERR_STARTED;
+    patio__tq_unlink(q, t);
+    patio__store(&t->state, PATIO__TASK_CANCELLED);
+    return PATIO_OK;
+}
+
+static int patio__spin_us(int cfg)
+{
+    if (cfg < 0) return 0;
+    return cfg ? cfg : PATIO_SPIN_US;
+}
+
+/* ---- thread pool ---------------------------------------------------- */
+
+typedef struct patio__pool {
+    patio_executor base;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    patio__task_queue q;
+    size_t queued;         /* mirror of q.count for lock-free peeking by spinners */
+    size_t max_queue;
+    int nthreads;
+    int sleeping;          /* workers blocked on cv */
+    int spinner;           /* 1 while one idle worker polls (only one does, to spare the CPUs) */
+    int closing;
+    int spin_us;
+    pthread_t *threads;
+} patio__pool;
+
+static int patio__pool_submit(patio_executor *ex, patio_task *t)
+{
+    patio__pool *p = (patio__pool *)ex;
+    int wake;
+    pthread_mutex_lock(&p->mu);
+    if (p->closing) { pthread_mutex_unlock(&p->mu); return PATIO_ERR_CLOSED; }
+    if (p->q.count >= p->max_queue) { pthread_mutex_unlock(&p->mu); return PATIO_ERR_FULL; }
+    t->executor = ex;
+    patio__store(&t->state, PATIO__TASK_QUEUED);
+    patio__tq_push(&p->q, t);
+    patio__store(&p->queued, p->q.count);
+    /* A polling worker will see the task; wake a sleeper only if work piles up. */
+    wake = p->sleeping > 0 && (!patio__load(&p->spinner) || p->q.count > 1);
+    pthread_mutex_unlock(&p->mu);
+    if (wake) pthread_cond_signal(&p->cv);
+    return PATIO_OK;
+}
+
+static int patio__pool_cancel(patio_executor *ex, patio_task *t)
+{
+    patio__pool *p = (patio__pool *)ex;
+    int rc;
+    pthread_mutex_lock(&p->mu);
+    rc = patio__tq_cancel(&p->q, t);
+    patio__store(&p->queued, p->q.count);
+    pthread_mutex_unlock(&p->mu);
+    return rc;
+}
+
+/* Polls for work without the lock for up to spin_us; 1 if work appeared. */
+static int patio__pool_spin(patio__pool *p)
+{
+    uint64_t until = patio__now_ns() + (uint64_t)p->spin_us * 1000u;
+    unsigned i;
+    for (i = 0;; i++) {
+        if (patio__load(&p->queued) || patio__load(&p->closing)) return 1;
+        if ((i & 63) == 63 && patio__now_ns() >= until) return 0;
+        patio__cpu_relax();
+    }
+}
+
+/* Waits (lock held) until a task is queued or the pool closes. */
+static void patio__pool_wait_for_work(patio__pool *p)
+{
+    while (!p->q.head && !p->closing) {
+        int expected = 0;
+        if (p->spin_us && patio__cas(&p->spinner, &expected, 1)) {
+            int got;
+            pthread_mutex_unlock(&p->mu);
+            got = patio__pool_spin(p);
+            patio__store(&p->spinner, 0);
+            pthread_mutex_lock(&p->mu);
+            if (got) continue;
+        }
+        if (p->q.head || p->closing) break;
+        p->sleeping++;
+        pthread_cond_wait(&p->cv, &p->mu);
+        p->sleeping--;
+    }
+}
+
+#define PATIO__POOL_BATCH 16
+
+static void *patio__pool_worker(void *arg)
+{
+    patio__pool *p = (patio__pool *)arg;
+    patio_task *batch[PATIO__POOL_BATCH];
+    pthread_mutex_lock(&p->mu);
+    for (;;) {
+        size_t n, i, take;
+        patio__pool_wait_for_work(p);
+        if (!p->q.head) break; /* closing and drained */
+        /* Take a fair share so that one worker does not hoard a burst. */
+        take = p->q.count / (size_t)p->nthreads;
+        if (take < 1) take = 1;
+        if (take > PATIO__POOL_BATCH) take = PATIO__POOL_BATCH;
+        for (n = 0; n < take && p->q.head; n++) {
+            batch[n] = patio__tq_pop(&p->q);
+            patio__store(&batch[n]->state, PATIO__TASK_RUNNING);
+        }
+        patio__store(&p->queued, p->q.count);
+        if (p->q.count && p->sleeping) pthread_cond_signal(&p->cv);
+        pthread_mutex_unlock(&p->mu);
+        for (i = 0; i < n; i++) patio_task_run(batch[i]);
+        pthread_mutex_lock(&p->mu);
+    }
+    pthread_mutex_unlock(&p->mu);
+    return NULL;
+}
+
+static void patio__pool_shutdown(patio_executor *ex)
+{
+    patio__pool *p = (patio__pool *)ex;
+    int i;
+    pthread_mutex_lock(&p->mu);
+    p->closing = 1;
+    pthread_mutex_unlock(&p->mu);
+    pthread_cond_broadcast(&p->cv);
+    for (i = 0; i < p->nthreads; i++) pthread_join(p->threads[i], NULL);
+    p->nthreads = 0;
+}
+
+static void patio__pool_destroy(patio_executor *ex)
+{
+    patio__pool *p = (patio__pool *)ex;
+    const patio_hooks *h = ex->hooks;
+    pthread_mutex_destroy(&p->mu);
+    pthread_cond_destroy(&p->cv);
+    patio__free(h, p->threads);
+    patio__free(h, p);
+}
+
+static const patio_executor_vtable patio__pool_vt = {
+    "thread_pool", patio__pool_submit, patio__pool_cancel, NULL, NULL,
+    patio__pool_shutdown, patio__pool_destroy
+};
+
+static int patio__pool_start_threads(patio__pool *p, int want)
+{
+    p->threads = (pthread_t *)patio__calloc(p->base.hooks, (size_t)want * sizeof *p->threads);
+    if (!p->threads) return PATIO_ERR_NOMEM;
+    for (p->nthreads = 0; p->nthreads < want; p->nthreads++)
+        if (pthread_create(&p->threads[p->nthreads], NULL, patio__pool_worker, p) != 0)
+            return PATIO_ERR_NOMEM;
+    return PATIO_OK;
+}
+
+PATIO_API patio_executor *patio_thread_pool_new_ex(patio_registry *r, const patio_thread_pool_config *cfg)
+{
+    patio_thread_pool_config def;
+    patio__pool *p;
+    int workers;
+    if (!r) return NULL;
+    if (!cfg) { memset(&def, 0, sizeof def); cfg = &def; }
+    workers = cfg->max_workers ? cfg->max_workers : PATIO_DEFAULT_MAX_WORKERS;
+    if (workers < 1 || workers > 4096) return NULL;
+    p = (patio__pool *)patio__calloc(&r->hooks, sizeof *p);
+    if (!p) return NULL;
+    patio_executor_init(&p->base, &patio__pool_vt, r);
+    p->max_queue = cfg->max_queue ? cfg->max_queue : PATIO_DEFAULT_QUEUE_SIZE;
+    p->spin_us = patio__spin_us(cfg->spin_us);
+    pthread_mutex_init(&p->mu, NULL);
+    pthread_cond_init(&p->cv, NULL);
+    if (patio__pool_start_threads(p, workers) != PATIO_OK) {
+        patio_executor_free(&p->base);
+        return NULL;
+    }
+    return &p->base;
+}
+
+PATIO_API patio_executor *patio_thread_pool_new(patio_registry *r, int max_workers)
+{
+    patio_thread_pool_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.max_workers = max_workers;
+    return patio_thread_pool_new_ex(r, &cfg);
+}
+
+/* ---- async executor: tasks run on the loop thread ------------------- */
+
+typedef struct patio__async {
+    patio_executor base;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    patio__task_queue q;
+    size_t max_queue;
+    int running;           /* started and not finished (includes PATIO_PENDING ones) */
+    int max_workers;
+    int closing;
+    int drain_posted;      /* atomic: a drain is queued on the loop */
+    patio__post drain;
+} patio__async;
+
+static void patio__async_schedule(patio__async *a)
+{
+    if (patio__xchg(&a->drain_posted, 1) == 0) patio__loop_post(a->base.loop, &a->drain);
+}
+
+/* On the loop thread: start queued tasks while slots are free. */
+static void patio__async_drain(patio__post *post)
+{
+    patio__async *a = PATIO__CONTAINER(post, patio__async, drain);
+    patio__store(&a->drain_posted, 0);
+    for (;;) {
+        patio_task *t;
+        pthread_mutex_lock(&a->mu);
+        if (a->running >= a->max_workers || !a->q.head) { pthread_mutex_unlock(&a->mu); return; }
+        t = patio__tq_pop(&a->q);
+        a->running++;
+        patio__store(&t->state, PATIO__TASK_RUNNING);
+        pthread_mutex_unlock(&a->mu);
+        patio_task_run(t);
+    }
+}
+
+static int patio__async_attach(patio_executor *ex, patio_loop *loop)
+{
+    PATIO__UNUSED(ex);
+    PATIO__UNUSED(loop);
+    return PATIO_OK;
+}
+
+static int patio__async_submit(patio_executor *ex, patio_task *t)
+{
+    patio__async *a = (patio__async *)ex;
+    if (!ex->loop) return PATIO_ERR_CLOSED;
+    pthread_mutex_lock(&a->mu);
+    if (a->closing) { pthread_mutex_unlock(&a->mu); return PATIO_ERR_CLOSED; }
+    if (a->q.count >= a->max_queue) { pthread_mutex_unlock(&a->mu); return PATIO_ERR_FULL; }
+    t->executor = ex;
+    patio__store(&t->state, PATIO__TASK_QUEUED);
+    patio__tq_push(&a->q, t);
+    pthread_mutex_unlock(&a->mu);
+    patio__async_schedule(a);
+    return PATIO_OK;
+}
+
+static int patio__async_cancel(patio_executor *ex, patio_task *t)
+{
+    patio__async *a = (patio__async *)ex;
+    int rc;
+    pthread_mutex_lock(&a->mu);
+    rc = patio__tq_cancel(&a->q, t);
+    pthread_mutex_unlock(&a->mu);
+    return rc;
+}
+
+static void patio__async_finished(patio_executor *ex, patio_task *t)
+{
+    patio__async *a = (patio__async *)ex;
+    int more;
+    PATIO__UNUSED(t);
+    pthread_mutex_lock(&a->mu);
+    a->running--;
+    more = a->q.head != NULL;
+    if (!a->running && !a->q.head) pthread_cond_broadcast(&a->cv);
+    pthread_mutex_unlock(&a->mu);
+    if (more) patio__async_schedule(a);
+}
+
+static int patio__async_idle(patio__async *a)
+{
+    int idle;
+    pthread_mutex_lock(&a->mu);
+    idle = a->running == 0 && a->q.head == NULL;
+    pthread_mutex_unlock(&a->mu);
+    return idle;
+}
+
+/* Finishes queued and running tasks: pumps the loop when nobody else runs
+ * it, else waits for the loop thread to do the work. */
+static void patio__async_shutdown(patio_executor *ex)
+{
+    patio__async *a = (patio__async *)ex;
+    pthread_mutex_lock(&a->mu);
+    a->closing = 1;
+    pthread_mutex_unlock(&a->mu);
+    if (!ex->loop) return;
+    if (patio_loop_in_loop_thread(ex->loop)) {
+        patio__log(ex->hooks, PATIO_LOG_WARN, "async executor: shutdown from the loop thread does not wait");
+        return;
+    }
+    while (!patio__async_idle(a)) {
+        if (patio_loop_run_once(ex->loop, 10) == PATIO_ERR_INVALID) {
+            pthread_mutex_lock(&a->mu);
+            if (a->running || a->q.head)
+                patio__cond_wait_until(&a->cv, &a->mu, patio__now_ns() + 10000000u);
+            pthread_mutex_unlock(&a->mu);
+        }
+    }
+}
+
+static void patio__async_destroy(patio_executor *ex)
+{
+    patio__async *a = (patio__async *)ex;
+    pthread_mutex_destroy(&a->mu);
+    pthread_cond_destroy(&a->cv);
+    patio__free(ex->hooks, a);
+}
+
+static const patio_executor_vtable patio__async_vt = {
+    "async", patio__async_submit, patio__async_cancel, patio__async_attach, patio__async_finished,
+    patio__async_shutdown, patio__async_destroy
+};
+
+PATIO_API patio_executor *patio_async_executor_new_ex(patio_registry *r, const patio_thread_pool_config *cfg)
+{
+    patio_thread_pool_config def;
+    patio__async *a;
+    if (!r) return NULL;
+    if (!cfg) { memset(&def, 0, sizeof def); cfg = &def; }
+    a = (patio__async *)patio__calloc(&r->hooks, sizeof *a);
+    if (!a) return NULL;
+    patio_executor_init(&a->base, &patio__async_vt, r);
+    a->max_workers = cfg->max_workers ? cfg->max_workers : PATIO_DEFAULT_MAX_WORKERS;
+    a->max_queue = cfg->max_queue ? cfg->max_queue : PATIO_DEFAULT_QUEUE_SIZE;
+    a->drain.fn = patio__async_drain;
+    if (a->max_workers < 1) { patio__free(&r->hooks, a); return NULL; }
+    pthread_mutex_init(&a->mu, NULL);
+    patio__cond_init(&a->cv);
+    return &a->base;
+}
+
+PATIO_API patio_executor *patio_async_executor_new(patio_registry *r, int max_workers)
+{
+    patio_thread_pool_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.max_workers = max_workers;
+    return patio_async_executor_new_ex(r, &cfg);
+}
+
+/* ---- null executor -------------------------------------------------- */
+
+static int patio__null_submit(patio_executor *ex, patio_task *t)
+{
+    t->executor = ex;
+    patio_fail(t, "RuntimeError", "the null executor does not run tasks");
+    patio__store(&t->finished, 1);
+    patio__task_complete(t, PATIO_ERR_REMOTE);
+    return PATIO_OK;
+}
+
+static void patio__null_destroy(patio_executor *ex) { patio__free(ex->hooks, ex); }
+
+static const patio_executor_vtable patio__null_vt = {
+    "null", patio__null_submit, NULL, NULL, NULL, NULL, patio__null_destroy
+};
+
+PATIO_API patio_executor *patio_null_executor_new(patio_registry *r)
+{
+    patio_executor *ex;
+    if (!r) return NULL;
+    ex = (patio_executor *)patio__calloc(&r->hooks, sizeof *ex);
+    if (!ex) return NULL;
+    patio_executor_init(ex, &patio__null_vt, r);
+    return ex;
+}
+
+/* ========================================================================
+ * >>call  Calls: start, finish, wait, results
+ * ======================================================================== */
+
+enum { PATIO__CALL_PENDING = 0, PATIO__CALL_FINISHING = 1, PATIO__CALL_DONE = 2 };
+
+/* A thread blocked in patio_wait_*: completers of the calls it registered
+ * on bump `notified` under the mutex, and only the one that reaches
+ * `target` signals, so a batch of completions costs one wake-up. */
+typedef struct patio__waiter {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int notified;      /* atomic reads while spinning; written under mu */
+    int target;        /* under mu */
+} patio__waiter;
+
+/* c->waiter holds NULL, a waiter, or this mark once the call finished. */
+static patio__waiter patio__waiter_fired_mark;
+#define PATIO__WAITER_FIRED (&patio__waiter_fired_mark)
+
+struct patio_call {
+    int refs;                 /* atomic: user + in flight + task + timer */
+    int state;                /* atomic PATIO__CALL_* */
+    int status;
+    patio_broker *broker;     /* valid until the call finished */
+    patio_loop *loop;
+    const patio_hooks *hooks;
+    char *name;
+    patio_writer args;        /* encoded positional arguments (array) */
+    patio_writer kwargs;      /* encoded keyword arguments (map), empty = none */
+    patio_writer own_result;  /* a value set by patio_call_succeed */
+    const patio_writer *result;
+    char *err_type, *err_msg;
+    double timeout;           /* < 0 = none */
+    patio__timer timer;
+    int timer_armed;
+    patio__post done_post;    /* delivers on_done on the loop thread */
+    patio_call_cb on_done;
+    void *on_done_user;
+    patio__waiter *waiter;    /* atomic */
+    patio_call *next, *prev;  /* broker's pending list */
+    int listed;
+    patio_task task;          /* local execution by the memory broker */
+};
+
+/* Broker-private bookkeeping behind patio_broker.internal. */
+typedef struct patio__broker_core {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    patio_call *pending;      /* calls not finished yet */
+    size_t tasks_running;     /* tasks submitted by this broker, not finished */
+    int closing;
+} patio__broker_core;
+
+static patio__broker_core *patio__core(const patio_broker *b) { return (patio__broker_core *)b->internal; }
+
+static void patio__call_release(patio_call *c)
+{
+    const patio_hooks *h;
+    if (patio__fetch_sub(&c->refs, 1) != 1) return;
+    h = c->hooks;
+    patio_writer_free(&c->args);
+    patio_writer_free(&c->kwargs);
+    patio_writer_free(&c->own_result);
+    patio_writer_free(&c->task.result);
+    patio__free(h, c->err_type);
+    patio__free(h, c->err_msg);
+    patio__free(h, c->name);
+    patio__free(h, c);
+}
+
+static void patio__call_unlist(patio_call *c)
+{
+    patio__broker_core *core = patio__core(c->broker);
+    pthread_mutex_lock(&core->mu);
+    if (c->listed) {
+        if (c->prev) c->prev->next = c->next; else core->pending = c->next;
+        if (c->next) c->next->prev = c->prev;
+        c->listed = 0;
+    }
+    pthread_mutex_unlock(&core->mu);
+}
+
+static void patio__waiter_notify(patio__waiter *w)
+{
+    pthread_mutex_lock(&w->mu);
+    if (patio__fetch_add(&w->notified, 1) + 1 >= w->target) pthread_cond_signal(&w->cv);
+    pthread_mutex_unlock(&w->mu);
+}
+
+static void patio__call_deliver(patio__post *p)
+{
+    patio_call *c = PATIO__CONTAINER(p, patio_call, done_post);
+    c->on_done(c, c->on_done_user);
+    patio__call_release(c);
+}
+
+/* Copies an error's type and message into the call (for local errors). */
+static void patio__call_set_error(patio_call *c, const char *type, size_t tlen, const char *msg, size_t mlen)
+{
+    c->err_type = patio__strndup(c->hooks, type, tlen);
+    c->err_msg = patio__strndup(c->hooks, msg, mlen);
+}
+
+/* First finisher wins: publishes status and result, wakes the waiter,
+ * queues on_done, and drops the in-flight reference. */
+static int patio__call_finish(patio_call *c, int status, const patio_writer *result,
+                              const char *type, const char *msg)
+{
+    int expected = PATIO__CALL_PENDING;
+    patio__waiter *w;
+    if (!patio__cas(&c->state, &expected, PATIO__CALL_FINISHING)) return PATIO_ERR_INVALID;
+    c->status = status;
+    if (status == PATIO_OK) {
+        c->result = result;
+    } else if (status == PATIO_ERR_REMOTE && result) {
+        const char *t, *m;
+        size_t tl, ml;
+        if (patio__decode_exception(result->data, result->len, &t, &tl, &m, &ml) == PATIO_OK)
+            patio__call_set_error(c, t, tl, m, ml);
+        else
+            patio__call_set_error(c, "RuntimeError", 12, "undecodable error", 17);
+    } else {
+        if (!type) type = "RuntimeError";
+        if (!msg) msg = patio_strerror(status);
+        patio__call_set_error(c, type, strlen(type), msg, strlen(msg));
+    }
+    patio__store(&c->state, PATIO__CALL_DONE);
+    if (patio__load(&c->timer_armed) && patio__timer_stop(c->loop, &c->timer) == 1)
+        patio__call_release(c);
+    if (c->broker) patio__call_unlist(c);
+    w = patio__xchg(&c->waiter, PATIO__WAITER_FIRED);
+    if (w && w != PATIO__WAITER_FIRED) patio__waiter_notify(w);
+    if (c->on_done) patio__loop_post(c->loop, &c->done_post);
+    else patio__call_release(c);
+    return PATIO_OK;
+}
+
+static void patio__call_timed_out(patio__timer *t)
+{
+    patio_call *c = PATIO__CONTAINER(t, patio_call, timer);
+    patio_broker *b = c->broker;
+    if (patio__load(&c->state) == PATIO__CALL_PENDING && b->vt->cancel) b->vt->cancel(b, c);
+    patio__call_finish(c, PATIO_ERR_TIMEOUT, NULL, "TimeoutError", "");
+    patio__call_release(c);
+}
+
+PATIO_API int patio_call_succeed(patio_call *c, const void *value, size_t len)
+{
+    if (!c || !value || !len) return PATIO_ERR_INVALID;
+    if (patio__load(&c->state) != PATIO__CALL_PENDING) return PATIO_ERR_INVALID;
+    patio_writer_reset(&c->own_result);
+    if (patio_write_raw(&c->own_result, value, len) != PATIO_OK) return c->own_result.err;
+    return patio__call_finish(c, PATIO_OK, &c->own_result, NULL, NULL);
+}
+
+PATIO_API int patio_call_fail_with(patio_call *c, int status, const char *type, const char *message)
+{
+    if (!c || status >= 0) return PATIO_ERR_INVALID;
+    if (status == PATIO_ERR_REMOTE && !type) type = "RuntimeError";
+    return patio__call_finish(c, status, NULL, type, message ? message : (type ? "" : NULL));
+}
+
+static patio_call *patio__call_new(patio_broker *b, const char *name)
+{
+    patio_call *c = (patio_call *)patio__calloc(b->hooks, sizeof *c);
+    if (!c) return NULL;
+    c->refs = 2; /* the user's and the in-flight reference */
+    c->broker = b;
+    c->loop = b->loop;
+    c->hooks = b->hooks;
+    c->timer.fn = patio__call_timed_out;
+    c->done_post.fn = patio__call_deliver;
+    patio_writer_init(&c->args, b->hooks);
+    patio_writer_init(&c->kwargs, b->hooks);
+    patio_writer_init(&c->own_result, b->hooks);
+    patio_writer_init(&c->task.result, b->hooks);
+    c->name = patio__strdup(b->hooks, name ? name : "");
+    if (!c->name) { patio__free(b->hooks, c); return NULL; }
+    return c;
+}
+
+/* 1 if data is exactly one valid MessagePack object of the given type. */
+static int patio__is_msgpack(const void *data, size_t len, patio_type type)
+{
+    patio_reader r;
+    patio_value v;
+    patio_reader_init(&r, data, len);
+    if (patio_peek(&r, &v) != PATIO_OK || v.type != type) return 0;
+    return patio_msgpack_check_all(data, len, 0) == PATIO_OK;
+}
+
+/* Encodes positional and keyword arguments into the call. */
+static int patio__call_encode_args(patio_call *c, const patio_call_opts *o, const char *fmt, va_list ap)
+{
+    if (o && o->args) {
+        if (!patio__is_msgpack(o->args, o->args_len, PATIO_ARRAY)) return PATIO_ERR_INVALID;
+        patio_write_raw(&c->args, o->args, o->args_len);
+    } else {
+        patio_write_array(&c->args, patio__fmt_count(fmt ? fmt : ""));
+        if (fmt) patio_packv(&c->args, fmt, ap);
+    }
+    if (o && o->kwargs && o->kwargs_len) {
+        if (!patio__is_msgpack(o->kwargs, o->kwargs_len, PATIO_MAP)) return PATIO_ERR_INVALID;
+        patio_write_raw(&c->kwargs, o->kwargs, o->kwargs_len);
+    }
+    if (c->args.err) return c->args.err;
+    return c->kwargs.err;
+}
+
+static int patio__call_list(patio_broker *b, patio_call *c)
+{
+    patio__broker_core *core = patio__core(b);
+    pthread_mutex_lock(&core->mu);
+    if (core->closing) { pthread_mutex_unlock(&core->mu); return PATIO_ERR_CLOSED; }
+    c->next = core->pending;
+    c->prev = NULL;
+    if (core->pending) core->pending->prev = c;
+    core->pending = c;
+    c->listed = 1;
+    pthread_mutex_unlock(&core->mu);
+    return PATIO_OK;
+}
+
+static void patio__call_arm_timer(patio_call *c)
+{
+    if (c->timeout < 0) return;
+    patio__fetch_add(&c->refs, 1);
+    patio__store(&c->timer_armed, 1);
+    patio__timer_start(c->loop, &c->timer, patio__deadline_after(c->timeout));
+}
+
+PATIO_API patio_call *patio_call_startv(patio_broker *b, const patio_call_opts *opts,
+                                        const char *name, const char *fmt, va_list ap)
+{
+    patio_call *c;
+    int rc;
+    if (!b) return NULL;
+    c = patio__call_new(b, name);
+    if (!c) return NULL;
+    if (opts) { c->on_done = opts->on_done; c->on_done_user = opts->user; }
+    c->timeout = opts && opts->timeout != 0 ? opts->timeout : b->default_timeout;
+    if (c->timeout != c->timeout) c->timeout = 0; /* NaN: expired at once */
+    if (c->timeout < 0 && !(opts && opts->timeout < 0)) c->timeout = 0;
+    rc = (!name || !*name) ? PATIO_ERR_INVALID : patio__call_encode_args(c, opts, fmt, ap);
+    if (rc == PATIO_OK) rc = patio__call_list(b, c);
+    if (rc != PATIO_OK) {
+        c->broker = NULL;
+        patio__call_finish(c, rc, NULL, rc == PATIO_ERR_CLOSED ? "RuntimeError" : "ValueError", NULL);
+        return c;
+    }
+    patio__call_arm_timer(c);
+    b->vt->send(b, c);
+    return c;
+}
+
+PATIO_API patio_call *patio_call_start(patio_broker *b, const patio_call_opts *opts,
+                                       const char *name, const char *fmt, ...)
+{
+    patio_call *c;
+    va_list ap;
+    va_start(ap, fmt);
+    c = patio_call_startv(b, opts, name, fmt, ap);
+    va_end(ap);
+    return c;
+}
+
+PATIO_API patio_call *patio_call_async(patio_broker *b, const char *name, const char *fmt, ...)
+{
+    patio_call *c;
+    va_list ap;
+    va_start(ap, fmt);
+    c = patio_call_startv(b, NULL, name, fmt, ap);
+    va_end(ap);
+    return c;
+}
+
+PATIO_API patio_call *patio_call_sync(patio_broker *b, double timeout, const char *name, const char *fmt, ...)
+{
+    patio_call_opts o;
+    patio_call *c;
+    va_list ap;
+    memset(&o, 0, sizeof o);
+    o.timeout = timeout;
+    va_start(ap, fmt);
+    c = patio_call_startv(b, &o, name, fmt, ap);
+    va_end(ap);
+    if (c) patio_call_wait(c, PATIO_NO_TIMEOUT);
+    return c;
+}
+
+PATIO_API patio_call *patio_call_fn(patio_broker *b, patio_fn fn, const char *fmt, ...)
+{
+    const char *name;
+    patio_call *c;
+    va_list ap;
+    if (!b) return NULL;
+    name = patio_registry_name_of(b->registry, fn);
+    if (!name || !b->registry->auto_naming) {
+        c = patio__call_new(b, "");
+        if (!c) return NULL;
+        c->broker = NULL;
+        patio__call_finish(c, name ? PATIO_ERR_INVALID : PATIO_ERR_NOT_FOUND, NULL,
+                           name ? "ValueError" : "KeyError",
+                           name ? "auto-naming is disabled, call by name" : "function is not registered");
+        return c;
+    }
+    va_start(ap, fmt);
+    c = patio_call_startv(b, NULL, name, fmt, ap);
+    va_end(ap);
+    return c;
+}
+
+PATIO_API int patio_call_status(const patio_call *c)
+{
+    if (!c) return PATIO_ERR_NOMEM;
+    if (patio__load(&c->state) != PATIO__CALL_DONE) return PATIO_PENDING;
+    return c->status;
+}
+
+PATIO_API const char *patio_call_name(const patio_call *c) { return c ? c->name : ""; }
+
+PATIO_API int patio_call_cancel(patio_call *c)
+{
+    patio_broker *b;
+    if (!c) return PATIO_ERR_INVALID;
+    if (patio__load(&c->state) != PATIO__CALL_PENDING) return PATIO_ERR_INVALID;
+    b = c->broker;
+    if (!b || !b->vt->cancel || b->vt->cancel(b, c) != PATIO_OK) return PATIO_ERR_STARTED;
+    patio__call_finish(c, PATIO_ERR_CANCELLED, NULL, "CancelledError", "");
+    return PATIO_OK;
+}
+
+PATIO_API void patio_call_free(patio_call *c)
+{
+    if (c) patio__call_release(c);
+}
+
+PATIO_API int patio_call_args(const patio_call *c, const void **args, size_t *len,
+                              const void **kwargs, size_t *kwargs_len)
+{
+    if (!c) return PATIO_ERR_INVALID;
+    if (args) *args = c->args.data;
+    if (len) *len = c->args.len;
+    if (kwargs) *kwargs = c->kwargs.len ? (const void *)c->kwargs.data : NULL;
+    if (kwargs_len) *kwargs_len = c->kwargs.len;
+    return PATIO_OK;
+}
+
+PATIO_API double patio_call_timeout(const patio_call *c) { return c ? c->timeout : -1; }
+
+PATIO_API const void *patio_call_result(const patio_call *c, size_t *len)
+{
+    if (patio_call_status(c) != PATIO_OK) { if (len) *len = 0; return NULL; }
+    if (len) *len = c->result->len;
+    return c->result->data;
+}
+
+PATIO_API int patio_call_reader(const patio_call *c, patio_reader *r)
+{
+    int st = patio_call_status(c);
+    if (st != PATIO_OK) return st;
+    patio_reader_init(r, c->result->data, c->result->len);
+    return PATIO_OK;
+}
+
+PATIO_API int patio_call_unpack(const patio_call *c, const char *fmt, ...)
+{
+    patio_reader r;
+    va_list ap;
+    int rc = patio_call_reader(c, &r);
+    if (rc != PATIO_OK) return rc;
+    va_start(ap, fmt);
+    rc = patio_unpackv(&r, fmt, ap);
+    va_end(ap);
+    return rc;
+}
+
+PATIO_API int64_t patio_result_int(const patio_call *c)
+{
+    patio_reader r;
+    int64_t v = 0;
+    if (patio_call_reader(c, &r) != PATIO_OK || patio_read_int(&r, &v) != PATIO_OK) return 0;
+    return v;
+}
+
+PATIO_API double patio_result_double(const patio_call *c)
+{
+    patio_reader r;
+    double v = 0;
+    if (patio_call_reader(c, &r) != PATIO_OK || patio_read_double(&r, &v) != PATIO_OK) return 0;
+    return v;
+}
+
+PATIO_API const char *patio_call_error_type(const patio_call *c)
+{
+    int st = patio_call_status(c);
+    if (st == PATIO_OK || st == PATIO_PENDING || !c->err_type) return "";
+    return c->err_type;
+}
+
+PATIO_API const char *patio_call_error_message(const patio_call *c)
+{
+    int st = patio_call_status(c);
+    if (st == PATIO_OK || st == PATIO_PENDING) return "";
+    return c->err_msg ? c->err_msg : patio_strerror(st);
+}
+
+/* ---- waiting ---------------------------------------------------------- */
+
+static int patio__calls_done(patio_call *const *calls, size_t n, int any, size_t *index)
+{
+    size_t i, done = 0;
+    for (i = 0; i < n; i++) {
+        if (patio__load(&calls[i]->state) == PATIO__CALL_DONE) {
+            if (any) { if (index) *index = i; return 1; }
+            done++;
+        }
+    }
+    return !any && done == n;
+}
+
+/* Who drives the loop while we wait: 1 = we must pump it ourselves. */
+static int patio__must_pump(patio_loop *loop)
+{
+    return patio_loop_run_once(loop, 0) != PATIO_ERR_INVALID;
+}
+
+/* Registers w on every pending call; returns how many took it. *shared
+ * counts calls another thread already waits on (they are polled). */
+static size_t patio__waiter_register(patio__waiter *w, patio_call *const *calls, size_t n,
+                                     unsigned char *mine, size_t *shared)
+{
+    size_t i, k = 0;
+    *shared = 0;
+    for (i = 0; i < n; i++) {
+        patio__waiter *expected = NULL;
+        mine[i] = (unsigned char)patio__cas(&calls[i]->waiter, &expected, w);
+        k += mine[i];
+        if (!mine[i] && expected != PATIO__WAITER_FIRED) (*shared)++;
+    }
+    return k;
+}
+
+/* Rare case: another thread waits on one of these calls too. Poll. */
+static void patio__wait_poll(patio_call *const *calls, size_t n, int any, size_t *index, uint64_t deadline)
+{
+    while (!patio__calls_done(calls, n, any, index) && patio__now_ns() < deadline) {
+        struct timespec ts;
+        ts.tv_sec = 0;
+        ts.tv_nsec = 1000000;
+        nanosleep(&ts, NULL);
+    }
+}
+
+/* Takes w back from calls that have not fired; returns how many fired
+ * (each of those notifies w exactly once). */
+static size_t patio__waiter_unregister(patio__waiter *w, patio_call *const *calls, size_t n,
+                                       const unsigned char *mine)
+{
+    size_t i, fired = 0;
+    for (i = 0; i < n; i++) {
+        patio__waiter *expected = w;
+        if (mine[i] && !patio__cas(&calls[i]->waiter, &expected, NULL)) fired++;
+    }
+    return fired;
+}
+
+/* Sleeps (or pumps) until `target` registered calls notified, or the
+ * deadline; polls briefly first, since a sleep/wake costs far more. */
+static void patio__wait_block(patio__waiter *w, int target, uint64_t deadline, patio_loop *pump)
+{
+    uint64_t spin_until = patio__now_ns() + (uint64_t)PATIO_SPIN_US * 1000u;
+    unsigned i = 0;
+    while (patio__load(&w->notified) < target) {
+        uint64_t now;
+        if ((++i & 31) != 0) { patio__cpu_relax(); continue; }
+        now = patio__now_ns();
+        if (now >= deadline) return;
+        if (now < spin_until) continue;
+        if (pump) {
+            patio_loop_run_once(pump, deadline - now < 1000000u ? 0 : 1);
+            continue;
+        }
+        pthread_mutex_lock(&w->mu);
+        w->target = target;
+        if (w->notified < target) patio__cond_wait_until(&w->cv, &w->mu, deadline);
+        pthread_mutex_unlock(&w->mu);
+    }
+}
+
+static int patio__wait(patio_call *const *calls, size_t n, double timeout, int any, size_t *index)
+{
+    patio__waiter w;
+    unsigned char small[64];
+    unsigned char *mine = small;
+    patio_loop *loop = NULL;
+    uint64_t deadline;
+    size_t i, fired, registered, shared;
+    int rc;
+    if (!calls && n) return PATIO_ERR_INVALID;
+    for (i = 0; i < n; i++) if (!calls[i]) return PATIO_ERR_INVALID;
+    if (patio__calls_done(calls, n, any, index)) return PATIO_OK;
+    if (n == 0) return any ? PATIO_ERR_INVALID : PATIO_OK;
+    for (i = 0; i < n && !loop; i++)
+        if (patio__load(&calls[i]->state) != PATIO__CALL_DONE) loop = calls[i]->loop;
+    if (loop && patio_loop_in_loop_thread(loop)) return PATIO_ERR_INVALID; /* would deadlock */
+    deadline = timeout < 0 ? UINT64_MAX : patio__deadline_after(timeout);
+    if (n > sizeof small) {
+        mine = (unsigned char *)patio__malloc(calls[0]->hooks, n);
+        if (!mine) return PATIO_ERR_NOMEM;
+    }
+    pthread_mutex_init(&w.mu, NULL);
+    patio__cond_init(&w.cv);
+    w.notified = 0;
+    w.target = INT_MAX;
+    registered = patio__waiter_register(&w, calls, n, mine, &shared);
+    /* calls that finished before we registered count at once */
+    if (!patio__calls_done(calls, n, any, index)) {
+        if (shared) patio__wait_poll(calls, n, any, index, deadline);
+        else patio__wait_block(&w, any ? 1 : (int)registered, deadline,
+                               loop && patio__must_pump(loop) ? loop : NULL);
+    }
+    rc = patio__calls_done(calls, n, any, index) ? PATIO_OK : PATIO_ERR_TIMEOUT;
+    /* Calls that fired hold w until they notified: wait for exactly those. */
+    fired = patio__waiter_unregister(&w, calls, n, mine);
+    pthread_mutex_lock(&w.mu);
+    w.target = (int)fired;
+    while ((size_t)w.notified < fired) pthread_cond_wait(&w.cv, &w.mu);
+    pthread_mutex_unlock(&w.mu);
+    pthread_mutex_destroy(&w.mu);
+    pthread_cond_destroy(&w.cv);
+    if (mine != small) patio__free(calls[0]->hooks, mine);
+    return rc;
+}
+
+PATIO_API int patio_call_wait(patio_call *c, double timeout)
+{
+    int rc;
+    if (!c) return PATIO_ERR_INVALID;
+    rc = patio__wait(&c, 1, timeout, 0, NULL);
+    if (rc == PATIO_ERR_TIMEOUT) return PATIO_PENDING;
+    if (rc != PATIO_OK) return rc;
+    return c->status;
+}
+
+PATIO_API int patio_wait_all(patio_call *const *calls, size_t n, double timeout)
+{
+    return patio__wait(calls, n, timeout, 0, NULL);
+}
+
+PATIO_API int patio_wait_any(patio_call *const *calls, size_t n, double timeout, size_t *index)
+{
+    return patio__wait(calls, n, timeout, 1, index);
+}
+
+/* ========================================================================
+ * >>broker  Broker base and the memory broker
+ * ======================================================================== */
+
+PATIO_API int patio_broker_init(patio_broker *b, const patio_broker_vtable *vt,
+                                patio_executor *ex, const patio_broker_config *cfg)
+{
+    patio__broker_core *core;
+    int rc;
+    if (!b || !vt || !vt->send || !ex) return PATIO_ERR_INVALID;
+    memset(b, 0, sizeof *b);
+    b->vt = vt;
+    b->executor = ex;
+    b->registry = ex->registry;
+    b->hooks = ex->hooks;
+    b->default_timeout = cfg && cfg->default_timeout > 0 ? cfg->default_timeout : PATIO_DEFAULT_TIMEOUT;
+    core = (patio__broker_core *)patio__calloc(b->hooks, sizeof *core);
+    if (!core) return PATIO_ERR_NOMEM;
+    pthread_mutex_init(&core->mu, NULL);
+    patio__cond_init(&core->cv);
+    b->internal = core;
+    if (cfg && cfg->loop) {
+        b->loop = cfg->loop;
+    } else {
+        patio_loop_config lc;
+        memset(&lc, 0, sizeof lc);
+        lc.hooks = b->hooks;
+        b->loop = patio_loop_new(&lc);
+        if (!b->loop) { patio_broker_deinit(b); return PATIO_ERR_NOMEM; }
+        b->owns_loop = 1;
+    }
+    rc = ex->vt->attach ? patio__executor_attach(ex, b->loop) : PATIO_OK;
+    if (rc == PATIO_OK && b->owns_loop) rc = patio_loop_start(b->loop);
+    if (rc != PATIO_OK) { patio_broker_deinit(b); return rc; }
+    patio_registry_lock(b->registry);
+    return PATIO_OK;
+}
+
+/* Pops one pending call (with a reference) for closing; NULL when none. */
+static patio_call *patio__broker_take_pending(patio__broker_core *core)
+{
+    patio_call *c;
+    pthread_mutex_lock(&core->mu);
+    c = core->pending;
+    if (c) {
+        core->pending = c->next;
+        if (c->next) c->next->prev = NULL;
+        c->listed = 0;
+        patio__fetch_add(&c->refs, 1);
+    }
+    pthread_mutex_unlock(&core->mu);
+    return c;
+}
+
+PATIO_API void patio_broker_close(patio_broker *b)
+{
+    patio__broker_core *core;
+    patio_call *c;
+    if (!b || !b->internal) return;
+    core = patio__core(b);
+    pthread_mutex_lock(&core->mu);
+    core->closing = 1;
+    b->closed = 1;
+    pthread_mutex_unlock(&core->mu);
+    if (b->vt->close) b->vt->close(b);
+    while ((c = patio__broker_take_pending(core)) != NULL) {
+        if (patio__load(&c->state) == PATIO__CALL_PENDING && b->vt->cancel) b->vt->cancel(b, c);
+        patio__call_finish(c, PATIO_ERR_CLOSED, NULL, "RuntimeError", "broker closed");
+        patio__call_release(c);
+    }
+}
+
+typedef struct patio__barrier {
+    patio__post post;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int passed;
+} patio__barrier;
+
+static void patio__barrier_pass(patio__post *p)
+{
+    patio__barrier *br = PATIO__CONTAINER(p, patio__barrier, post);
+    pthread_mutex_lock(&br->mu);
+    br->passed = 1;
+    pthread_cond_signal(&br->cv);
+    pthread_mutex_unlock(&br->mu);
+}
+
+/* Waits until everything posted to the loop before now has run. */
+static void patio__loop_flush(patio_loop *loop)
+{
+    patio__barrier br;
+    int pump = patio__must_pump(loop);
+    memset(&br, 0, sizeof br);
+    br.post.fn = patio__barrier_pass;
+    pthread_mutex_init(&br.mu, NULL);
+    patio__cond_init(&br.cv);
+    patio__loop_post(loop, &br.post);
+    pthread_mutex_lock(&br.mu);
+    while (!br.passed) {
+        if (pump) {
+            pthread_mutex_unlock(&br.mu);
+            patio_loop_run_once(loop, 1);
+            pthread_mutex_lock(&br.mu);
+        } else {
+            pthread_cond_wait(&br.cv, &br.mu);
+        }
+    }
+    pthread_mutex_unlock(&br.mu);
+    pthread_mutex_destroy(&br.mu);
+    pthread_cond_destroy(&br.cv);
+}
+
+/* Waits for tasks this broker submitted and that are still running. */
+static void patio__broker_wait_tasks(patio_broker *b)
+{
+    patio__broker_core *core = patio__core(b);
+    int pump = patio__must_pump(b->loop);
+    pthread_mutex_lock(&core->mu);
+    while (core->tasks_running) {
+        if (pump) {
+            pthread_mutex_unlock(&core->mu);
+            patio_loop_run_once(b->loop, 1);
+            pthread_mutex_lock(&core->mu);
+        } else {
+            patio__cond_wait_until(&core->cv, &core->mu, patio__now_ns() + 100000000u);
+        }
+    }
+    pthread_mutex_unlock(&core->mu);
+}
+
+PATIO_API void patio_broker_deinit(patio_broker *b)
+{
+    patio__broker_core *core;
+    if (!b) return;
+    core = patio__core(b);
+    /* the executor outlives the broker: it must not keep a freed loop */
+    if (b->owns_loop && b->executor && b->executor->loop == b->loop) b->executor->loop = NULL;
+    if (b->owns_loop && b->loop) patio_loop_free(b->loop);
+    b->loop = NULL;
+    if (core) {
+        pthread_mutex_destroy(&core->mu);
+        pthread_cond_destroy(&core->cv);
+        patio__free(b->hooks, core);
+        b->internal = NULL;
+    }
+}
+
+PATIO_API void patio_broker_free(patio_broker *b)
+{
+    if (!b) return;
+    if (b->loop && patio_loop_in_loop_thread(b->loop)) {
+        patio__log(b->hooks, PATIO_LOG_ERROR, "broker: cannot be freed from its loop thread");
+        return;
+    }
+    patio_broker_close(b);
+    if (b->loop && b->internal) {
+        patio__broker_wait_tasks(b);
+        patio__loop_flush(b->loop);
+    }
+    patio_broker_deinit(b);
+    if (b->vt->destroy) b->vt->destroy(b);
+}
+
+PATIO_API patio_loop *patio_broker_loop(const patio_broker *b) { return b ? b->loop : NULL; }
+PATIO_API patio_registry *patio_broker_registry(const patio_broker *b) { return b ? b->registry : NULL; }
+PATIO_API patio_executor *patio_broker_executor(const patio_broker *b) { return b ? b->executor : NULL; }
+
+/* ---- running a call's task on the broker's executor ------------------- */
+
+static void patio__broker_task_ended(patio_broker *b)
+{
+    patio__broker_core *core = patio__core(b);
+    pthread_mutex_lock(&core->mu);
+    if (--core->tasks_running == 0 && core->closing) pthread_cond_broadcast(&core->cv);
+    pthread_mutex_unlock(&core->mu);
+}
+
+static void patio__memory_task_done(patio_task *t)
+{
+    patio_call *c = (patio_call *)t->owner;
+    patio_broker *b = t->broker;
+    patio__call_finish(c, t->status, &t->result, NULL, NULL);
+    patio__broker_task_ended(b);
+    patio__call_release(c); /* the task's reference */
+}
+
+static void patio__memory_send(patio_broker *b, patio_call *c)
+{
+    const patio__entry *e = patio__registry_find(b->registry, c->name, strlen(c->name));
+    patio__broker_core *core = patio__core(b);
+    int rc;
+    if (!e) {
+        patio__call_finish(c, PATIO_ERR_NOT_FOUND, NULL, "KeyError", c->name);
+        return;
+    }
+    patio_writer_free(&c->task.result);
+    patio__task_init(&c->task, e, b->hooks, c->args.data, c->args.len,
+                     c->kwargs.len ? c->kwargs.data : NULL, c->kwargs.len);
+    c->task.broker = b;
+    c->task.owner = c;
+    c->task.on_done = patio__memory_task_done;
+    patio__fetch_add(&c->refs, 1);
+    pthread_mutex_lock(&core->mu);
+    core->tasks_running++;
+    pthread_mutex_unlock(&core->mu);
+    rc = b->executor->vt->submit(b->executor, &c->task);
+    if (rc != PATIO_OK) {
+        patio__broker_task_ended(b);
+        patio__call_finish(c, rc, NULL, "RuntimeError", NULL);
+        patio__call_release(c);
+    }
+}
+
+static int patio__memory_cancel(patio_broker *b, patio_call *c)
+{
+    patio_executor *ex = b->executor;
+    if (patio__load(&c->task.state) != PATIO__TASK_QUEUED || !ex->vt->cancel) return PATIO_ERR_STARTED;
+    if (ex->vt->cancel(ex, &c->task) != PATIO_OK) return PATIO_ERR_STARTED;
+    patio__broker_task_ended(b);
+    patio__call_release(c); /* the task will never run: drop its reference */
+    return PATIO_OK;
+}
+
+static void patio__memory_destroy(patio_broker *b) { patio__free(b->hooks, b); }
+
+static const patio_broker_vtable patio__memory_vt = {
+    "memory", patio__memory_send, patio__memory_cancel, NULL, patio__memory_destroy
+};
+
+PATIO_API patio_broker *patio_memory_broker_new_ex(patio_executor *ex, const patio_broker_config *cfg)
+{
+    patio_broker *b;
+    if (!ex) return NULL;
+    b = (patio_broker *)patio__calloc(ex->hooks, sizeof *b);
+    if (!b) return NULL;
+    if (patio_broker_init(b, &patio__memory_vt, ex, cfg) != PATIO_OK) {
+        patio__free(ex->hooks, b);
+        return NULL;
+    }
+    return b;
+}
+
+PATIO_API patio_broker *patio_memory_broker_new(patio_executor *ex)
+{
+    return patio_memory_broker_new_ex(ex, NULL);
+}
+
+#endif /* PATIO_IMPLEMENTATION */
+
+/*
+------------------------------------------------------------------------------
+This software is available under the MIT License.
+------------------------------------------------------------------------------
+Copyright (c) 2026 The patio.h authors
+
+Permission is hereby granted, free of charge, to any person obtaining a copy of
+this software and associated documentation files (the "Software"), to deal in
+the Software without restriction, including without limitation the rights to
+use, copy, modify, merge, publish, distribute, sublicense, and/or sell copies
+of the Software, and to permit persons to whom the Software is furnished to do
+so, subject to the following conditions:
+
+The above copyright notice and this permission notice shall be included in all
+copies or substantial portions of the Software.
+
+THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR
+IMPLIED, INCLUDING BUT NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY,
+FITNESS FOR A PARTICULAR PURPOSE AND NONINFRINGEMENT. IN NO EVENT SHALL THE
+AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FOR ANY CLAIM, DAMAGES OR OTHER
+LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING FROM,
+OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE
+SOFTWARE.
+------------------------------------------------------------------------------
+*/

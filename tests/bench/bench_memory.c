@@ -1,0 +1,189 @@
+/* bench_memory: memory broker with the thread pool and the async executor,
+ * 1 and 1024 calls in flight, each printed beside a raw mutex+condvar
+ * hand-off between two threads measured in the same run (same shape:
+ * one request per lock, the consumer drains in batches, replies batched).
+ * Figures are medians of ROUNDS runs. */
+#define PATIO_IMPLEMENTATION
+#include "patio.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define ROUNDS 5
+#define LAT_CALLS 20000
+#define WINDOW 1024
+#define BATCHES 300
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static double median(double *v, int n)
+{
+    qsort(v, (size_t)n, sizeof *v, cmp_double);
+    return v[n / 2];
+}
+
+/* ---- raw hand-off baseline ------------------------------------------- */
+
+typedef struct raw_queue {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    long items;      /* requests waiting */
+    long replies;    /* replies waiting */
+    int stop;
+    int consumer_sleeping, producer_sleeping;
+    pthread_cond_t reply_cv;
+} raw_queue;
+
+static void *raw_consumer(void *arg)
+{
+    raw_queue *q = (raw_queue *)arg;
+    pthread_mutex_lock(&q->mu);
+    for (;;) {
+        long n;
+        while (!q->items && !q->stop) pthread_cond_wait(&q->cv, &q->mu);
+        if (q->stop) break;
+        n = q->items; /* take the whole batch */
+        q->items = 0;
+        pthread_mutex_unlock(&q->mu);
+        /* the "work": nothing, like mul(1,2,3) costs next to nothing */
+        pthread_mutex_lock(&q->mu);
+        q->replies += n;
+        pthread_cond_signal(&q->reply_cv);
+    }
+    pthread_mutex_unlock(&q->mu);
+    return NULL;
+}
+
+static void raw_push(raw_queue *q)
+{
+    pthread_mutex_lock(&q->mu);
+    q->items++;
+    pthread_cond_signal(&q->cv);
+    pthread_mutex_unlock(&q->mu);
+}
+
+static void raw_wait_replies(raw_queue *q, long n)
+{
+    pthread_mutex_lock(&q->mu);
+    while (q->replies < n) pthread_cond_wait(&q->reply_cv, &q->mu);
+    q->replies -= n;
+    pthread_mutex_unlock(&q->mu);
+}
+
+static void raw_run(double *lat_p50_us, double *rate)
+{
+    raw_queue q;
+    pthread_t th;
+    double *lat = (double *)malloc(sizeof(double) * LAT_CALLS);
+    double t0;
+    int i, b;
+    memset(&q, 0, sizeof q);
+    pthread_mutex_init(&q.mu, NULL);
+    pthread_cond_init(&q.cv, NULL);
+    pthread_cond_init(&q.reply_cv, NULL);
+    pthread_create(&th, NULL, raw_consumer, &q);
+    for (i = 0; i < LAT_CALLS; i++) {
+        double s = now_s();
+        raw_push(&q);
+        raw_wait_replies(&q, 1);
+        lat[i] = now_s() - s;
+    }
+    *lat_p50_us = median(lat, LAT_CALLS) * 1e6;
+    t0 = now_s();
+    for (b = 0; b < BATCHES; b++) {
+        for (i = 0; i < WINDOW; i++) raw_push(&q);
+        raw_wait_replies(&q, WINDOW);
+    }
+    *rate = (double)BATCHES * WINDOW / (now_s() - t0);
+    pthread_mutex_lock(&q.mu);
+    q.stop = 1;
+    pthread_cond_signal(&q.cv);
+    pthread_mutex_unlock(&q.mu);
+    pthread_join(th, NULL);
+    free(lat);
+}
+
+/* ---- patio ---------------------------------------------------------- */
+
+static int mul(patio_task *t)
+{
+    int64_t product = 1, x;
+    while (patio_arg_next_int(t, &x)) product *= x;
+    return patio_return_int(t, product);
+}
+
+static int patio_run(int async, double *lat_p50_us, double *rate)
+{
+    patio_registry *rpc = patio_registry_new(NULL);
+    patio_executor *ex;
+    patio_broker *b;
+    patio_call **calls = (patio_call **)malloc(sizeof(patio_call *) * WINDOW);
+    double *lat = (double *)malloc(sizeof(double) * LAT_CALLS);
+    double t0;
+    int i, k, bad = 0;
+    patio_register(rpc, "mul", mul, NULL);
+    ex = async ? patio_async_executor_new(rpc, 4) : patio_thread_pool_new(rpc, 4);
+    b = patio_memory_broker_new(ex);
+    for (i = 0; i < LAT_CALLS; i++) {
+        double s = now_s();
+        patio_call *c = patio_call_async(b, "mul", "iii", 1, 2, 3);
+        patio_call_wait(c, PATIO_NO_TIMEOUT);
+        lat[i] = now_s() - s;
+        bad += patio_result_int(c) != 6;
+        patio_call_free(c);
+    }
+    *lat_p50_us = median(lat, LAT_CALLS) * 1e6;
+    t0 = now_s();
+    for (k = 0; k < BATCHES; k++) {
+        for (i = 0; i < WINDOW; i++) calls[i] = patio_call_async(b, "mul", "iii", 1, 2, 3);
+        patio_wait_all(calls, WINDOW, PATIO_NO_TIMEOUT);
+        for (i = 0; i < WINDOW; i++) {
+            bad += patio_result_int(calls[i]) != 6;
+            patio_call_free(calls[i]);
+        }
+    }
+    *rate = (double)BATCHES * WINDOW / (now_s() - t0);
+    patio_broker_free(b);
+    patio_executor_free(ex);
+    patio_registry_free(rpc);
+    free(calls);
+    free(lat);
+    return bad;
+}
+
+int main(void)
+{
+    double raw_lat[ROUNDS], raw_rate[ROUNDS];
+    double lat[2][ROUNDS], rate[2][ROUNDS];
+    const char *names[2] = { "memory broker + thread pool", "memory broker + async executor" };
+    int r, e, bad = 0;
+    double rl, rr;
+    for (r = 0; r < ROUNDS; r++) {
+        raw_run(&raw_lat[r], &raw_rate[r]);
+        for (e = 0; e < 2; e++) bad += patio_run(e, &lat[e][r], &rate[e][r]);
+    }
+    rl = median(raw_lat, ROUNDS);
+    rr = median(raw_rate, ROUNDS);
+    printf("bench_memory (median of %d runs; baseline: raw mutex+condvar hand-off between two threads)\n", ROUNDS);
+    printf("  %-34s 1 in flight p50 %8.2f us | %4d in flight %10.0f calls/s\n",
+           "raw hand-off (baseline)", rl, WINDOW, rr);
+    for (e = 0; e < 2; e++) {
+        double l = median(lat[e], ROUNDS), t = median(rate[e], ROUNDS);
+        printf("  %-34s 1 in flight p50 %8.2f us (%.2fx raw) | %4d in flight %10.0f calls/s (%.2fx raw)\n",
+               names[e], l, l / rl, WINDOW, t, t / rr);
+    }
+    if (bad) printf("  WRONG RESULTS: %d\n", bad);
+    return bad != 0;
+}

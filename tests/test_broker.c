@@ -1,0 +1,529 @@
+/* Memory broker and the call API: results, errors, timeouts, callbacks,
+ * host-pumped loop, tasks calling tasks, many calls without a leak. */
+#define PATIO_IMPLEMENTATION
+#include "patio.h"
+#include "harness.h"
+#include <stdlib.h>
+#include "common.h"
+
+static gate g_gate;
+
+static int div_(patio_task *t)
+{
+    double a, b;
+    if (patio_args(t, "dd", &a, &b) != PATIO_OK) return PATIO_ERR_TYPE;
+    if (b == 0) return patio_fail(t, "ZeroDivisionError", "division by zero");
+    return patio_return_double(t, a / b);
+}
+
+static int gated(patio_task *t)
+{
+    gate_pass(&g_gate);
+    return patio_return_str(t, "late");
+}
+
+/* kw(x, scale=1): x * scale, scale read from the keyword arguments */
+static int kw(patio_task *t)
+{
+    int64_t x, scale = 1;
+    patio_reader v;
+    if (patio_args(t, "I", &x) != PATIO_OK) return PATIO_ERR_TYPE;
+    if (patio_kwarg(t, "scale", &v) == PATIO_OK && patio_read_int(&v, &scale) != PATIO_OK)
+        return patio_fail(t, "TypeError", "scale must be an integer");
+    return patio_return_int(t, x * scale);
+}
+
+/* echo(*args): returns its argument list as it is */
+static int echo(patio_task *t)
+{
+    patio_reader *r = patio_task_args(t);
+    uint32_t i, n = patio_task_argc(t);
+    patio_writer *w = patio_task_result(t);
+    patio_write_array(w, n);
+    for (i = 0; i < n; i++) {
+        const void *raw;
+        size_t len;
+        if (patio_read_raw(r, &raw, &len) != PATIO_OK) return PATIO_ERR_DECODE;
+        patio_write_raw(w, raw, len);
+    }
+    return w->err;
+}
+
+/* square_via_broker(x): calls mul(x, x) through the broker, blocking (thread pool) */
+static int square_via_broker(patio_task *t)
+{
+    int64_t x;
+    patio_call *c;
+    int rc;
+    if (patio_args(t, "I", &x) != PATIO_OK) return PATIO_ERR_TYPE;
+    c = patio_call_sync(patio_task_broker(t), 5.0, "mul", "II", x, x);
+    if (patio_call_status(c) == PATIO_OK) rc = patio_return_int(t, patio_result_int(c));
+    else rc = patio_fail(t, patio_call_error_type(c), "%s", patio_call_error_message(c));
+    patio_call_free(c);
+    return rc;
+}
+
+typedef struct env {
+    patio_registry *rpc;
+    patio_executor *ex;
+    patio_broker *broker;
+} env;
+
+static env env_new_hooks(int async, const patio_hooks *hooks)
+{
+    env e;
+    patio_registry_config rc;
+    memset(&rc, 0, sizeof rc);
+    rc.hooks = hooks;
+    e.rpc = patio_registry_new(&rc);
+    patio_register(e.rpc, "mul", mul, NULL);
+    patio_register(e.rpc, "div", div_, NULL);
+    patio_register(e.rpc, "gated", gated, NULL);
+    patio_register(e.rpc, "kw", kw, NULL);
+    patio_register(e.rpc, "echo", echo, NULL);
+    patio_register(e.rpc, "square", square_via_broker, NULL);
+    e.ex = async ? patio_async_executor_new(e.rpc, 4) : patio_thread_pool_new(e.rpc, 4);
+    e.broker = patio_memory_broker_new(e.ex);
+    return e;
+}
+
+static env env_new(int async) { return env_new_hooks(async, NULL); }
+
+static void env_free(env *e)
+{
+    patio_broker_free(e->broker);
+    patio_executor_free(e->ex);
+    patio_registry_free(e->rpc);
+}
+
+static void test_mul(void)
+{
+    env e = env_new(0);
+    patio_call *c = patio_call_sync(e.broker, 5.0, "mul", "iii", 1, 2, 3);
+    CHECK_EQ_INT(patio_call_status(c), PATIO_OK);
+    CHECK_EQ_INT(patio_result_int(c), 6);
+    CHECK_EQ_STR(patio_call_error_type(c), "");
+    CHECK_EQ_STR(patio_call_name(c), "mul");
+    CHECK(patio_registry_is_locked(e.rpc)); /* the broker locked it */
+    patio_call_free(c);
+    env_free(&e);
+}
+
+static void test_remote_error(void)
+{
+    env e = env_new(0);
+    patio_call *c = patio_call_sync(e.broker, 5.0, "div", "ii", 1, 0);
+    CHECK_EQ_INT(patio_call_status(c), PATIO_ERR_REMOTE);
+    CHECK_EQ_STR(patio_call_error_type(c), "ZeroDivisionError");
+    CHECK_EQ_STR(patio_call_error_message(c), "division by zero");
+    patio_call_free(c);
+    c = patio_call_sync(e.broker, 5.0, "div", "dd", 1.0, 4.0);
+    CHECK(patio_result_double(c) == 0.25);
+    patio_call_free(c);
+    env_free(&e);
+}
+
+static void test_type_errors(void)
+{
+    env e = env_new(0);
+    patio_call *c = patio_call_sync(e.broker, 5.0, "div", "i", 1);
+    CHECK_EQ_INT(patio_call_status(c), PATIO_ERR_REMOTE);
+    CHECK_EQ_STR(patio_call_error_type(c), "TypeError");
+    CHECK(strstr(patio_call_error_message(c), "div") != NULL);
+    patio_call_free(c);
+    c = patio_call_sync(e.broker, 5.0, "mul", "is", 2, "x");
+    CHECK_EQ_STR(patio_call_error_type(c), "TypeError");
+    CHECK(strstr(patio_call_error_message(c), "argument 2") != NULL);
+    patio_call_free(c);
+    env_free(&e);
+}
+
+static void test_unknown_name(void)
+{
+    env e = env_new(0);
+    patio_call *c = patio_call_sync(e.broker, 5.0, "nosuch", "");
+    CHECK_EQ_INT(patio_call_status(c), PATIO_ERR_NOT_FOUND);
+    CHECK_EQ_STR(patio_call_error_type(c), "KeyError");
+    CHECK_EQ_STR(patio_call_error_message(c), "nosuch");
+    patio_call_free(c);
+    env_free(&e);
+}
+
+static void test_invalid_calls(void)
+{
+    env e = env_new(0);
+    patio_call_opts o;
+    static const uint8_t not_array[] = { 0x01 };
+    static const uint8_t truncated[] = { 0x92, 0x01 };
+    patio_call *c = patio_call_async(e.broker, NULL, "");
+    CHECK_EQ_INT(patio_call_status(c), PATIO_ERR_INVALID);
+    patio_call_free(c);
+    c = patio_call_async(e.broker, "mul", "i?", 1);
+    CHECK_EQ_INT(patio_call_status(c), PATIO_ERR_INVALID);
+    patio_call_free(c);
+    memset(&o, 0, sizeof o);
+    o.args = not_array;
+    o.args_len = sizeof not_array;
+    c = patio_call_start(e.broker, &o, "mul", NULL);
+    CHECK_EQ_INT(patio_call_status(c), PATIO_ERR_INVALID);
+    patio_call_free(c);
+    o.args = truncated;
+    o.args_len = sizeof truncated;
+    c = patio_call_start(e.broker, &o, "mul", NULL);
+    CHECK_EQ_INT(patio_call_status(c), PATIO_ERR_INVALID);
+    patio_call_free(c);
+    CHECK(patio_call_async(NULL, "mul", "") == NULL);
+    CHECK_EQ_INT(patio_call_wait(NULL, 1.0), PATIO_ERR_INVALID);
+    env_free(&e);
+}
+
+static void test_timeout(void)
+{
+    env e = env_new(0);
+    patio_call *c, *ok;
+    gate_init(&g_gate);
+    c = patio_call_sync(e.broker, 0.05, "gated", "");
+    CHECK_EQ_INT(patio_call_status(c), PATIO_ERR_TIMEOUT);
+    CHECK_EQ_STR(patio_call_error_type(c), "TimeoutError");
+    /* other calls are not held up by the stuck one */
+    ok = patio_call_sync(e.broker, 5.0, "mul", "ii", 3, 3);
+    CHECK_EQ_INT(patio_result_int(ok), 9);
+    gate_open(&g_gate);
+    patio_call_free(c);
+    patio_call_free(ok);
+    env_free(&e);
+    gate_destroy(&g_gate);
+}
+
+static void test_wait_timeout_leaves_call_running(void)
+{
+    env e = env_new(0);
+    patio_call *c;
+    gate_init(&g_gate);
+    c = patio_call_async(e.broker, "gated", "");
+    CHECK_EQ_INT(patio_call_wait(c, 0.02), PATIO_PENDING);
+    CHECK_EQ_INT(patio_call_status(c), PATIO_PENDING);
+    gate_open(&g_gate);
+    CHECK_EQ_INT(patio_call_wait(c, 10.0), PATIO_OK);
+    {
+        const char *s;
+        size_t n;
+        CHECK_EQ_INT(patio_call_unpack(c, "s", &s, &n), PATIO_OK);
+        CHECK_EQ_MEM(s, n, "late", 4);
+    }
+    patio_call_free(c);
+    env_free(&e);
+    gate_destroy(&g_gate);
+}
+
+static void test_kwargs_and_echo(void)
+{
+    env e = env_new(0);
+    patio_writer kwargs;
+    patio_call_opts o;
+    patio_call *c;
+    patio_reader r;
+    uint32_t n;
+    int64_t i;
+    const char *s;
+    size_t sl;
+    double d;
+    patio_writer_init(&kwargs, NULL);
+    patio_pack(&kwargs, "{si}", "scale", 10);
+    memset(&o, 0, sizeof o);
+    o.kwargs = kwargs.data;
+    o.kwargs_len = kwargs.len;
+    c = patio_call_start(e.broker, &o, "kw", "i", 7);
+    CHECK_EQ_INT(patio_call_wait(c, 5.0), PATIO_OK);
+    CHECK_EQ_INT(patio_result_int(c), 70);
+    patio_call_free(c);
+    c = patio_call_sync(e.broker, 5.0, "kw", "i", 7); /* no kwargs: scale 1 */
+    CHECK_EQ_INT(patio_result_int(c), 7);
+    patio_call_free(c);
+    patio_writer_free(&kwargs);
+
+    c = patio_call_sync(e.broker, 5.0, "echo", "nbIsd[ii]", 1, (int64_t)-5, "é", 1.5, 1, 2);
+    CHECK_EQ_INT(patio_call_reader(c, &r), PATIO_OK);
+    CHECK_EQ_INT(patio_read_array(&r, &n), PATIO_OK);
+    CHECK_EQ_INT(n, 6);
+    CHECK_EQ_INT(patio_read_nil(&r), PATIO_OK);
+    {
+        int b = 0;
+        CHECK_EQ_INT(patio_read_bool(&r, &b), PATIO_OK);
+        CHECK(b == 1);
+    }
+    CHECK_EQ_INT(patio_read_int(&r, &i), PATIO_OK);
+    CHECK_EQ_INT(i, -5);
+    CHECK_EQ_INT(patio_read_str(&r, &s, &sl), PATIO_OK);
+    CHECK_EQ_MEM(s, sl, "é", strlen("é"));
+    CHECK_EQ_INT(patio_read_double(&r, &d), PATIO_OK);
+    CHECK(d == 1.5);
+    CHECK_EQ_INT(patio_read_array(&r, &n), PATIO_OK);
+    CHECK_EQ_INT(n, 2);
+    patio_call_free(c);
+    env_free(&e);
+}
+
+static void test_call_by_function(void)
+{
+    patio_registry_config rc;
+    patio_registry *rpc;
+    patio_executor *ex;
+    patio_broker *b;
+    patio_call *c;
+    memset(&rc, 0, sizeof rc);
+    rc.project = "test";
+    rpc = patio_registry_new(&rc);
+    PATIO_REGISTER(rpc, mul, NULL);
+    ex = patio_thread_pool_new(rpc, 2);
+    b = patio_memory_broker_new(ex);
+    c = patio_call_fn(b, mul, "ii", 4, 5);
+    CHECK_EQ_INT(patio_call_wait(c, 5.0), PATIO_OK);
+    CHECK_EQ_INT(patio_result_int(c), 20);
+    CHECK_EQ_STR(patio_call_name(c), "test.mul");
+    patio_call_free(c);
+    c = patio_call_fn(b, div_, "ii", 4, 5); /* not registered */
+    CHECK_EQ_INT(patio_call_status(c), PATIO_ERR_NOT_FOUND);
+    patio_call_free(c);
+    patio_broker_free(b);
+    patio_executor_free(ex);
+    patio_registry_free(rpc);
+}
+
+/* ---- callbacks ---- */
+
+typedef struct cb_state {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int count;
+    int64_t sum;
+    int on_loop_thread;
+    patio_loop *loop;
+} cb_state;
+
+static void count_cb(patio_call *c, void *user)
+{
+    cb_state *s = (cb_state *)user;
+    pthread_mutex_lock(&s->mu);
+    s->count++;
+    s->sum += patio_result_int(c);
+    s->on_loop_thread += patio_loop_in_loop_thread(s->loop);
+    pthread_cond_signal(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+    patio_call_free(c); /* freeing inside the callback is allowed */
+}
+
+static void test_callbacks_on_loop_thread(void)
+{
+    env e = env_new(0);
+    cb_state s;
+    patio_call_opts o;
+    struct timespec ts;
+    int i;
+    memset(&s, 0, sizeof s);
+    pthread_mutex_init(&s.mu, NULL);
+    pthread_cond_init(&s.cv, NULL);
+    s.loop = patio_broker_loop(e.broker);
+    memset(&o, 0, sizeof o);
+    o.on_done = count_cb;
+    o.user = &s;
+    for (i = 0; i < 50; i++) patio_call_start(e.broker, &o, "mul", "ii", i, 2);
+    deadline_in(&ts, 10.0);
+    pthread_mutex_lock(&s.mu);
+    while (s.count < 50 && pthread_cond_timedwait(&s.cv, &s.mu, &ts) == 0) {}
+    pthread_mutex_unlock(&s.mu);
+    CHECK_EQ_INT(s.count, 50);
+    CHECK_EQ_INT(s.sum, 2 * (49 * 50 / 2));
+    CHECK_EQ_INT(s.on_loop_thread, 50);
+    env_free(&e);
+    pthread_mutex_destroy(&s.mu);
+    pthread_cond_destroy(&s.cv);
+}
+
+/* ---- host-pumped loop: no library thread at all ---- */
+
+static void test_host_pumped_loop(void)
+{
+    patio_registry *rpc = patio_registry_new(NULL);
+    patio_loop *loop = patio_loop_new(NULL);
+    patio_executor *ex;
+    patio_broker *b;
+    patio_broker_config bc;
+    patio_call_opts o;
+    cb_state s;
+    patio_call *c;
+    int i;
+    patio_register(rpc, "mul", mul, NULL);
+    ex = patio_async_executor_new(rpc, 4);
+    memset(&bc, 0, sizeof bc);
+    bc.loop = loop;
+    b = patio_memory_broker_new_ex(ex, &bc);
+    memset(&s, 0, sizeof s);
+    pthread_mutex_init(&s.mu, NULL);
+    pthread_cond_init(&s.cv, NULL);
+    s.loop = loop;
+    memset(&o, 0, sizeof o);
+    o.on_done = count_cb;
+    o.user = &s;
+    patio_call_start(b, &o, "mul", "ii", 3, 4);
+    CHECK_EQ_INT(s.count, 0); /* nothing runs until the host pumps */
+    CHECK_EQ_INT(patio_loop_next_timeout_ms(loop), 0);
+    for (i = 0; i < 100 && s.count == 0; i++) patio_loop_run_once(loop, 10);
+    CHECK_EQ_INT(s.count, 1);
+    CHECK_EQ_INT(s.sum, 12);
+    CHECK_EQ_INT(s.on_loop_thread, 1); /* ran on this (the pumping) thread */
+    /* a blocking wait pumps the loop itself */
+    c = patio_call_async(b, "mul", "ii", 5, 5);
+    CHECK_EQ_INT(patio_call_wait(c, 5.0), PATIO_OK);
+    CHECK_EQ_INT(patio_result_int(c), 25);
+    patio_call_free(c);
+    patio_broker_free(b);
+    patio_executor_free(ex);
+    patio_loop_free(loop);
+    patio_registry_free(rpc);
+    pthread_mutex_destroy(&s.mu);
+    pthread_cond_destroy(&s.cv);
+}
+
+/* ---- a task that calls another task ---- */
+
+static void test_task_calls_task_thread_pool(void)
+{
+    env e = env_new(0);
+    patio_call *c = patio_call_sync(e.broker, 5.0, "square", "i", 9);
+    CHECK_EQ_INT(patio_call_status(c), PATIO_OK);
+    CHECK_EQ_INT(patio_result_int(c), 81);
+    patio_call_free(c);
+    env_free(&e);
+}
+
+static void chained_done(patio_call *inner, void *user)
+{
+    patio_task *t = (patio_task *)user;
+    if (patio_call_status(inner) == PATIO_OK) patio_return_int(t, patio_result_int(inner) + 1);
+    else patio_fail(t, patio_call_error_type(inner), "%s", patio_call_error_message(inner));
+    patio_call_free(inner);
+    patio_task_finish(t);
+}
+
+/* chained(x): mul(x, x) + 1, finishing when the inner call answers */
+static int chained(patio_task *t)
+{
+    patio_call_opts o;
+    int64_t x;
+    if (patio_args(t, "I", &x) != PATIO_OK) return PATIO_ERR_TYPE;
+    memset(&o, 0, sizeof o);
+    o.on_done = chained_done;
+    o.user = t;
+    patio_call_start(patio_task_broker(t), &o, "mul", "II", x, x);
+    return PATIO_PENDING;
+}
+
+static void test_task_calls_task_async(void)
+{
+    patio_registry *rpc = patio_registry_new(NULL);
+    patio_executor *ex;
+    patio_broker *b;
+    patio_call *calls[3];
+    int i;
+    patio_register(rpc, "mul", mul, NULL);
+    patio_register(rpc, "chained", chained, NULL);
+    ex = patio_async_executor_new(rpc, 4);
+    b = patio_memory_broker_new(ex);
+    for (i = 0; i < 3; i++) calls[i] = patio_call_async(b, "chained", "i", i + 2);
+    CHECK_EQ_INT(patio_wait_all(calls, 3, 10.0), PATIO_OK);
+    for (i = 0; i < 3; i++) {
+        CHECK_EQ_INT(patio_result_int(calls[i]), (i + 2) * (i + 2) + 1);
+        patio_call_free(calls[i]);
+    }
+    patio_broker_free(b);
+    patio_executor_free(ex);
+    patio_registry_free(rpc);
+}
+
+static void test_wait_any(void)
+{
+    env e = env_new(0);
+    patio_call *calls[2];
+    size_t index = 99;
+    gate_init(&g_gate);
+    calls[0] = patio_call_async(e.broker, "gated", "");
+    calls[1] = patio_call_async(e.broker, "mul", "ii", 2, 21);
+    CHECK_EQ_INT(patio_wait_any(calls, 2, 10.0, &index), PATIO_OK);
+    CHECK_EQ_INT(index, 1);
+    CHECK_EQ_INT(patio_result_int(calls[1]), 42);
+    CHECK_EQ_INT(patio_wait_all(calls, 2, 0.01), PATIO_ERR_TIMEOUT);
+    gate_open(&g_gate);
+    CHECK_EQ_INT(patio_wait_all(calls, 2, 10.0), PATIO_OK);
+    patio_call_free(calls[0]);
+    patio_call_free(calls[1]);
+    env_free(&e);
+    gate_destroy(&g_gate);
+}
+
+static void test_close_fails_pending(void)
+{
+    env e = env_new(0);
+    patio_call *stuck, *after;
+    gate_init(&g_gate);
+    stuck = patio_call_async(e.broker, "gated", "");
+    CHECK(gate_wait_arrived(&g_gate, 1));
+    patio_broker_close(e.broker);
+    CHECK_EQ_INT(patio_call_status(stuck), PATIO_ERR_CLOSED);
+    after = patio_call_async(e.broker, "mul", "ii", 1, 1);
+    CHECK_EQ_INT(patio_call_status(after), PATIO_ERR_CLOSED);
+    gate_open(&g_gate);
+    patio_call_free(stuck);
+    patio_call_free(after);
+    env_free(&e);
+    gate_destroy(&g_gate);
+}
+
+/* ---- volume: one million calls, every allocation given back ---- */
+
+static void many_calls(int async, long total)
+{
+    alloc_count counts = { 0, 0 };
+    patio_hooks h = counting_hooks(&counts);
+    env e = env_new_hooks(async, &h);
+    patio_call *calls[1000];
+    long done = 0, right = 0;
+    while (done < total) {
+        int i, n = 1000;
+        for (i = 0; i < n; i++) calls[i] = patio_call_async(e.broker, "mul", "ii", i, 3);
+        if (patio_wait_all(calls, (size_t)n, 60.0) != PATIO_OK) break;
+        for (i = 0; i < n; i++) {
+            right += patio_result_int(calls[i]) == (int64_t)i * 3;
+            patio_call_free(calls[i]);
+        }
+        done += n;
+    }
+    env_free(&e);
+    CHECK_EQ_INT(right, total);
+    CHECK_EQ_INT(counts.allocs, counts.frees);
+}
+
+static void test_million_calls_thread_pool(void) { many_calls(0, 1000000); }
+static void test_100k_calls_async(void) { many_calls(1, 100000); }
+
+int main(void)
+{
+    RUN(test_mul);
+    RUN(test_remote_error);
+    RUN(test_type_errors);
+    RUN(test_unknown_name);
+    RUN(test_invalid_calls);
+    RUN(test_timeout);
+    RUN(test_wait_timeout_leaves_call_running);
+    RUN(test_kwargs_and_echo);
+    RUN(test_call_by_function);
+    RUN(test_callbacks_on_loop_thread);
+    RUN(test_host_pumped_loop);
+    RUN(test_task_calls_task_thread_pool);
+    RUN(test_task_calls_task_async);
+    RUN(test_wait_any);
+    RUN(test_close_fails_pending);
+    RUN(test_million_calls_thread_pool);
+    RUN(test_100k_calls_async);
+    return th_summary("test_broker");
+}

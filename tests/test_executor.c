@@ -1,0 +1,318 @@
+/* Executors: Python patio's executor tests in C (mul == 6, 100 concurrent
+ * calls, null executor fails), plus back-pressure, shutdown, cancellation
+ * and an executor written by the user. */
+#define PATIO_IMPLEMENTATION
+#include "patio.h"
+#include "harness.h"
+#include <stdlib.h>
+#include "common.h"
+
+static gate g_gate;
+
+/* blocks its worker at the gate, then returns its argument */
+static int gated(patio_task *t)
+{
+    int64_t x = 0;
+    patio_arg_next_int(t, &x);
+    gate_pass(&g_gate);
+    return patio_return_int(t, x);
+}
+
+typedef struct env {
+    patio_registry *rpc;
+    patio_executor *ex;
+    patio_broker *broker;
+} env;
+
+static env env_new(const char *kind, int workers, size_t max_queue)
+{
+    env e;
+    patio_thread_pool_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.max_workers = workers;
+    cfg.max_queue = max_queue;
+    e.rpc = patio_registry_new(NULL);
+    patio_register(e.rpc, "mul", mul, NULL);
+    patio_register(e.rpc, "gated", gated, NULL);
+    if (strcmp(kind, "thread") == 0) e.ex = patio_thread_pool_new_ex(e.rpc, &cfg);
+    else if (strcmp(kind, "async") == 0) e.ex = patio_async_executor_new_ex(e.rpc, &cfg);
+    else e.ex = patio_null_executor_new(e.rpc);
+    e.broker = patio_memory_broker_new(e.ex);
+    return e;
+}
+
+static void env_free(env *e)
+{
+    patio_broker_free(e->broker);
+    patio_executor_free(e->ex);
+    patio_registry_free(e->rpc);
+}
+
+static void check_multiply(const char *kind)
+{
+    env e = env_new(kind, 0, 0);
+    patio_call *c = patio_call_sync(e.broker, 5.0, "mul", "iii", 1, 2, 3);
+    CHECK(e.ex != NULL && e.broker != NULL);
+    CHECK_EQ_INT(patio_call_status(c), PATIO_OK);
+    CHECK_EQ_INT(patio_result_int(c), 6);
+    patio_call_free(c);
+    env_free(&e);
+}
+
+static void check_gather(const char *kind)
+{
+    env e = env_new(kind, 0, 0);
+    patio_call *calls[100];
+    int i, sixes = 0;
+    for (i = 0; i < 100; i++) calls[i] = patio_call_async(e.broker, "mul", "iii", 1, 2, 3);
+    CHECK_EQ_INT(patio_wait_all(calls, 100, 10.0), PATIO_OK);
+    for (i = 0; i < 100; i++) {
+        sixes += patio_call_status(calls[i]) == PATIO_OK && patio_result_int(calls[i]) == 6;
+        patio_call_free(calls[i]);
+    }
+    CHECK_EQ_INT(sixes, 100);
+    env_free(&e);
+}
+
+static void test_thread_pool_multiply(void) { check_multiply("thread"); }
+static void test_thread_pool_gather(void) { check_gather("thread"); }
+static void test_async_multiply(void) { check_multiply("async"); }
+static void test_async_gather(void) { check_gather("async"); }
+
+static void test_default_max_workers(void)
+{
+    env e = env_new("thread", 0, 0);
+    CHECK_EQ_STR(patio_executor_kind(e.ex), "thread_pool");
+    env_free(&e);
+    e = env_new("async", 0, 0);
+    CHECK_EQ_STR(patio_executor_kind(e.ex), "async");
+    env_free(&e);
+}
+
+static void test_null_executor_fails(void)
+{
+    env e = env_new("null", 0, 0);
+    patio_call *c = patio_call_sync(e.broker, 5.0, "mul", "iii", 1, 2, 3);
+    CHECK_EQ_INT(patio_call_status(c), PATIO_ERR_REMOTE);
+    CHECK_EQ_STR(patio_call_error_type(c), "RuntimeError");
+    CHECK(strlen(patio_call_error_message(c)) > 0);
+    patio_call_free(c);
+    env_free(&e);
+}
+
+static void test_thread_pool_full_queue(void)
+{
+    env e;
+    patio_call *running, *queued[2], *rejected;
+    int i;
+    gate_init(&g_gate);
+    e = env_new("thread", 1, 2);
+    running = patio_call_async(e.broker, "gated", "i", 1);
+    CHECK(gate_wait_arrived(&g_gate, 1)); /* the only worker is busy */
+    for (i = 0; i < 2; i++) queued[i] = patio_call_async(e.broker, "gated", "i", 2 + i);
+    rejected = patio_call_async(e.broker, "mul", "ii", 2, 2);
+    CHECK_EQ_INT(patio_call_status(rejected), PATIO_ERR_FULL);
+    CHECK_EQ_STR(patio_call_error_message(rejected), patio_strerror(PATIO_ERR_FULL));
+    gate_open(&g_gate);
+    CHECK_EQ_INT(patio_call_wait(running, 10.0), PATIO_OK);
+    for (i = 0; i < 2; i++) {
+        CHECK_EQ_INT(patio_call_wait(queued[i], 10.0), PATIO_OK);
+        CHECK_EQ_INT(patio_result_int(queued[i]), 2 + i);
+        patio_call_free(queued[i]);
+    }
+    patio_call_free(running);
+    patio_call_free(rejected);
+    env_free(&e);
+    gate_destroy(&g_gate);
+}
+
+typedef struct shutdown_arg { patio_executor *ex; int done; } shutdown_arg;
+
+static void *shutdown_thread(void *p)
+{
+    shutdown_arg *a = (shutdown_arg *)p;
+    patio_executor_shutdown(a->ex);
+    __atomic_store_n(&a->done, 1, __ATOMIC_RELEASE);
+    return NULL;
+}
+
+static void test_thread_pool_shutdown_finishes_queue(void)
+{
+    env e;
+    patio_call *calls[6], *late;
+    pthread_t th;
+    shutdown_arg arg;
+    int i, ok = 0;
+    gate_init(&g_gate);
+    e = env_new("thread", 1, 0);
+    calls[0] = patio_call_async(e.broker, "gated", "i", 0);
+    CHECK(gate_wait_arrived(&g_gate, 1));
+    for (i = 1; i < 6; i++) calls[i] = patio_call_async(e.broker, "mul", "ii", i, 10);
+    arg.ex = e.ex;
+    arg.done = 0;
+    pthread_create(&th, NULL, shutdown_thread, &arg);
+    /* shutdown waits for the queued work, which waits for the gate */
+    CHECK_EQ_INT(patio_call_wait(calls[5], 0.05), PATIO_PENDING);
+    CHECK(!__atomic_load_n(&arg.done, __ATOMIC_ACQUIRE));
+    gate_open(&g_gate);
+    pthread_join(th, NULL);
+    for (i = 0; i < 6; i++) {
+        ok += patio_call_wait(calls[i], 10.0) == PATIO_OK && patio_result_int(calls[i]) == i * 10;
+        patio_call_free(calls[i]);
+    }
+    CHECK_EQ_INT(ok, 6);
+    late = patio_call_sync(e.broker, 1.0, "mul", "ii", 1, 1);
+    CHECK_EQ_INT(patio_call_status(late), PATIO_ERR_CLOSED);
+    patio_call_free(late);
+    env_free(&e);
+    gate_destroy(&g_gate);
+}
+
+static void test_cancel_queued_only(void)
+{
+    env e;
+    patio_call *running, *waiting;
+    gate_init(&g_gate);
+    e = env_new("thread", 1, 0);
+    running = patio_call_async(e.broker, "gated", "i", 5);
+    CHECK(gate_wait_arrived(&g_gate, 1));
+    waiting = patio_call_async(e.broker, "gated", "i", 6);
+    CHECK_EQ_INT(patio_call_cancel(waiting), PATIO_OK);
+    CHECK_EQ_INT(patio_call_status(waiting), PATIO_ERR_CANCELLED);
+    CHECK_EQ_STR(patio_call_error_type(waiting), "CancelledError");
+    CHECK_EQ_INT(patio_call_cancel(running), PATIO_ERR_STARTED);
+    CHECK_EQ_INT(patio_call_cancel(waiting), PATIO_ERR_INVALID); /* already finished */
+    gate_open(&g_gate);
+    CHECK_EQ_INT(patio_call_wait(running, 10.0), PATIO_OK);
+    CHECK_EQ_INT(patio_result_int(running), 5);
+    CHECK_EQ_INT(g_gate.arrived, 1); /* the cancelled task never ran */
+    patio_call_free(running);
+    patio_call_free(waiting);
+    env_free(&e);
+    gate_destroy(&g_gate);
+}
+
+/* ---- async executor: max_workers counts tasks that finish later ---- */
+
+static patio_task *g_parked[8];
+static int g_nparked;
+
+static int park(patio_task *t)
+{
+    g_parked[g_nparked++] = t; /* loop thread only */
+    return PATIO_PENDING;
+}
+
+static void finish_parked(void *arg)
+{
+    int i;
+    (void)arg;
+    for (i = 0; i < g_nparked; i++) {
+        patio_return_int(g_parked[i], 40 + i);
+        patio_task_finish(g_parked[i]);
+    }
+    g_nparked = 0;
+}
+
+static void test_async_max_workers_and_later(void)
+{
+    patio_registry *rpc = patio_registry_new(NULL);
+    patio_thread_pool_config cfg;
+    patio_executor *ex;
+    patio_broker *b;
+    patio_loop *loop = patio_loop_new(NULL);
+    patio_broker_config bc;
+    patio_call *calls[4], *full;
+    int i, spins;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.max_workers = 2;
+    cfg.max_queue = 1;
+    patio_register(rpc, "park", park, NULL);
+    ex = patio_async_executor_new_ex(rpc, &cfg);
+    memset(&bc, 0, sizeof bc);
+    bc.loop = loop; /* host-pumped: this thread runs the loop */
+    b = patio_memory_broker_new_ex(ex, &bc);
+    g_nparked = 0;
+    for (i = 0; i < 2; i++) {
+        calls[i] = patio_call_async(b, "park", "");
+        for (spins = 0; spins < 100 && g_nparked < i + 1; spins++) patio_loop_run_once(loop, 10);
+    }
+    CHECK_EQ_INT(g_nparked, 2);               /* both run and stay parked */
+    calls[2] = patio_call_async(b, "park", "");
+    for (spins = 0; spins < 5; spins++) patio_loop_run_once(loop, 0);
+    CHECK_EQ_INT(g_nparked, 2);               /* no free slot: the third waits */
+    full = patio_call_async(b, "park", "");   /* queue of 1 is taken */
+    CHECK_EQ_INT(patio_call_status(full), PATIO_ERR_FULL);
+    for (i = 0; i < 3; i++) CHECK_EQ_INT(patio_call_status(calls[i]), PATIO_PENDING);
+    patio_loop_post(loop, finish_parked, NULL);
+    for (spins = 0; spins < 100 && (patio_call_status(calls[1]) == PATIO_PENDING || g_nparked < 1); spins++)
+        patio_loop_run_once(loop, 10);
+    CHECK_EQ_INT(g_nparked, 1);               /* the third one started */
+    CHECK_EQ_INT(patio_result_int(calls[0]) + patio_result_int(calls[1]), 81);
+    patio_loop_post(loop, finish_parked, NULL);
+    for (spins = 0; spins < 100 && patio_call_status(calls[2]) == PATIO_PENDING; spins++)
+        patio_loop_run_once(loop, 10);
+    CHECK_EQ_INT(patio_result_int(calls[2]), 40);
+    for (i = 0; i < 3; i++) patio_call_free(calls[i]);
+    patio_call_free(full);
+    patio_broker_free(b);
+    patio_executor_free(ex);
+    patio_loop_free(loop);
+    patio_registry_free(rpc);
+}
+
+/* ---- an executor written by the user: runs tasks inline ---- */
+
+typedef struct inline_executor {
+    patio_executor base;
+    int submitted;
+} inline_executor;
+
+static int inline_submit(patio_executor *ex, patio_task *t)
+{
+    ((inline_executor *)ex)->submitted++;
+    patio_task_run(t);
+    return PATIO_OK;
+}
+
+static void inline_destroy(patio_executor *ex) { (void)ex; }
+
+static const patio_executor_vtable inline_vt = {
+    "inline", inline_submit, NULL, NULL, NULL, NULL, inline_destroy
+};
+
+static void test_user_executor(void)
+{
+    patio_registry *rpc = patio_registry_new(NULL);
+    inline_executor ex;
+    patio_broker *b;
+    patio_call *c;
+    patio_register(rpc, "mul", mul, NULL);
+    CHECK_EQ_INT(patio_executor_init(&ex.base, &inline_vt, rpc), PATIO_OK);
+    ex.submitted = 0;
+    b = patio_memory_broker_new(&ex.base);
+    c = patio_call_sync(b, 5.0, "mul", "ii", 6, 7);
+    CHECK_EQ_INT(patio_result_int(c), 42);
+    CHECK_EQ_INT(ex.submitted, 1);
+    CHECK_EQ_STR(patio_executor_kind(&ex.base), "inline");
+    patio_call_free(c);
+    patio_broker_free(b);
+    patio_executor_free(&ex.base);
+    patio_registry_free(rpc);
+}
+
+int main(void)
+{
+    RUN(test_thread_pool_multiply);
+    RUN(test_thread_pool_gather);
+    RUN(test_async_multiply);
+    RUN(test_async_gather);
+    RUN(test_default_max_workers);
+    RUN(test_null_executor_fails);
+    RUN(test_thread_pool_full_queue);
+    RUN(test_thread_pool_shutdown_finishes_queue);
+    RUN(test_cancel_queued_only);
+    RUN(test_async_max_workers_and_later);
+    RUN(test_user_executor);
+    return th_summary("test_executor");
+}
