@@ -3832,8 +3832,9 @@ struct patio_task {
     uint32_t argc, argi;
     int arg_error;              /* a type mismatch was seen: fail with TypeError */
     char arg_message[160];
-    patio_writer result;        /* one value, or an ext-2 exception when status is REMOTE */
-    int status;                 /* PATIO_OK or PATIO_ERR_REMOTE once finished */
+    patio_writer result;        /* one value, or an ext-2 exception when status is an error */
+    int status;                 /* PATIO_OK, or the error (PATIO_ERR_REMOTE: the task failed) */
+    double timeout;             /* the caller's timeout in seconds, < 0 = none */
     int state;                  /* PATIO__TASK_*, atomic */
     int finished;               /* atomic guard: a task finishes once */
     patio_task *next, *prev;    /* executor queue links */
@@ -3886,13 +3887,25 @@ static void patio__task_set_exception(patio_task *t, const char *type, const cha
     t->status = PATIO_ERR_REMOTE;
 }
 
+/* For executors: finishes a task with a library error (for example
+ * PATIO_ERR_WORKER_DIED) and an exception describing it. */
+PATIO__MAYBE_UNUSED static void patio__task_fail_code(patio_task *t, int code, const char *type, const char *msg)
+{
+    patio__task_set_exception(t, type, msg, strlen(msg));
+    t->status = code;
+    patio__store(&t->finished, 1);
+    patio__store(&t->state, PATIO__TASK_DONE);
+    if (t->executor && t->executor->vt->finished) t->executor->vt->finished(t->executor, t);
+    if (t->on_done) t->on_done(t);
+}
+
 /* Turns the function's return code into the final status and result. */
 static void patio__task_settle(patio_task *t, int rc)
 {
     if (t->arg_error) {
         patio__task_set_exception(t, "TypeError", t->arg_message, strlen(t->arg_message));
-    } else if (t->status == PATIO_ERR_REMOTE) {
-        /* patio_fail already wrote the exception */
+    } else if (t->status < 0) {
+        /* patio_fail (or an executor) already wrote the exception */
     } else if (rc < 0) {
         const char *m = patio_strerror(rc);
         patio__task_set_exception(t, "RuntimeError", m, strlen(m));
@@ -4660,7 +4673,7 @@ static int patio__call_finish(patio_call *c, int status, const patio_writer *res
     c->status = status;
     if (status == PATIO_OK) {
         c->result = result;
-    } else if (status == PATIO_ERR_REMOTE && result) {
+    } else if (result && result->len) {
         const char *t, *m;
         size_t tl, ml;
         if (patio__decode_exception(result->data, result->len, &t, &tl, &m, &ml) == PATIO_OK)
@@ -5301,6 +5314,7 @@ static void patio__memory_send(patio_broker *b, patio_call *c)
     patio__task_init(&c->task, e, b->hooks, c->args.data, c->args.len,
                      c->kwargs.len ? c->kwargs.data : NULL, c->kwargs.len);
     c->task.broker = b;
+    c->task.timeout = c->timeout;
     c->task.owner = c;
     c->task.on_done = patio__memory_task_done;
     patio__fetch_add(&c->refs, 1);
@@ -5347,6 +5361,81 @@ PATIO_API patio_broker *patio_memory_broker_new_ex(patio_executor *ex, const pat
 PATIO_API patio_broker *patio_memory_broker_new(patio_executor *ex)
 {
     return patio_memory_broker_new_ex(ex, NULL);
+}
+
+/* ========================================================================
+ * >>frame  Wire framing (PROTOCOL.md §2-§3): 9-byte header + payload
+ * ======================================================================== */
+
+#define PATIO__FRAME_HEADER 9u
+
+enum {
+    PATIO__PKT_AUTH_DIGEST = 0,
+    PATIO__PKT_AUTH_REQUEST = 1,
+    PATIO__PKT_AUTH_OK = 3,
+    PATIO__PKT_DISCOVER_REQUEST = 5,
+    PATIO__PKT_DISCOVER_RESPONSE = 6,
+    PATIO__PKT_REQUEST = 10,
+    PATIO__PKT_RESPONSE = 20,
+    PATIO__PKT_ERROR = 30
+};
+
+typedef struct patio__frame {
+    int type;              /* signed: a byte >= 0x80 is negative, hence unknown */
+    uint32_t size;         /* payload length */
+    uint32_t serial;
+    const uint8_t *payload;
+} patio__frame;
+
+PATIO__MAYBE_UNUSED static void patio__frame_header_put(uint8_t *out, int type, uint32_t size, uint32_t serial)
+{
+    out[0] = (uint8_t)(int8_t)type;
+    patio__put_be32(out + 1, size);
+    patio__put_be32(out + 5, serial);
+}
+
+/* Starts a frame in w: reserves the header; write the payload, then end. */
+PATIO__MAYBE_UNUSED static size_t patio__frame_begin(patio_writer *w)
+{
+    static const uint8_t zero[PATIO__FRAME_HEADER] = { 0 };
+    size_t mark = w->len;
+    patio_write_raw(w, zero, sizeof zero);
+    return mark;
+}
+
+/* Fills in the header of the frame begun at mark. A payload above
+ * max_payload is taken back out and PATIO_ERR_OVERFLOW returned, so the
+ * writer holds only whole frames. */
+PATIO__MAYBE_UNUSED static int patio__frame_end(patio_writer *w, size_t mark, int type, uint32_t serial,
+                                                uint32_t max_payload)
+{
+    size_t payload;
+    if (w->err) return w->err;
+    payload = w->len - mark - PATIO__FRAME_HEADER;
+    if (payload > max_payload || payload > UINT32_MAX) {
+        w->len = mark;
+        return PATIO_ERR_OVERFLOW;
+    }
+    patio__frame_header_put(w->data + mark, type, (uint32_t)payload, serial);
+    return PATIO_OK;
+}
+
+/* Parses one frame at the start of buf. Returns 1 with *f filled when a
+ * whole frame is there, 0 when more bytes are needed, PATIO_ERR_PROTOCOL if
+ * the header announces more than max_size (checked before anything is
+ * buffered for it). */
+PATIO__MAYBE_UNUSED static int patio__frame_parse(const uint8_t *buf, size_t len, uint32_t max_size, patio__frame *f)
+{
+    uint32_t size;
+    if (len < PATIO__FRAME_HEADER) return 0;
+    size = (uint32_t)patio__get_be(buf + 1, 4);
+    if (size > max_size) return PATIO_ERR_PROTOCOL;
+    if (len - PATIO__FRAME_HEADER < size) return 0;
+    f->type = (int)(int8_t)buf[0];
+    f->size = size;
+    f->serial = (uint32_t)patio__get_be(buf + 5, 4);
+    f->payload = buf + PATIO__FRAME_HEADER;
+    return 1;
 }
 
 #endif /* PATIO_IMPLEMENTATION */
