@@ -280,7 +280,7 @@ typedef struct patio_writer {
     uint8_t *data;
     size_t len, cap;
     const patio_hooks *hooks; /* allocator of a growable writer (NULL = libc) */
-    int fixed;                /* 1 = caller's buffer, never grows: PATIO_ERR_OVERFLOW */
+    int fixed;                /* 1 = caller's buffer, never grows (PATIO_ERR_OVERFLOW); 2 = starts in one, moves to the heap */
     int err;                  /* sticky first error (0 = OK) */
     size_t max_len;           /* 0 = unlimited; else len never exceeds it: PATIO_ERR_OVERFLOW */
 } patio_writer;
@@ -839,6 +839,23 @@ static int patio__cond_wait_until(pthread_cond_t *c, pthread_mutex_t *m, uint64_
         return pthread_cond_timedwait(c, m, &ts);
     }
 #endif
+}
+
+/* A mutex held for a few instructions by threads on different cores: where
+ * available it spins briefly before sleeping, which is far cheaper than a
+ * futex sleep and wake-up for such short holds. */
+static void patio__mutex_init_hot(pthread_mutex_t *m)
+{
+#if defined(PTHREAD_ADAPTIVE_MUTEX_INITIALIZER_NP)
+    pthread_mutexattr_t a;
+    if (pthread_mutexattr_init(&a) == 0) {
+        pthread_mutexattr_settype(&a, PTHREAD_MUTEX_ADAPTIVE_NP);
+        pthread_mutex_init(m, &a);
+        pthread_mutexattr_destroy(&a);
+        return;
+    }
+#endif
+    pthread_mutex_init(m, NULL);
 }
 
 static int patio__hooks_valid(const patio_hooks *h)
@@ -1796,6 +1813,17 @@ PATIO_API void patio_writer_reset(patio_writer *w)
     w->err = 0;
 }
 
+/* A writer that starts in a small buffer of the caller's and moves to the
+ * heap only when it outgrows it (fixed == 2): no allocation for small values. */
+PATIO__MAYBE_UNUSED static void patio__writer_init_small(patio_writer *w, const patio_hooks *hooks, void *buf, size_t cap)
+{
+    memset(w, 0, sizeof *w);
+    w->hooks = hooks;
+    w->data = (uint8_t *)buf;
+    w->cap = cap;
+    w->fixed = 2;
+}
+
 PATIO_API void patio_writer_free(patio_writer *w)
 {
     if (!w->fixed) patio__free(w->hooks, w->data);
@@ -1810,7 +1838,7 @@ static int patio__writer_grow(patio_writer *w, size_t need)
 {
     size_t cap = w->cap ? w->cap : 128;
     uint8_t *p;
-    if (w->fixed) return patio__writer_fail(w, PATIO_ERR_OVERFLOW);
+    if (w->fixed == 1) return patio__writer_fail(w, PATIO_ERR_OVERFLOW);
     while (cap < need) {
         if (cap > SIZE_MAX / 2) {
             cap = need;
@@ -1819,7 +1847,13 @@ static int patio__writer_grow(patio_writer *w, size_t need)
         cap *= 2;
     }
     if (w->max_len && cap > w->max_len) cap = w->max_len;
-    if (w->data) p = (uint8_t *)patio__realloc(w->hooks, w->data, cap);
+    if (w->fixed == 2) {
+        /* leave the caller's small buffer for the heap */
+        p = (uint8_t *)patio__malloc(w->hooks, cap);
+        if (!p) return patio__writer_fail(w, PATIO_ERR_NOMEM);
+        if (w->len) memcpy(p, w->data, w->len);
+        w->fixed = 0;
+    } else if (w->data) p = (uint8_t *)patio__realloc(w->hooks, w->data, cap);
     else p = (uint8_t *)patio__malloc(w->hooks, cap);
     if (!p) return patio__writer_fail(w, PATIO_ERR_NOMEM);
     w->data = p;
@@ -1839,7 +1873,7 @@ PATIO_API int patio_writer_reserve(patio_writer *w, size_t extra)
 }
 
 /* Claims n (> 0) bytes at the end and returns where to store them, or NULL
- * once the writer has an error. The common case is one test and a add. */
+ * once the writer has an error. The common case is three compares and an add. */
 static uint8_t *patio__writer_append(patio_writer *w, size_t n)
 {
     uint8_t *p;
@@ -2852,8 +2886,21 @@ typedef struct patio__entry {
     void *user;
 } patio__entry;
 
+/* A bounded cache of freed call objects. Calls come and go in bursts;
+ * keeping their memory avoids malloc and page-fault churn per call. It
+ * lives in the registry because calls already rely on the registry's hooks
+ * outliving them. */
+#define PATIO__CALL_CACHE_MAX 2048
+
+typedef struct patio__obj_cache {
+    pthread_mutex_t mu;
+    void *head;            /* freed objects, linked through their first word */
+    size_t count;
+} patio__obj_cache;
+
 struct patio_registry {
     patio_hooks hooks;
+    patio__obj_cache call_cache;
     char *project;
     int strict;
     int auto_naming;
@@ -2865,6 +2912,33 @@ struct patio_registry {
 };
 
 /* FNV-1a: names are short and this runs once per call. */
+/* An object of `size` bytes whose first `zeroed` bytes are zero, from the
+ * cache when it has one (the rest is left as it was: buffers need no zeroing). */
+static void *patio__cache_take(patio__obj_cache *cache, const patio_hooks *h, size_t size, size_t zeroed)
+{
+    void *obj;
+    pthread_mutex_lock(&cache->mu);
+    obj = cache->head;
+    if (obj) { cache->head = *(void **)obj; cache->count--; }
+    pthread_mutex_unlock(&cache->mu);
+    if (!obj) return patio__calloc(h, size);
+    memset(obj, 0, zeroed);
+    return obj;
+}
+
+static void patio__cache_give(patio__obj_cache *cache, const patio_hooks *h, void *obj)
+{
+    pthread_mutex_lock(&cache->mu);
+    if (cache->count < PATIO__CALL_CACHE_MAX) {
+        *(void **)obj = cache->head;
+        cache->head = obj;
+        cache->count++;
+        obj = NULL;
+    }
+    pthread_mutex_unlock(&cache->mu);
+    if (obj) patio__free(h, obj);
+}
+
 static uint32_t patio__hash_name(const char *s, size_t n)
 {
     uint32_t h = 2166136261u;
@@ -2932,6 +3006,7 @@ PATIO_API patio_registry *patio_registry_new(const patio_registry_config *cfg)
     r = (patio_registry *)patio__calloc(h, sizeof *r);
     if (!r) return NULL;
     if (h) r->hooks = *h;
+    patio__mutex_init_hot(&r->call_cache.mu);
     r->strict = cfg->strict != 0;
     r->auto_naming = !cfg->no_auto_naming;
     if (cfg->project) {
@@ -2947,6 +3022,12 @@ PATIO_API void patio_registry_free(patio_registry *r)
     patio_hooks h;
     if (!r) return;
     h = r->hooks;
+    while (r->call_cache.head) {
+        void *obj = r->call_cache.head;
+        r->call_cache.head = *(void **)obj;
+        patio__free(&h, obj);
+    }
+    pthread_mutex_destroy(&r->call_cache.mu);
     for (i = 0; i < r->count; i++) patio__free(&h, r->entries[i].name);
     patio__free(&h, r->entries);
     patio__free(&h, r->slots);
@@ -3581,7 +3662,7 @@ static void patio__loop_doze(patio_loop *l)
 {
     patio__loop_publish_sleep(l);
     patio__sc_store(&l->wake_pending, 0);
-    if (patio__loop_has_urgent(l)) patio__loop_wake(l);
+    if (patio__sc_load(&l->posts)) patio__loop_wake(l);
 }
 
 /* ---- who runs the loop ------------------------------------------------------ */
@@ -3831,7 +3912,6 @@ struct patio_task {
     patio_reader argr;          /* positioned at the next unread argument */
     uint32_t argc, argi;
     int arg_error;              /* a type mismatch was seen: fail with TypeError */
-    char arg_message[160];
     patio_writer result;        /* one value, or an ext-2 exception when status is an error */
     int status;                 /* PATIO_OK, or the error (PATIO_ERR_REMOTE: the task failed) */
     double timeout;             /* the caller's timeout in seconds, < 0 = none */
@@ -3840,6 +3920,7 @@ struct patio_task {
     patio_task *next, *prev;    /* executor queue links */
     void (*on_done)(patio_task *t);   /* set by whoever submitted it */
     void *owner;
+    char arg_message[160];      /* valid when arg_error; last, so it is never cleared */
 };
 
 static const uint8_t patio__empty_map[1] = { 0x80 };
@@ -3850,7 +3931,7 @@ static void patio__task_init(patio_task *t, const patio__entry *entry, const pat
                              const uint8_t *args, size_t args_len,
                              const uint8_t *kwargs, size_t kwargs_len)
 {
-    memset(t, 0, sizeof *t);
+    memset(t, 0, offsetof(patio_task, arg_message));
     t->entry = entry;
     t->args = args_len ? args : patio__empty_array;
     t->args_len = args_len ? args_len : 1;
@@ -4231,8 +4312,10 @@ static int patio__pool_submit(patio_executor *ex, patio_task *t)
     patio__store(&t->state, PATIO__TASK_QUEUED);
     patio__tq_push(&p->q, t);
     patio__store(&p->queued, p->q.count);
-    /* A polling worker will see the task; wake a sleeper only if work piles up. */
-    wake = p->sleeping > 0 && (!patio__load(&p->spinner) || p->q.count > 1);
+    /* A polling worker will pick the task up: wake a sleeper only when
+     * nobody polls. Workers that take work and leave some behind wake the
+     * next one, so long tasks still spread over all workers. */
+    wake = p->sleeping > 0 && !patio__load(&p->spinner);
     pthread_mutex_unlock(&p->mu);
     if (wake) pthread_cond_signal(&p->cv);
     return PATIO_OK;
@@ -4282,6 +4365,41 @@ static void patio__pool_wait_for_work(patio__pool *p)
 }
 
 #define PATIO__POOL_BATCH 16
+#define PATIO__POOL_SLOW_NS 100000u
+
+/* Puts tasks a worker took but has not started back at the queue's head. */
+static void patio__pool_give_back(patio__pool *p, patio_task **tasks, size_t n)
+{
+    size_t i;
+    pthread_mutex_lock(&p->mu);
+    for (i = n; i-- > 0;) {
+        patio_task *t = tasks[i];
+        t->prev = NULL;
+        t->next = p->q.head;
+        if (p->q.head) p->q.head->prev = t; else p->q.tail = t;
+        p->q.head = t;
+        p->q.count++;
+        patio__store(&t->state, PATIO__TASK_QUEUED);
+    }
+    patio__store(&p->queued, p->q.count);
+    pthread_mutex_unlock(&p->mu);
+    pthread_cond_broadcast(&p->cv);
+}
+
+/* Runs a batch; if one task turns out slow, the rest go back to the queue
+ * so that other workers run them instead of waiting behind it. */
+static void patio__pool_run_batch(patio__pool *p, patio_task **batch, size_t n)
+{
+    size_t i;
+    for (i = 0; i < n; i++) {
+        uint64_t start = n - i > 1 ? patio__now_ns() : 0;
+        patio_task_run(batch[i]);
+        if (start && patio__now_ns() - start > PATIO__POOL_SLOW_NS) {
+            patio__pool_give_back(p, batch + i + 1, n - i - 1);
+            return;
+        }
+    }
+}
 
 static void *patio__pool_worker(void *arg)
 {
@@ -4289,11 +4407,12 @@ static void *patio__pool_worker(void *arg)
     patio_task *batch[PATIO__POOL_BATCH];
     pthread_mutex_lock(&p->mu);
     for (;;) {
-        size_t n, i, take;
+        size_t n, take;
         patio__pool_wait_for_work(p);
         if (!p->q.head) break; /* closing and drained */
-        /* Take a fair share so that one worker does not hoard a burst. */
-        take = p->q.count / (size_t)p->nthreads;
+        /* Batches cut the locking for bursts of short tasks; a short queue
+         * is taken one by one so that idle workers share it. */
+        take = p->q.count / (2 * (size_t)p->nthreads);
         if (take < 1) take = 1;
         if (take > PATIO__POOL_BATCH) take = PATIO__POOL_BATCH;
         for (n = 0; n < take && p->q.head; n++) {
@@ -4301,9 +4420,9 @@ static void *patio__pool_worker(void *arg)
             patio__store(&batch[n]->state, PATIO__TASK_RUNNING);
         }
         patio__store(&p->queued, p->q.count);
-        if (p->q.count && p->sleeping) pthread_cond_signal(&p->cv);
+        if (p->q.count && p->sleeping && !patio__load(&p->spinner)) pthread_cond_signal(&p->cv);
         pthread_mutex_unlock(&p->mu);
-        for (i = 0; i < n; i++) patio_task_run(batch[i]);
+        patio__pool_run_batch(p, batch, n);
         pthread_mutex_lock(&p->mu);
     }
     pthread_mutex_unlock(&p->mu);
@@ -4361,7 +4480,7 @@ PATIO_API patio_executor *patio_thread_pool_new_ex(patio_registry *r, const pati
     patio_executor_init(&p->base, &patio__pool_vt, r);
     p->max_queue = cfg->max_queue ? cfg->max_queue : PATIO_DEFAULT_QUEUE_SIZE;
     p->spin_us = patio__spin_us(cfg->spin_us);
-    pthread_mutex_init(&p->mu, NULL);
+    patio__mutex_init_hot(&p->mu);
     pthread_cond_init(&p->cv, NULL);
     if (patio__pool_start_threads(p, workers) != PATIO_OK) {
         patio_executor_free(&p->base);
@@ -4570,8 +4689,9 @@ enum { PATIO__CALL_PENDING = 0, PATIO__CALL_FINISHING = 1, PATIO__CALL_DONE = 2 
 typedef struct patio__waiter {
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    int notified;      /* atomic reads while spinning; written under mu */
-    int target;        /* under mu */
+    int notified;      /* calls that finished (atomic) */
+    int target;        /* notifications the sleeper waits for (atomic) */
+    int exited;        /* notifiers done touching the waiter (atomic) */
 } patio__waiter;
 
 /* c->waiter holds NULL, a waiter, or this mark once the call finished. */
@@ -4600,14 +4720,41 @@ struct patio_call {
     patio__waiter *waiter;    /* atomic */
     patio_call *next, *prev;  /* broker's pending list */
     int listed;
+    struct patio__lane *lane; /* the timeout lane listing it; NULL = the other list */
+    patio__obj_cache *cache;  /* where its memory goes back */
+    uint64_t deadline_ns;
     patio_task task;          /* local execution by the memory broker */
+    /* small names, arguments and results live here: no allocation */
+    char name_inline[48];
+    uint8_t args_inline[96];
+    uint8_t result_inline[48];
 };
+
+/* Pending calls with the same timeout finish their waits in the order
+ * they started, so each distinct timeout gets a FIFO "lane" watched by ONE
+ * timer armed for its oldest call: starting or finishing a call costs a
+ * list operation, not a timer-heap operation. Calls whose timeout finds no
+ * free lane use a timer of their own. */
+#define PATIO__LANES 4
+
+typedef struct patio__call_list {
+    patio_call *head, *tail;
+} patio__call_list;
+
+typedef struct patio__lane {
+    struct patio__broker_core *core;
+    double timeout;
+    patio__call_list calls;   /* by deadline */
+    patio__timer timer;
+} patio__lane;
 
 /* Broker-private bookkeeping behind patio_broker.internal. */
 typedef struct patio__broker_core {
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    patio_call *pending;      /* calls not finished yet */
+    patio_broker *broker;
+    patio__call_list other;   /* pending calls not in a lane */
+    patio__lane lanes[PATIO__LANES];
     size_t tasks_running;     /* tasks submitted by this broker, not finished */
     int closing;
 } patio__broker_core;
@@ -4625,27 +4772,57 @@ static void patio__call_release(patio_call *c)
     patio_writer_free(&c->task.result);
     patio__free(h, c->err_type);
     patio__free(h, c->err_msg);
-    patio__free(h, c->name);
-    patio__free(h, c);
+    if (c->name != c->name_inline) patio__free(h, c->name);
+    patio__cache_give(c->cache, h, c);
+}
+
+static void patio__list_append(patio__call_list *l, patio_call *c)
+{
+    c->next = NULL;
+    c->prev = l->tail;
+    if (l->tail) l->tail->next = c; else l->head = c;
+    l->tail = c;
+    c->listed = 1;
+}
+
+static void patio__list_unlink(patio__call_list *l, patio_call *c)
+{
+    if (c->prev) c->prev->next = c->next; else l->head = c->next;
+    if (c->next) c->next->prev = c->prev; else l->tail = c->prev;
+    c->next = c->prev = NULL;
+    c->listed = 0;
+}
+
+/* Under core->mu: takes c off its list; an emptied lane stops its timer. */
+static void patio__call_unlink_locked(patio__broker_core *core, patio_call *c)
+{
+    patio__lane *lane = c->lane;
+    if (!c->listed) return;
+    patio__list_unlink(lane ? &lane->calls : &core->other, c);
+    if (lane && !lane->calls.head) patio__timer_stop(core->broker->loop, &lane->timer);
 }
 
 static void patio__call_unlist(patio_call *c)
 {
     patio__broker_core *core = patio__core(c->broker);
     pthread_mutex_lock(&core->mu);
-    if (c->listed) {
-        if (c->prev) c->prev->next = c->next; else core->pending = c->next;
-        if (c->next) c->next->prev = c->prev;
-        c->listed = 0;
-    }
+    patio__call_unlink_locked(core, c);
     pthread_mutex_unlock(&core->mu);
 }
 
+/* Lock-free unless this completion is the one the sleeper waits for. The
+ * counter/target pair is a Dekker handshake (sequentially consistent on
+ * both sides), so a sleeper never misses its wake-up. `exited` is the last
+ * thing a notifier touches, so the waiter knows when it may go away. */
 static void patio__waiter_notify(patio__waiter *w)
 {
-    pthread_mutex_lock(&w->mu);
-    if (patio__fetch_add(&w->notified, 1) + 1 >= w->target) pthread_cond_signal(&w->cv);
-    pthread_mutex_unlock(&w->mu);
+    int n = __atomic_add_fetch(&w->notified, 1, __ATOMIC_SEQ_CST);
+    if (n >= __atomic_load_n(&w->target, __ATOMIC_SEQ_CST)) {
+        pthread_mutex_lock(&w->mu);
+        pthread_cond_signal(&w->cv);
+        pthread_mutex_unlock(&w->mu);
+    }
+    __atomic_add_fetch(&w->exited, 1, __ATOMIC_RELEASE);
 }
 
 static void patio__call_deliver(patio__post *p)
@@ -4696,12 +4873,12 @@ static int patio__call_finish(patio_call *c, int status, const patio_writer *res
     return PATIO_OK;
 }
 
+static void patio__call_expire(patio_call *c);
+
 static void patio__call_timed_out(patio__timer *t)
 {
     patio_call *c = PATIO__CONTAINER(t, patio_call, timer);
-    patio_broker *b = c->broker;
-    if (patio__load(&c->state) == PATIO__CALL_PENDING && b->vt->cancel) b->vt->cancel(b, c);
-    patio__call_finish(c, PATIO_ERR_TIMEOUT, NULL, "TimeoutError", "");
+    patio__call_expire(c);
     patio__call_release(c);
 }
 
@@ -4723,20 +4900,29 @@ PATIO_API int patio_call_fail_with(patio_call *c, int status, const char *type, 
 
 static patio_call *patio__call_new(patio_broker *b, const char *name)
 {
-    patio_call *c = (patio_call *)patio__calloc(b->hooks, sizeof *c);
+    patio_call *c = (patio_call *)patio__cache_take(&b->registry->call_cache, b->hooks, sizeof *c,
+                                                    offsetof(patio_call, task));
     if (!c) return NULL;
+    c->cache = &b->registry->call_cache;
     c->refs = 2; /* the user's and the in-flight reference */
     c->broker = b;
     c->loop = b->loop;
     c->hooks = b->hooks;
+    c->task.state = 0;
     c->timer.fn = patio__call_timed_out;
     c->done_post.fn = patio__call_deliver;
-    patio_writer_init(&c->args, b->hooks);
+    patio__writer_init_small(&c->args, b->hooks, c->args_inline, sizeof c->args_inline);
     patio_writer_init(&c->kwargs, b->hooks);
     patio_writer_init(&c->own_result, b->hooks);
     patio_writer_init(&c->task.result, b->hooks);
-    c->name = patio__strdup(b->hooks, name ? name : "");
-    if (!c->name) { patio__free(b->hooks, c); return NULL; }
+    if (!name) name = "";
+    if (strlen(name) < sizeof c->name_inline) {
+        c->name = c->name_inline;
+        strcpy(c->name_inline, name);
+    } else {
+        c->name = patio__strdup(b->hooks, name);
+        if (!c->name) { patio__cache_give(c->cache, b->hooks, c); return NULL; }
+    }
     return c;
 }
 
@@ -4768,18 +4954,72 @@ static int patio__call_encode_args(patio_call *c, const patio_call_opts *o, cons
     return c->kwargs.err;
 }
 
-static int patio__call_list(patio_broker *b, patio_call *c)
+/* Under core->mu: the lane for this timeout, claiming a free one; NULL if
+ * all lanes serve other timeouts. */
+static patio__lane *patio__lane_for(patio__broker_core *core, double timeout)
+{
+    patio__lane *free_lane = NULL;
+    int i;
+    for (i = 0; i < PATIO__LANES; i++) {
+        patio__lane *l = &core->lanes[i];
+        if (!l->calls.head) { if (!free_lane) free_lane = l; }
+        else if (l->timeout == timeout) return l;
+    }
+    if (free_lane) free_lane->timeout = timeout;
+    return free_lane;
+}
+
+/* Lists a starting call; returns 1 if its timeout is watched by a lane. */
+static int patio__call_enlist(patio_broker *b, patio_call *c, int *in_lane)
 {
     patio__broker_core *core = patio__core(b);
+    patio__lane *lane = NULL;
     pthread_mutex_lock(&core->mu);
     if (core->closing) { pthread_mutex_unlock(&core->mu); return PATIO_ERR_CLOSED; }
-    c->next = core->pending;
-    c->prev = NULL;
-    if (core->pending) core->pending->prev = c;
-    core->pending = c;
-    c->listed = 1;
+    if (c->timeout >= 0) lane = patio__lane_for(core, c->timeout);
+    c->lane = lane;
+    if (lane) {
+        /* read under the lock, so deadlines in a lane never decrease */
+        c->deadline_ns = patio__deadline_after(c->timeout);
+        patio__list_append(&lane->calls, c);
+        if (lane->calls.head == c) patio__timer_start(b->loop, &lane->timer, c->deadline_ns);
+    } else {
+        patio__list_append(&core->other, c);
+    }
     pthread_mutex_unlock(&core->mu);
+    *in_lane = lane != NULL;
     return PATIO_OK;
+}
+
+static void patio__call_expire(patio_call *c)
+{
+    patio_broker *b = c->broker;
+    if (patio__load(&c->state) == PATIO__CALL_PENDING && b->vt->cancel) b->vt->cancel(b, c);
+    patio__call_finish(c, PATIO_ERR_TIMEOUT, NULL, "TimeoutError", "");
+}
+
+/* A lane's timer: expires its calls that are due, re-arms for the next. */
+static void patio__lane_fire(patio__timer *t)
+{
+    patio__lane *lane = PATIO__CONTAINER(t, patio__lane, timer);
+    patio__broker_core *core = lane->core;
+    patio_call *due = NULL, *c;
+    uint64_t now = patio__now_ns();
+    pthread_mutex_lock(&core->mu);
+    while ((c = lane->calls.head) != NULL && c->deadline_ns <= now) {
+        patio__list_unlink(&lane->calls, c);
+        patio__fetch_add(&c->refs, 1);
+        c->next = due;
+        due = c;
+    }
+    if (lane->calls.head) patio__timer_start(core->broker->loop, &lane->timer, lane->calls.head->deadline_ns);
+    pthread_mutex_unlock(&core->mu);
+    while ((c = due) != NULL) {
+        due = c->next;
+        c->next = NULL;
+        patio__call_expire(c);
+        patio__call_release(c);
+    }
 }
 
 static void patio__call_arm_timer(patio_call *c)
@@ -4794,7 +5034,7 @@ PATIO_API patio_call *patio_call_startv(patio_broker *b, const patio_call_opts *
                                         const char *name, const char *fmt, va_list ap)
 {
     patio_call *c;
-    int rc;
+    int rc, in_lane = 0;
     if (!b) return NULL;
     c = patio__call_new(b, name);
     if (!c) return NULL;
@@ -4803,13 +5043,13 @@ PATIO_API patio_call *patio_call_startv(patio_broker *b, const patio_call_opts *
     if (c->timeout != c->timeout) c->timeout = 0; /* NaN: expired at once */
     if (c->timeout < 0 && !(opts && opts->timeout < 0)) c->timeout = 0;
     rc = (!name || !*name) ? PATIO_ERR_INVALID : patio__call_encode_args(c, opts, fmt, ap);
-    if (rc == PATIO_OK) rc = patio__call_list(b, c);
+    if (rc == PATIO_OK) rc = patio__call_enlist(b, c, &in_lane);
     if (rc != PATIO_OK) {
         c->broker = NULL;
         patio__call_finish(c, rc, NULL, rc == PATIO_ERR_CLOSED ? "RuntimeError" : "ValueError", NULL);
         return c;
     }
-    patio__call_arm_timer(c);
+    if (!in_lane) patio__call_arm_timer(c);
     b->vt->send(b, c);
     return c;
 }
@@ -5043,9 +5283,21 @@ static void patio__wait_block(patio__waiter *w, int target, uint64_t deadline, p
             continue;
         }
         pthread_mutex_lock(&w->mu);
-        w->target = target;
-        if (w->notified < target) patio__cond_wait_until(&w->cv, &w->mu, deadline);
+        __atomic_store_n(&w->target, target, __ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&w->notified, __ATOMIC_SEQ_CST) < target)
+            patio__cond_wait_until(&w->cv, &w->mu, deadline);
+        __atomic_store_n(&w->target, INT_MAX, __ATOMIC_SEQ_CST);
         pthread_mutex_unlock(&w->mu);
+    }
+}
+
+/* Waits until `fired` notifiers have completely left the waiter. */
+static void patio__waiter_drain(patio__waiter *w, size_t fired)
+{
+    unsigned i;
+    for (i = 0; (size_t)__atomic_load_n(&w->exited, __ATOMIC_ACQUIRE) < fired; i++) {
+        if (i < 64) patio__cpu_relax();
+        else sched_yield(); /* a notifier is between two instructions: let it run */
     }
 }
 
@@ -5073,6 +5325,7 @@ static int patio__wait(patio_call *const *calls, size_t n, double timeout, int a
     pthread_mutex_init(&w.mu, NULL);
     patio__cond_init(&w.cv);
     w.notified = 0;
+    w.exited = 0;
     w.target = INT_MAX;
     registered = patio__waiter_register(&w, calls, n, mine, &shared);
     /* calls that finished before we registered count at once */
@@ -5084,10 +5337,7 @@ static int patio__wait(patio_call *const *calls, size_t n, double timeout, int a
     rc = patio__calls_done(calls, n, any, index) ? PATIO_OK : PATIO_ERR_TIMEOUT;
     /* Calls that fired hold w until they notified: wait for exactly those. */
     fired = patio__waiter_unregister(&w, calls, n, mine);
-    pthread_mutex_lock(&w.mu);
-    w.target = (int)fired;
-    while ((size_t)w.notified < fired) pthread_cond_wait(&w.cv, &w.mu);
-    pthread_mutex_unlock(&w.mu);
+    patio__waiter_drain(&w, fired);
     pthread_mutex_destroy(&w.mu);
     pthread_cond_destroy(&w.cv);
     if (mine != small) patio__free(calls[0]->hooks, mine);
@@ -5132,8 +5382,16 @@ PATIO_API int patio_broker_init(patio_broker *b, const patio_broker_vtable *vt,
     b->default_timeout = cfg && cfg->default_timeout > 0 ? cfg->default_timeout : PATIO_DEFAULT_TIMEOUT;
     core = (patio__broker_core *)patio__calloc(b->hooks, sizeof *core);
     if (!core) return PATIO_ERR_NOMEM;
-    pthread_mutex_init(&core->mu, NULL);
+    patio__mutex_init_hot(&core->mu);
     patio__cond_init(&core->cv);
+    core->broker = b;
+    {
+        int i;
+        for (i = 0; i < PATIO__LANES; i++) {
+            core->lanes[i].core = core;
+            core->lanes[i].timer.fn = patio__lane_fire;
+        }
+    }
     b->internal = core;
     if (cfg && cfg->loop) {
         b->loop = cfg->loop;
@@ -5155,13 +5413,13 @@ PATIO_API int patio_broker_init(patio_broker *b, const patio_broker_vtable *vt,
 /* Pops one pending call (with a reference) for closing; NULL when none. */
 static patio_call *patio__broker_take_pending(patio__broker_core *core)
 {
-    patio_call *c;
+    patio_call *c = NULL;
+    int i;
     pthread_mutex_lock(&core->mu);
-    c = core->pending;
+    for (i = 0; i < PATIO__LANES && !c; i++) c = core->lanes[i].calls.head;
+    if (!c) c = core->other.head;
     if (c) {
-        core->pending = c->next;
-        if (c->next) c->next->prev = NULL;
-        c->listed = 0;
+        patio__call_unlink_locked(core, c);
         patio__fetch_add(&c->refs, 1);
     }
     pthread_mutex_unlock(&core->mu);
@@ -5313,6 +5571,7 @@ static void patio__memory_send(patio_broker *b, patio_call *c)
     patio_writer_free(&c->task.result);
     patio__task_init(&c->task, e, b->hooks, c->args.data, c->args.len,
                      c->kwargs.len ? c->kwargs.data : NULL, c->kwargs.len);
+    patio__writer_init_small(&c->task.result, b->hooks, c->result_inline, sizeof c->result_inline);
     c->task.broker = b;
     c->task.timeout = c->timeout;
     c->task.owner = c;

@@ -451,6 +451,7 @@ static void test_wait_any(void)
     calls[1] = patio_call_async(e.broker, "mul", "ii", 2, 21);
     CHECK_EQ_INT(patio_wait_any(calls, 2, 10.0, &index), PATIO_OK);
     CHECK_EQ_INT(index, 1);
+    CHECK_EQ_INT(patio_call_status(calls[0]), PATIO_PENDING);
     CHECK_EQ_INT(patio_result_int(calls[1]), 42);
     CHECK_EQ_INT(patio_wait_all(calls, 2, 0.01), PATIO_ERR_TIMEOUT);
     gate_open(&g_gate);
