@@ -680,6 +680,10 @@ PATIO_API patio_broker *patio_memory_broker_new_ex(patio_executor *ex, const pat
 /* Fails pending calls with PATIO_ERR_CLOSED; later calls fail the same way. */
 PATIO_API void patio_broker_close(patio_broker *b);
 PATIO_API void patio_broker_free(patio_broker *b);
+/* Waits until the broker is closed (by patio_broker_close from another
+ * thread or a task). timeout in seconds, PATIO_NO_TIMEOUT = forever.
+ * PATIO_OK or PATIO_ERR_TIMEOUT; not from the loop thread. */
+PATIO_API int patio_broker_join(patio_broker *b, double timeout);
 PATIO_API patio_loop *patio_broker_loop(const patio_broker *b);
 PATIO_API patio_registry *patio_broker_registry(const patio_broker *b);
 PATIO_API patio_executor *patio_broker_executor(const patio_broker *b);
@@ -5435,6 +5439,7 @@ PATIO_API void patio_broker_close(patio_broker *b)
     pthread_mutex_lock(&core->mu);
     core->closing = 1;
     b->closed = 1;
+    pthread_cond_broadcast(&core->cv); /* wakes patio_broker_join */
     pthread_mutex_unlock(&core->mu);
     if (b->vt->close) b->vt->close(b);
     while ((c = patio__broker_take_pending(core)) != NULL) {
@@ -5534,6 +5539,31 @@ PATIO_API void patio_broker_free(patio_broker *b)
     }
     patio_broker_deinit(b);
     if (b->vt->destroy) b->vt->destroy(b);
+}
+
+PATIO_API int patio_broker_join(patio_broker *b, double timeout)
+{
+    patio__broker_core *core;
+    uint64_t deadline;
+    int pump, closed;
+    if (!b || !b->internal) return PATIO_ERR_INVALID;
+    if (patio_loop_in_loop_thread(b->loop)) return PATIO_ERR_INVALID;
+    core = patio__core(b);
+    deadline = timeout < 0 ? UINT64_MAX : patio__deadline_after(timeout);
+    pump = patio__must_pump(b->loop);
+    pthread_mutex_lock(&core->mu);
+    while (!core->closing && patio__now_ns() < deadline) {
+        if (pump) {
+            pthread_mutex_unlock(&core->mu);
+            patio_loop_run_once(b->loop, 10);
+            pthread_mutex_lock(&core->mu);
+        } else {
+            patio__cond_wait_until(&core->cv, &core->mu, deadline);
+        }
+    }
+    closed = core->closing;
+    pthread_mutex_unlock(&core->mu);
+    return closed ? PATIO_OK : PATIO_ERR_TIMEOUT;
 }
 
 PATIO_API patio_loop *patio_broker_loop(const patio_broker *b) { return b ? b->loop : NULL; }

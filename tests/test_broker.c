@@ -480,6 +480,36 @@ static void test_close_fails_pending(void)
     gate_destroy(&g_gate);
 }
 
+typedef struct closer_arg { patio_broker *b; gate *g; } closer_arg;
+
+static void *close_after_gate(void *p)
+{
+    closer_arg *a = (closer_arg *)p;
+    gate_pass(a->g);
+    patio_broker_close(a->b);
+    return NULL;
+}
+
+static void test_join_waits_for_close(void)
+{
+    env e = env_new(0);
+    gate g;
+    closer_arg arg;
+    pthread_t th;
+    gate_init(&g);
+    arg.b = e.broker;
+    arg.g = &g;
+    CHECK_EQ_INT(patio_broker_join(e.broker, 0.02), PATIO_ERR_TIMEOUT);
+    pthread_create(&th, NULL, close_after_gate, &arg);
+    CHECK(gate_wait_arrived(&g, 1));
+    gate_open(&g);
+    CHECK_EQ_INT(patio_broker_join(e.broker, 10.0), PATIO_OK);
+    pthread_join(th, NULL);
+    CHECK_EQ_INT(patio_broker_join(e.broker, 0), PATIO_OK); /* already closed */
+    env_free(&e);
+    gate_destroy(&g);
+}
+
 /* ---- volume: one million calls, every allocation given back ---- */
 
 static void many_calls(int async, long total)
@@ -524,6 +554,7 @@ int main(void)
     RUN(test_task_calls_task_async);
     RUN(test_wait_any);
     RUN(test_close_fails_pending);
+    RUN(test_join_waits_for_close);
     RUN(test_million_calls_thread_pool);
     RUN(test_100k_calls_async);
     return th_summary("test_broker");
