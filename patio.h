@@ -46,8 +46,8 @@
                patio_args("iid", ...), patio_task_kwargs) and answers with
                patio_return_* or patio_fail(t, "ValueError", "..."). It may
                return PATIO_PENDING and call patio_task_finish later.
-     executor  runs tasks: thread pool, async (on the loop thread), null, or
-               your own (patio_executor_vtable).
+     executor  runs tasks: thread pool, process pool (forked workers), async
+               (on the loop thread), null, or your own (patio_executor_vtable).
      broker    carries calls: memory broker (same process); your own
                (patio_broker_vtable). Each broker has a loop (reactor), on a
                library thread or pumped by you (patio_loop_run_once).
@@ -606,6 +606,48 @@ PATIO_API void patio_executor_shutdown(patio_executor *ex); /* finishes queued t
 PATIO_API void patio_executor_free(patio_executor *ex);     /* shutdown + free */
 PATIO_API const char *patio_executor_kind(const patio_executor *ex);
 
+
+/* ========================================================================
+ * >>api-process  Process-pool executor
+ * ======================================================================== */
+
+/* Runs tasks in worker processes created with fork(): Python patio's
+ * ProcessPoolExecutor. Creating the pool locks the registry, then forks the
+ * workers, so every worker has the same functions (and user pointers) as
+ * the parent had at that moment. Calls and answers travel over a
+ * socketpair per worker, framed and encoded as on the network. A worker
+ * that dies fails only the calls it held (PATIO_ERR_WORKER_DIED, with a
+ * message naming the signal or exit status) and is replaced. POSIX only. */
+typedef struct patio_process_pool_config {
+    int max_workers;          /* worker processes; 0 = PATIO_DEFAULT_MAX_WORKERS (4) */
+    size_t max_queue;         /* calls waiting in the parent before submit says
+                                 PATIO_ERR_FULL; 0 = PATIO_DEFAULT_QUEUE_SIZE */
+    int max_calls_per_worker; /* calls sent to one worker and not answered yet
+                                 (the rest wait in the parent); 0 = 16 */
+    int kill_on_timeout;      /* a call still running when its timeout expires
+                                 gets its worker killed and replaced:
+                                 0 or 1 = yes (default), -1 = no, let it finish */
+    size_t max_frame_size;    /* largest encoded call or result in bytes; a
+                                 larger result fails with OverflowError;
+                                 0 = 16 MiB + 64 KiB */
+    int inherit_fds;          /* 0 (default) = a worker closes every fd it
+                                 inherited except 0, 1, 2; 1 = keeps them */
+    int spin_us;              /* the I/O thread and idle workers poll this long
+                                 before sleeping; 0 = never (default: workers are
+                                 processes, often one per CPU, and spinning ones
+                                 take the CPU from those with work) */
+} patio_process_pool_config;
+
+/* Register every function first. NULL on an invalid configuration, out of
+ * memory, or when a worker cannot be started. */
+PATIO_API patio_executor *patio_process_pool_new(patio_registry *r, int max_workers);
+PATIO_API patio_executor *patio_process_pool_new_ex(patio_registry *r, const patio_process_pool_config *cfg);
+/* Worker processes alive and accepting calls right now (a dead one counts
+ * again once its replacement runs); -1 if ex is not a process pool. */
+PATIO_API int patio_process_pool_workers(const patio_executor *ex);
+/* Stores the process ids of up to max live workers in out; returns how many
+ * were stored, or -1 if ex is not a process pool. */
+PATIO_API int patio_process_pool_pids(const patio_executor *ex, long *out, int max);
 /* ========================================================================
  * >>api-broker  Brokers and calls
  * ======================================================================== */
@@ -3993,7 +4035,7 @@ static void patio__task_settle(patio_task *t, int rc)
         /* patio_fail (or an executor) already wrote the exception */
     } else if (rc < 0) {
         const char *m = patio_strerror(rc);
-        patio__task_set_exception(t, "RuntimeError", m, strlen(m));
+        patio__task_set_exception(t, rc == PATIO_ERR_OVERFLOW ? "OverflowError" : "RuntimeError", m, strlen(m));
     } else if (t->result.err) {
         const char *m = "result could not be encoded";
         if (t->result.err == PATIO_ERR_OVERFLOW) m = "result too large";
@@ -4438,7 +4480,7 @@ static void patio__pool_shutdown(patio_executor *ex)
     patio__pool *p = (patio__pool *)ex;
     int i;
     pthread_mutex_lock(&p->mu);
-    p->closing = 1;
+    patio__store(&p->closing, 1); /* idle workers poll it without the lock */
     pthread_mutex_unlock(&p->mu);
     pthread_cond_broadcast(&p->cv);
     for (i = 0; i < p->nthreads; i++) pthread_join(p->threads[i], NULL);
@@ -5727,6 +5769,1325 @@ PATIO__MAYBE_UNUSED static int patio__frame_parse(const uint8_t *buf, size_t len
     return 1;
 }
 
+
+/* ========================================================================
+ * >>process-pool  Process-pool executor: forked workers over socketpairs
+ * ======================================================================== */
+
+/* Shape: the parent keeps a bounded queue of submitted tasks and one I/O
+ * thread. That thread gives each queued task to the live worker with the
+ * fewest calls in flight, up to max_calls_per_worker each, and encodes it
+ * into that worker's output buffer. A worker gets its buffered calls in one
+ * write when it is idle, when its answers come back, or once a good batch
+ * waits; a worker whose current call has run for a while (PATIO__PP_BUSY_NS)
+ * gets no new calls, and the ones buffered for it go back to the queue: so
+ * a long task holds up only the calls that were already written to its
+ * worker. The thread reads answers, completes their tasks, kills workers
+ * whose call outlived its timeout, and reaps and replaces dead workers.
+ * A worker is a plain blocking loop: read frames, run each call with a
+ * task on its stack, write the answers in batches. Parent and worker speak
+ * the wire framing (REQUEST with a CallRequest, RESPONSE with the value,
+ * ERROR with the exception); a worker answers in order, and serials check
+ * that each answer belongs to the oldest call. */
+
+#include <sys/types.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <signal.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#endif
+
+#define PATIO__PP_DEFAULT_CALLS 16
+#define PATIO__PP_DEFAULT_FRAME (16u * 1024u * 1024u + 64u * 1024u)
+#define PATIO__PP_MAX_WORKERS 1024
+/* A worker writes its answers when its input runs dry, or before starting a
+ * call once the oldest unsent answer belongs to a call that started this
+ * long ago, or once this many bytes wait: batching without holding answers
+ * back for long. */
+#define PATIO__PP_BATCH_NS 50000u
+#define PATIO__PP_BATCH_BYTES (64u * 1024u)
+/* Buffers above this are released once empty, so one huge call does not
+ * pin its memory for the life of the pool. */
+#define PATIO__PP_KEEP_BUFFER (1024u * 1024u)
+#define PATIO__PP_READ_CHUNK (64u * 1024u)
+/* An expired call's answer may be on its way: wait this long before killing. */
+#define PATIO__PP_KILL_GRACE_NS 20000000u
+/* A worker whose socket closed but that cannot be reaped after this long is
+ * killed (a task closed the socket, or it hangs in exit handlers). */
+#define PATIO__PP_REAP_NS 2000000000u
+/* After a failed fork (EAGAIN, ENOMEM), try again this much later. */
+#define PATIO__PP_RESPAWN_NS 100000000u
+/* A worker whose current call ran this long is taken for busy (see
+ * patio__pp_room). */
+#define PATIO__PP_BUSY_NS 1000000u
+/* Tasks moved from the queue per lock hold. */
+#define PATIO__PP_BATCH 64
+
+/* ---- platform part: sockets, fds, signal names ------------------------ */
+
+#if defined(MSG_NOSIGNAL)
+#define PATIO__PP_SEND_FLAGS MSG_NOSIGNAL
+#else
+#define PATIO__PP_SEND_FLAGS 0 /* SO_NOSIGPIPE is set on both ends instead */
+#endif
+
+static void patio__pp_fd_setup(int fd, int cloexec_done)
+{
+    if (!cloexec_done) fcntl(fd, F_SETFD, FD_CLOEXEC);
+#if defined(SO_NOSIGPIPE)
+    {
+        int one = 1;
+        setsockopt(fd, SOL_SOCKET, SO_NOSIGPIPE, &one, sizeof one);
+    }
+#endif
+}
+
+/* A close-on-exec socketpair; sv[0] (the parent's end) is non-blocking. */
+static int patio__pp_socketpair(int sv[2])
+{
+    int cloexec_done = 0;
+#if defined(SOCK_CLOEXEC)
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) == 0) cloexec_done = 1;
+    else
+#endif
+    if (socketpair(AF_UNIX, SOCK_STREAM, 0, sv) != 0) return PATIO_ERR_IO;
+    patio__pp_fd_setup(sv[0], cloexec_done);
+    patio__pp_fd_setup(sv[1], cloexec_done);
+    if (fcntl(sv[0], F_SETFL, fcntl(sv[0], F_GETFL) | O_NONBLOCK) != 0) {
+        close(sv[0]);
+        close(sv[1]);
+        return PATIO_ERR_IO;
+    }
+    return PATIO_OK;
+}
+
+#if defined(__linux__) && defined(SYS_getdents64)
+/* Closes fds >= 3 but keep, listed from /proc/self/fd with the raw
+ * getdents64 call: no malloc, safe in a child of a threaded parent. */
+static int patio__pp_close_listed(int keep)
+{
+    char buf[4096];
+    int dfd = open("/proc/self/fd", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd < 0) return -1;
+    for (;;) {
+        long n = syscall(SYS_getdents64, dfd, buf, sizeof buf), off;
+        if (n <= 0) break;
+        for (off = 0; off < n;) {
+            unsigned short reclen;
+            const char *name = buf + off + 19; /* struct linux_dirent64: d_name */
+            int fd = 0;
+            memcpy(&reclen, buf + off + 16, sizeof reclen);
+            while (*name >= '0' && *name <= '9') fd = fd * 10 + (*name++ - '0');
+            if (*name == '\0' && name != buf + off + 19 && fd > 2 && fd != keep && fd != dfd) close(fd);
+            off += reclen ? reclen : n; /* a zero length would loop forever */
+        }
+    }
+    close(dfd);
+    return 0;
+}
+#endif
+
+/* In a new worker: closes every inherited fd except 0, 1, 2 and keep, so
+ * that it holds none of the parent's sockets, listening ports or poller
+ * registrations alive. Returns the fd to use in place of keep. */
+static int patio__pp_close_inherited(int keep)
+{
+#if defined(__linux__) && defined(SYS_close_range)
+    int ok = 1;
+    if (keep > 3) ok = syscall(SYS_close_range, 3u, (unsigned)keep - 1u, 0u) == 0;
+    if (ok && syscall(SYS_close_range, (unsigned)(keep >= 3 ? keep + 1 : 3), ~0u, 0u) == 0) return keep;
+#endif
+#if defined(__linux__) && defined(SYS_getdents64)
+    if (patio__pp_close_listed(keep) == 0) return keep;
+#endif
+#if defined(__FreeBSD__) || defined(__OpenBSD__) || defined(__NetBSD__) || defined(__DragonFly__)
+    if (keep != 3) {
+        if (dup2(keep, 3) != 3) return keep;
+        close(keep);
+        keep = 3;
+    }
+    closefrom(4);
+    return keep;
+#else
+    {
+        long max = sysconf(_SC_OPEN_MAX), fd;
+        if (max < 0 || max > 65536) max = 65536;
+        for (fd = 3; fd < max; fd++)
+            if (fd != keep) close((int)fd);
+        return keep;
+    }
+#endif
+}
+
+/* Our own table: strsignal() is not thread-safe everywhere. */
+static const char *patio__signal_name(int sig)
+{
+    switch (sig) {
+    case SIGHUP: return "SIGHUP";
+    case SIGINT: return "SIGINT";
+    case SIGQUIT: return "SIGQUIT";
+    case SIGILL: return "SIGILL";
+    case SIGABRT: return "SIGABRT";
+    case SIGFPE: return "SIGFPE";
+    case SIGKILL: return "SIGKILL";
+    case SIGSEGV: return "SIGSEGV";
+    case SIGPIPE: return "SIGPIPE";
+    case SIGALRM: return "SIGALRM";
+    case SIGTERM: return "SIGTERM";
+    case SIGUSR1: return "SIGUSR1";
+    case SIGUSR2: return "SIGUSR2";
+#ifdef SIGBUS
+    case SIGBUS: return "SIGBUS";
+#endif
+#ifdef SIGTRAP
+    case SIGTRAP: return "SIGTRAP";
+#endif
+#ifdef SIGSYS
+    case SIGSYS: return "SIGSYS";
+#endif
+#ifdef SIGXCPU
+    case SIGXCPU: return "SIGXCPU";
+#endif
+#ifdef SIGXFSZ
+    case SIGXFSZ: return "SIGXFSZ";
+#endif
+    default: return "unknown signal";
+    }
+}
+
+/* "worker process 123 was killed by signal 11 (SIGSEGV)", "... exited (exit status 3)". */
+static void patio__pp_describe_exit(char *out, size_t cap, long pid, int status, int known)
+{
+    if (!known) {
+        snprintf(out, cap, "worker process %ld died (exit status unknown: it was reaped elsewhere)", pid);
+    } else if (WIFSIGNALED(status)) {
+        int sig = WTERMSIG(status);
+        int core = 0;
+#ifdef WCOREDUMP
+        core = WCOREDUMP(status) != 0;
+#endif
+        snprintf(out, cap, "worker process %ld was killed by signal %d (%s)%s", pid, sig,
+                 patio__signal_name(sig), core ? ", core dumped" : "");
+    } else if (WIFEXITED(status)) {
+        snprintf(out, cap, "worker process %ld exited (exit status %d)", pid, WEXITSTATUS(status));
+    } else {
+        snprintf(out, cap, "worker process %ld died (wait status %d)", pid, status);
+    }
+}
+
+/* Seconds to nanoseconds, saturating; UINT64_MAX = never. */
+static uint64_t patio__pp_after(uint64_t now, double seconds)
+{
+    double ns;
+    if (seconds != seconds || seconds <= 0) return now;
+    ns = seconds * 1e9;
+    if (ns >= 1.8e19 || now + (uint64_t)ns < now) return UINT64_MAX;
+    return now + (uint64_t)ns;
+}
+
+/* ---- the worker process ------------------------------------------------ */
+
+/* Everything a worker uses: its own buffers, the (read-only) registry and
+ * its socket. Nothing of the parent's threads or locks. */
+typedef struct patio__pw {
+    const patio_registry *reg;
+    const patio_hooks *hooks;
+    int fd;
+    uint32_t max_frame;
+    uint64_t spin_ns;        /* poll this long for more calls before blocking */
+    const patio__entry *last; /* the function called last: most calls repeat it */
+    uint8_t *in;
+    size_t in_len, in_cap;
+    patio_writer out;        /* answer frames not yet written */
+    patio_writer result;     /* lent to each task: small results do not allocate */
+    uint64_t oldest;         /* start of the oldest call whose answer is unsent */
+    int flush_now;           /* an answer the parent should see at once */
+} patio__pw;
+
+static void patio__pw_flush(patio__pw *w)
+{
+    size_t off = 0;
+    while (off < w->out.len) {
+        ssize_t n = send(w->fd, w->out.data + off, w->out.len - off, PATIO__PP_SEND_FLAGS);
+        if (n > 0) { off += (size_t)n; continue; }
+        if (n < 0 && errno == EINTR) continue;
+        _exit(0); /* the parent is gone: nobody waits for these answers */
+    }
+    patio_writer_reset(&w->out);
+    if (w->out.cap > PATIO__PP_KEEP_BUFFER) patio_writer_free(&w->out);
+    w->oldest = 0;
+    w->flush_now = 0;
+}
+
+/* Appends one answer frame. A result above max_frame_size is answered
+ * with OverflowError; without memory for the frame, the answers waiting
+ * are written first and it is tried again, then MemoryError is answered. */
+static void patio__pw_frame(patio__pw *w, int type, uint32_t serial, const void *payload, size_t len,
+                            const char *exc_type, const char *exc_msg)
+{
+    char msg[120];
+    int attempt;
+    for (attempt = 0; attempt < 4; attempt++) {
+        size_t mark = patio__frame_begin(&w->out);
+        int rc;
+        if (exc_type) patio__write_exception(&w->out, exc_type, strlen(exc_type), exc_msg, strlen(exc_msg));
+        else patio_write_raw(&w->out, payload, len);
+        rc = patio__frame_end(&w->out, mark, type, serial, w->max_frame);
+        if (rc == PATIO_OK) return;
+        w->out.len = mark;
+        w->out.err = 0;
+        if (rc == PATIO_ERR_OVERFLOW && !exc_type) {
+            snprintf(msg, sizeof msg, "result too large: %lu bytes, the pool's max_frame_size is %lu",
+                     (unsigned long)len, (unsigned long)w->max_frame);
+            exc_type = "OverflowError";
+            exc_msg = msg;
+        } else if (w->out.len) {
+            patio__pw_flush(w);
+        } else {
+            exc_type = "MemoryError";
+            exc_msg = "the worker could not buffer the answer";
+        }
+        type = exc_type ? PATIO__PKT_ERROR : type;
+    }
+    _exit(70); /* not even a small frame fits: the parent reports the exit */
+}
+
+static void patio__pw_fail(patio__pw *w, uint32_t serial, const char *type, const char *msg)
+{
+    patio__pw_frame(w, PATIO__PKT_ERROR, serial, NULL, 0, type, msg);
+}
+
+/* Runs one call with a task on the stack and queues its answer. */
+static void patio__pw_run(patio__pw *w, const patio__entry *e, const patio__call_request *req, uint32_t serial)
+{
+    patio_task t;
+    patio__task_init(&t, e, w->hooks, req->args, req->args_len, req->kwargs, req->kwargs_len);
+    t.result = w->result;
+    patio_writer_reset(&t.result);
+    t.timeout = req->has_timeout ? req->timeout : -1;
+    if (patio_task_run(&t) == PATIO_PENDING) {
+        /* Nothing runs here to finish it later; leave the buffer to it. */
+        patio_writer_init(&w->result, w->hooks);
+        patio__pw_fail(w, serial, "RuntimeError",
+                       "tasks that return PATIO_PENDING cannot run in a process pool worker");
+        return;
+    }
+    w->result = t.result;
+    patio__pw_frame(w, t.status == PATIO_OK ? PATIO__PKT_RESPONSE : PATIO__PKT_ERROR, serial,
+                    w->result.data, w->result.len, NULL, NULL);
+    if (w->result.cap > PATIO__PP_KEEP_BUFFER) patio_writer_free(&w->result);
+}
+
+static void patio__pw_call(patio__pw *w, const patio__frame *f, uint64_t received)
+{
+    patio__call_request req;
+    const patio__entry *e;
+    uint64_t start = patio__now_ns();
+    if (w->out.len && (w->flush_now || start - w->oldest >= PATIO__PP_BATCH_NS ||
+                       w->out.len >= PATIO__PP_BATCH_BYTES)) {
+        patio__pw_flush(w);
+        start = patio__now_ns(); /* a slow write must not count against the next batch */
+    }
+    if (!w->out.len) w->oldest = start;
+    if (patio__decode_call_request(f->payload, f->size, 0, &req) != PATIO_OK) {
+        patio__pw_fail(w, f->serial, "RuntimeError", "malformed call request");
+        return;
+    }
+    e = w->last;
+    if (!e || e->name_len != req.func_len || memcmp(e->name, req.func, req.func_len) != 0)
+        e = w->last = patio__registry_find(w->reg, req.func, req.func_len);
+    if (!e) {
+        char name[256];
+        snprintf(name, sizeof name, "%.*s", (int)(req.func_len < 255 ? req.func_len : 255), req.func);
+        patio__pw_fail(w, f->serial, "KeyError", name);
+        return;
+    }
+    if (req.has_timeout && patio__pp_after(received, req.timeout) <= start) {
+        /* Its caller gave up while it waited here: do not run it, and tell
+         * the parent at once so it does not take the worker for stuck. */
+        patio__pw_fail(w, f->serial, "TimeoutError", "the call expired before it started");
+        w->flush_now = 1;
+        return;
+    }
+    patio__pw_run(w, e, &req, f->serial);
+}
+
+/* Makes room for the next read: at least a chunk, or the whole frame
+ * whose header is already in. */
+static void patio__pw_reserve(patio__pw *w)
+{
+    size_t need = w->in_len + PATIO__PP_READ_CHUNK;
+    uint8_t *p;
+    if (w->in_len >= PATIO__FRAME_HEADER) {
+        uint64_t size = patio__get_be(w->in + 1, 4);
+        if (size > w->max_frame) _exit(72); /* the parent never sends these */
+        if (PATIO__FRAME_HEADER + (size_t)size > need) need = PATIO__FRAME_HEADER + (size_t)size;
+    }
+    if (need <= w->in_cap) return;
+    p = (uint8_t *)patio__realloc(w->hooks, w->in, need);
+    if (!p) _exit(71);
+    w->in = p;
+    w->in_cap = need;
+}
+
+/* Waits for input: polls briefly first (the next calls usually follow the
+ * answers closely, and waking a sleeping process costs far more), then
+ * blocks. The parent closing the socket ends the worker. */
+static uint64_t patio__pw_read(patio__pw *w)
+{
+    uint64_t until = w->spin_ns ? patio__now_ns() + w->spin_ns : 0;
+    ssize_t n;
+    patio__pw_reserve(w);
+    for (;;) {
+        n = recv(w->fd, w->in + w->in_len, w->in_cap - w->in_len, until ? MSG_DONTWAIT : 0);
+        if (n > 0) break;
+        if (n == 0) _exit(0);
+        if (errno == EINTR) continue;
+        if (errno != EAGAIN && errno != EWOULDBLOCK) _exit(0);
+        if (until && patio__now_ns() >= until) until = 0;
+        patio__cpu_relax();
+    }
+    w->in_len += (size_t)n;
+    return patio__now_ns();
+}
+
+#if defined(__GNUC__)
+__attribute__((noreturn))
+#endif
+static void patio__pw_main(const patio_registry *reg, int fd, uint32_t max_frame, uint64_t spin_ns)
+{
+    patio__pw w;
+    memset(&w, 0, sizeof w);
+    w.reg = reg;
+    w.hooks = &reg->hooks;
+    w.fd = fd;
+    w.max_frame = max_frame;
+    w.spin_ns = spin_ns;
+    patio_writer_init(&w.out, w.hooks);
+    patio_writer_init(&w.result, w.hooks);
+    for (;;) {
+        uint64_t received = patio__pw_read(&w);
+        size_t pos = 0;
+        for (;;) {
+            patio__frame f;
+            int rc = patio__frame_parse(w.in + pos, w.in_len - pos, w.max_frame, &f);
+            if (rc == 0) break;
+            if (rc < 0) _exit(72); /* the parent never sends these */
+            pos += PATIO__FRAME_HEADER + f.size;
+            if (f.type == PATIO__PKT_REQUEST) patio__pw_call(&w, &f, received);
+        }
+        if (pos) {
+            memmove(w.in, w.in + pos, w.in_len - pos);
+            w.in_len -= pos;
+        }
+        if (w.in_len == 0 && w.in_cap > PATIO__PP_KEEP_BUFFER) {
+            patio__free(w.hooks, w.in);
+            w.in = NULL;
+            w.in_cap = 0;
+        }
+        patio__pw_flush(&w);
+    }
+}
+
+/* ---- the parent: bookkeeping ------------------------------------------- */
+
+enum { PATIO__PW_EMPTY = 0, PATIO__PW_ALIVE = 1, PATIO__PW_DYING = 2 };
+
+typedef struct patio__pp_slot {
+    patio_task *task;
+    uint32_t serial;
+    uint64_t sent;        /* when it was queued for the worker */
+    uint64_t deadline;    /* sent + the caller's timeout; UINT64_MAX = none */
+    size_t end;           /* where its frame ends in the worker's out buffer */
+} patio__pp_slot;
+
+typedef struct patio__pp_worker {
+    int state;            /* PATIO__PW_*: written under the pool mutex */
+    long pid;             /* written under the pool mutex */
+    int fd;               /* parent's end; -1 once closed */
+    patio__pp_slot *ring; /* calls sent and not answered, oldest first */
+    unsigned head, count;
+    uint32_t serial;
+    uint64_t head_since;  /* when ring[head] became the call the worker runs */
+    patio_writer out;     /* request frames not yet written */
+    size_t out_off;
+    unsigned unsent;      /* calls whose frames are (partly) in out */
+    int blocked;          /* the socket was full: wait for POLLOUT */
+    int answered;         /* answers arrived since the last write */
+    uint8_t *in;          /* answer bytes not yet parsed */
+    size_t in_len, in_cap;
+    uint64_t eof_at;      /* when its socket closed (its exit status is due) */
+    int killed;           /* we sent SIGKILL */
+    char reason[200];     /* why we killed it, told to the calls it held */
+} patio__pp_worker;
+
+typedef struct patio__ppool {
+    patio_executor base;
+    pthread_mutex_t mu;
+    patio__task_queue q;   /* under mu */
+    size_t max_queue;
+    int closing;           /* under mu */
+    int io_sleeping;       /* under mu: the I/O thread is about to block */
+    int woken;             /* under mu: a wake-up is on its way */
+    int live;              /* under mu: workers in state ALIVE */
+    patio__wake wake;
+    pthread_t io;
+    int io_running;
+    size_t queued;         /* atomic mirror of q.count, for the spinning I/O thread */
+    int nworkers, max_calls, kill_on_timeout, inherit_fds;
+    uint32_t max_frame;
+    uint64_t spin_ns;
+    patio__pp_worker *w;
+    struct pollfd *pfd;    /* I/O thread: the wake fd, then worker sockets */
+    int *pfd_worker;
+    uint64_t respawn_at;   /* I/O thread: earliest next fork after one failed */
+} patio__ppool;
+
+static void patio__pp_set_state(patio__ppool *p, patio__pp_worker *w, int state, long pid)
+{
+    pthread_mutex_lock(&p->mu);
+    if (w->state == PATIO__PW_ALIVE) p->live--;
+    if (state == PATIO__PW_ALIVE) p->live++;
+    w->state = state;
+    w->pid = pid;
+    pthread_mutex_unlock(&p->mu);
+}
+
+/* ---- the parent: creating a worker ------------------------------------- */
+
+#if defined(__GNUC__)
+__attribute__((noreturn))
+#endif
+static void patio__pp_child(patio__ppool *p, int fd)
+{
+    int i;
+    if (!p->inherit_fds) {
+        fd = patio__pp_close_inherited(fd);
+    } else {
+        /* keep the user's fds, but none of ours: the other workers'
+         * sockets would otherwise never see EOF */
+        for (i = 0; i < p->nworkers; i++)
+            if (p->w[i].fd >= 0) close(p->w[i].fd);
+        patio__wake_close(&p->wake);
+    }
+    patio__pw_main(p->base.registry, fd, p->max_frame, p->spin_ns);
+}
+
+static int patio__pp_spawn(patio__ppool *p, patio__pp_worker *w)
+{
+    int sv[2];
+    pid_t pid;
+    if (patio__pp_socketpair(sv) != PATIO_OK) return PATIO_ERR_IO;
+    pid = fork();
+    if (pid < 0) {
+        int e = errno;
+        close(sv[0]);
+        close(sv[1]);
+        errno = e;
+        return PATIO_ERR_IO;
+    }
+    if (pid == 0) {
+        close(sv[0]);
+        patio__pp_child(p, sv[1]);
+    }
+    close(sv[1]);
+    w->fd = sv[0];
+    w->head = w->count = w->unsent = 0;
+    w->in_len = 0;
+    patio_writer_reset(&w->out);
+    w->out_off = 0;
+    w->blocked = w->answered = 0;
+    w->eof_at = 0;
+    w->killed = 0;
+    w->reason[0] = '\0';
+    patio__pp_set_state(p, w, PATIO__PW_ALIVE, (long)pid);
+    return PATIO_OK;
+}
+
+/* ---- the parent: finishing tasks -------------------------------------- */
+
+static void patio__pp_succeed(patio_task *t, const patio__frame *f)
+{
+    patio_writer_reset(&t->result);
+    patio_write_raw(&t->result, f->payload, f->size);
+    patio__store(&t->finished, 1);
+    patio__task_complete(t, t->result.err ? t->result.err : PATIO_OK);
+}
+
+static void patio__pp_raise(patio_task *t, const patio__frame *f)
+{
+    const char *ty, *msg;
+    size_t tl, ml;
+    patio_writer_reset(&t->result);
+    if (patio__decode_exception(f->payload, f->size, &ty, &tl, &msg, &ml) == PATIO_OK)
+        patio_write_raw(&t->result, f->payload, f->size);
+    else
+        patio__write_exception(&t->result, "RuntimeError", 12, "undecodable error from a worker", 31);
+    t->status = PATIO_ERR_REMOTE;
+    patio__store(&t->finished, 1);
+    patio__task_complete(t, PATIO_ERR_REMOTE);
+}
+
+static patio__pp_slot patio__pp_pop(patio__ppool *p, patio__pp_worker *w)
+{
+    patio__pp_slot s = w->ring[w->head];
+    if (++w->head == (unsigned)p->max_calls) w->head = 0;
+    w->count--;
+    return s;
+}
+
+/* Fails every call a dead worker held: it may have run them, or not. */
+static void patio__pp_fail_held(patio__ppool *p, patio__pp_worker *w, const char *msg)
+{
+    while (w->count) {
+        patio__pp_slot s = patio__pp_pop(p, w);
+        patio__task_fail_code(s.task, PATIO_ERR_WORKER_DIED, "RuntimeError", msg);
+    }
+}
+
+/* One answer: it belongs to the oldest call, since a worker runs its calls
+ * in order. Anything else means the worker is broken. */
+static int patio__pp_answer(patio__ppool *p, patio__pp_worker *w, const patio__frame *f, uint64_t now)
+{
+    patio__pp_slot s;
+    if (!w->count || w->ring[w->head].serial != f->serial) return PATIO_ERR_PROTOCOL;
+    if (f->type != PATIO__PKT_RESPONSE && f->type != PATIO__PKT_ERROR) return PATIO_ERR_PROTOCOL;
+    s = patio__pp_pop(p, w);
+    w->head_since = now;
+    w->answered = 1;
+    if (f->type == PATIO__PKT_RESPONSE) patio__pp_succeed(s.task, f);
+    else patio__pp_raise(s.task, f);
+    return PATIO_OK;
+}
+
+/* ---- the parent: worker sockets ---------------------------------------- */
+
+/* Calls whose frames a worker has not received entirely cannot have
+ * started there: they go back to the front of the parent's queue, in
+ * order, for another worker (used when a worker dies or turns out busy). */
+static void patio__pp_take_back(patio__ppool *p, patio__pp_worker *w)
+{
+    unsigned n = w->unsent;
+    if (n) {
+        pthread_mutex_lock(&p->mu);
+        for (; n; n--) {
+            patio__pp_slot *s = &w->ring[(w->head + w->count - 1) % (unsigned)p->max_calls];
+            patio_task *t = s->task;
+            if (s->end <= w->out_off) break; /* written in full: the worker may run it */
+            w->count--;
+            patio__store(&t->state, PATIO__TASK_QUEUED);
+            t->prev = NULL;
+            t->next = p->q.head;
+            if (p->q.head) p->q.head->prev = t; else p->q.tail = t;
+            p->q.head = t;
+            p->q.count++;
+        }
+        patio__store(&p->queued, p->q.count);
+        pthread_mutex_unlock(&p->mu);
+    }
+    w->unsent = 0;
+    patio_writer_reset(&w->out);
+    w->out_off = 0;
+    w->blocked = 0;
+}
+
+/* Stops using a worker that misbehaved or outlived a timeout. Its calls
+ * fail once it is reaped, with `reason`. */
+static void patio__pp_kill(patio__ppool *p, patio__pp_worker *w, const char *reason)
+{
+    if (!w->killed) {
+        kill((pid_t)w->pid, SIGKILL);
+        w->killed = 1;
+        if (!w->reason[0]) snprintf(w->reason, sizeof w->reason, "%s", reason);
+    }
+    patio__pp_take_back(p, w);
+    if (w->state == PATIO__PW_ALIVE) patio__pp_set_state(p, w, PATIO__PW_DYING, w->pid);
+}
+
+/* The socket closed (or failed): the worker is exiting. */
+static void patio__pp_closed(patio__ppool *p, patio__pp_worker *w)
+{
+    if (w->fd >= 0) close(w->fd);
+    w->fd = -1;
+    w->eof_at = patio__now_ns();
+    patio__pp_take_back(p, w);
+    if (w->state == PATIO__PW_ALIVE) patio__pp_set_state(p, w, PATIO__PW_DYING, w->pid);
+}
+
+static void patio__pp_protocol_error(patio__ppool *p, patio__pp_worker *w, const char *what)
+{
+    char msg[160];
+    snprintf(msg, sizeof msg, "worker process %ld was killed (SIGKILL): %s", w->pid, what);
+    patio__log(p->base.hooks, PATIO_LOG_ERROR, "process pool: %s", msg);
+    patio__pp_kill(p, w, msg);
+    patio__pp_closed(p, w);
+}
+
+static void patio__pp_write(patio__ppool *p, patio__pp_worker *w)
+{
+    w->answered = 0;
+    while (w->out_off < w->out.len) {
+        ssize_t n = send(w->fd, w->out.data + w->out_off, w->out.len - w->out_off, PATIO__PP_SEND_FLAGS);
+        if (n > 0) { w->out_off += (size_t)n; continue; }
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) { w->blocked = 1; return; }
+        /* EPIPE, ECONNRESET: it is dying; EOF and its exit status follow */
+        patio__pp_take_back(p, w);
+        if (w->state == PATIO__PW_ALIVE) patio__pp_set_state(p, w, PATIO__PW_DYING, w->pid);
+        return;
+    }
+    patio_writer_reset(&w->out);
+    w->out_off = 0;
+    w->unsent = 0;
+    w->blocked = 0;
+    if (w->out.cap > PATIO__PP_KEEP_BUFFER) patio_writer_free(&w->out);
+}
+
+/* Whether to write a worker's buffered calls now: when it is idle, when
+ * its answers show progress, or once a good batch waits. A worker still
+ * busy with calls it has could not start new ones sooner anyway, and one
+ * write per batch instead of one per trickle of submissions is much of the
+ * throughput. Calls kept back from a worker whose call then runs long go
+ * to another worker (see patio__pp_watch). */
+static int patio__pp_should_write(const patio__pp_worker *w)
+{
+    if (w->state != PATIO__PW_ALIVE || w->fd < 0 || w->blocked || w->out_off >= w->out.len) return 0;
+    return w->count == w->unsent || w->answered || w->out.len - w->out_off >= PATIO__PP_BATCH_BYTES;
+}
+
+/* Room for the next read: a chunk, or the whole frame whose header is in. */
+static int patio__pp_reserve(patio__ppool *p, patio__pp_worker *w)
+{
+    size_t need = w->in_len + PATIO__PP_READ_CHUNK;
+    uint8_t *n;
+    if (w->in_len >= PATIO__FRAME_HEADER) {
+        uint64_t size = patio__get_be(w->in + 1, 4);
+        if (size > p->max_frame) return PATIO_ERR_PROTOCOL;
+        if (PATIO__FRAME_HEADER + (size_t)size > need) need = PATIO__FRAME_HEADER + (size_t)size;
+    }
+    if (need <= w->in_cap) return PATIO_OK;
+    n = (uint8_t *)patio__realloc(p->base.hooks, w->in, need);
+    if (!n) return PATIO_ERR_NOMEM;
+    w->in = n;
+    w->in_cap = need;
+    return PATIO_OK;
+}
+
+/* Completes every whole answer in the buffer and keeps the partial rest. */
+static int patio__pp_parse(patio__ppool *p, patio__pp_worker *w)
+{
+    uint64_t now = patio__now_ns();
+    size_t pos = 0;
+    int rc = PATIO_OK;
+    for (;;) {
+        patio__frame f;
+        int r = patio__frame_parse(w->in + pos, w->in_len - pos, p->max_frame, &f);
+        if (r == 0) break;
+        if (r < 0 || patio__pp_answer(p, w, &f, now) != PATIO_OK) { rc = PATIO_ERR_PROTOCOL; break; }
+        pos += PATIO__FRAME_HEADER + f.size;
+    }
+    if (pos) {
+        memmove(w->in, w->in + pos, w->in_len - pos);
+        w->in_len -= pos;
+    }
+    if (w->in_len == 0 && w->in_cap > PATIO__PP_KEEP_BUFFER) {
+        patio__free(p->base.hooks, w->in);
+        w->in = NULL;
+        w->in_cap = 0;
+    }
+    return rc;
+}
+
+/* Reads what is there (a bounded amount, so other workers get their turn). */
+static void patio__pp_read(patio__ppool *p, patio__pp_worker *w)
+{
+    int round;
+    for (round = 0; round < 16 && w->fd >= 0; round++) {
+        size_t room;
+        ssize_t n;
+        int rc = patio__pp_reserve(p, w);
+        if (rc != PATIO_OK) {
+            patio__pp_protocol_error(p, w, rc == PATIO_ERR_NOMEM ? "no memory for its answer"
+                                                                 : "it sent an oversized frame");
+            return;
+        }
+        room = w->in_cap - w->in_len;
+        n = recv(w->fd, w->in + w->in_len, room, 0);
+        if (n > 0) {
+            w->in_len += (size_t)n;
+            if (patio__pp_parse(p, w) != PATIO_OK) {
+                patio__pp_protocol_error(p, w, "it sent a malformed answer");
+                return;
+            }
+            if ((size_t)n < room) return;
+            continue;
+        }
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+        patio__pp_closed(p, w); /* EOF or ECONNRESET */
+        return;
+    }
+}
+
+/* ---- the parent: sending calls ----------------------------------------- */
+
+/* Calls a worker can take now. A worker whose current call has run for
+ * PATIO__PP_BUSY_NS gets no more until it answers: what is queued waits in
+ * the parent for whichever worker frees up first, instead of behind it. */
+static unsigned patio__pp_room(const patio__ppool *p, const patio__pp_worker *w, uint64_t now)
+{
+    if (w->state != PATIO__PW_ALIVE) return 0;
+    if (w->count && now - w->head_since >= PATIO__PP_BUSY_NS) return 0;
+    return (unsigned)p->max_calls - w->count;
+}
+
+static unsigned patio__pp_free_slots(const patio__ppool *p, uint64_t now)
+{
+    unsigned n = 0;
+    int i;
+    for (i = 0; i < p->nworkers; i++) n += patio__pp_room(p, &p->w[i], now);
+    return n;
+}
+
+/* The worker with room and the fewest calls in flight; among equals, the
+ * one whose current call started last (the least likely to be a long one). */
+static patio__pp_worker *patio__pp_pick(patio__ppool *p, uint64_t now)
+{
+    patio__pp_worker *best = NULL;
+    int i;
+    for (i = 0; i < p->nworkers; i++) {
+        patio__pp_worker *w = &p->w[i];
+        if (!patio__pp_room(p, w, now)) continue;
+        if (w->count == 0) return w;
+        if (!best || w->count < best->count || (w->count == best->count && w->head_since > best->head_since))
+            best = w;
+    }
+    return best;
+}
+
+/* Encodes a task as a REQUEST frame for the least busy worker. */
+static void patio__pp_send(patio__ppool *p, patio_task *t, uint64_t now)
+{
+    patio__pp_worker *w = patio__pp_pick(p, now);
+    const patio__entry *e = t->entry;
+    patio__pp_slot *s;
+    size_t mark;
+    int rc;
+    if (!w) { /* cannot happen: the caller counted free slots */
+        patio__task_fail_code(t, PATIO_ERR_WORKER_DIED, "RuntimeError", "no worker process is available");
+        return;
+    }
+    mark = patio__frame_begin(&w->out);
+    patio__write_call_request(&w->out, e->name, e->name_len, t->args, t->args_len, t->kwargs, t->kwargs_len,
+                              t->timeout >= 0, t->timeout);
+    rc = patio__frame_end(&w->out, mark, PATIO__PKT_REQUEST, w->serial, p->max_frame);
+    if (rc != PATIO_OK) {
+        w->out.len = mark;
+        w->out.err = 0;
+        if (rc == PATIO_ERR_OVERFLOW)
+            patio__task_fail_code(t, rc, "OverflowError", "the call's arguments exceed the pool's max_frame_size");
+        else
+            patio__task_fail_code(t, rc, "MemoryError", "no memory to encode the call");
+        return;
+    }
+    s = &w->ring[(w->head + w->count) % (unsigned)p->max_calls];
+    s->task = t;
+    s->serial = w->serial++;
+    s->sent = now;
+    s->deadline = t->timeout >= 0 ? patio__pp_after(now, t->timeout) : UINT64_MAX;
+    s->end = w->out.len;
+    w->unsent++;
+    if (w->count++ == 0) w->head_since = now;
+}
+
+/* Moves queued tasks to workers while they have room. */
+static void patio__pp_dispatch(patio__ppool *p)
+{
+    patio_task *batch[PATIO__PP_BATCH];
+    uint64_t now = patio__now_ns();
+    unsigned room = patio__pp_free_slots(p, now);
+    while (room > 0) {
+        size_t n = 0, i;
+        pthread_mutex_lock(&p->mu);
+        while (n < room && n < PATIO__PP_BATCH && p->q.head) {
+            batch[n] = patio__tq_pop(&p->q);
+            patio__store(&batch[n]->state, PATIO__TASK_RUNNING);
+            n++;
+        }
+        patio__store(&p->queued, p->q.count);
+        pthread_mutex_unlock(&p->mu);
+        if (!n) return;
+        for (i = 0; i < n; i++) patio__pp_send(p, batch[i], now);
+        room -= (unsigned)n;
+    }
+}
+
+/* ---- the parent: timeouts, deaths, replacements ------------------------ */
+
+/* When a worker must be killed for its running call: the call's deadline,
+ * if it passed while the call ran; for a call that started late, its whole
+ * timeout counted from its start (the worker skips ones already expired). */
+static uint64_t patio__pp_kill_time(const patio__pp_worker *w, const patio__pp_slot *s)
+{
+    uint64_t at;
+    if (s->deadline == UINT64_MAX) return UINT64_MAX;
+    at = s->deadline >= w->head_since ? s->deadline : w->head_since + (s->deadline - s->sent);
+    return at > UINT64_MAX - PATIO__PP_KILL_GRACE_NS ? UINT64_MAX : at + PATIO__PP_KILL_GRACE_NS;
+}
+
+static void patio__pp_kill_late(patio__ppool *p, patio__pp_worker *w, const patio__pp_slot *s)
+{
+    char reason[200];
+    snprintf(reason, sizeof reason, "worker process %ld was killed (SIGKILL): call '%s' ran past its timeout of %g s",
+             w->pid, s->task->entry->name, s->task->timeout);
+    patio__log(p->base.hooks, PATIO_LOG_WARN, "process pool: %s", reason);
+    patio__pp_kill(p, w, reason);
+}
+
+/* Watches the call each worker runs: kills the worker when the call
+ * outlived its timeout, and takes back the calls buffered for a worker
+ * whose call turned out long. Returns when to look again (UINT64_MAX =
+ * only on events). */
+static uint64_t patio__pp_watch(patio__ppool *p, uint64_t now)
+{
+    uint64_t next = UINT64_MAX;
+    int i;
+    for (i = 0; i < p->nworkers; i++) {
+        patio__pp_worker *w = &p->w[i];
+        const patio__pp_slot *s = &w->ring[w->head];
+        uint64_t at;
+        if (w->state != PATIO__PW_ALIVE || w->count <= w->unsent) continue; /* none at the worker */
+        if (p->kill_on_timeout > 0) {
+            at = patio__pp_kill_time(w, s);
+            if (at <= now) { patio__pp_kill_late(p, w, s); continue; }
+            if (at < next) next = at;
+        }
+        if (w->unsent && w->out_off == 0) {
+            at = w->head_since + PATIO__PP_BUSY_NS;
+            if (at <= now) patio__pp_take_back(p, w);
+            else if (at < next) next = at;
+        }
+    }
+    return next;
+}
+
+/* A worker whose socket closed: collect its exit status, fail its calls
+ * with it, and free the slot. Returns 1 once reaped. */
+static int patio__pp_reap(patio__ppool *p, patio__pp_worker *w, uint64_t now)
+{
+    char msg[200];
+    int status = 0;
+    pid_t r;
+    do r = waitpid((pid_t)w->pid, &status, WNOHANG);
+    while (r < 0 && errno == EINTR);
+    if (r == 0) {
+        if (!w->killed && now - w->eof_at > PATIO__PP_REAP_NS) {
+            snprintf(msg, sizeof msg, "worker process %ld closed its socket but did not exit: killed (SIGKILL)",
+                     w->pid);
+            patio__pp_kill(p, w, msg);
+        }
+        return 0;
+    }
+    if (w->reason[0]) snprintf(msg, sizeof msg, "%s", w->reason);
+    else patio__pp_describe_exit(msg, sizeof msg, w->pid, status, r > 0);
+    if (!w->killed) patio__log(p->base.hooks, PATIO_LOG_WARN, "process pool: %s", msg);
+    patio__pp_set_state(p, w, PATIO__PW_EMPTY, 0);
+    patio__pp_fail_held(p, w, msg);
+    return 1;
+}
+
+/* Replaces dead workers (while there is or may be work for them). */
+static void patio__pp_respawn(patio__ppool *p, uint64_t now)
+{
+    int i, needed;
+    if (p->respawn_at && now < p->respawn_at) return;
+    pthread_mutex_lock(&p->mu);
+    needed = !p->closing || p->q.head != NULL;
+    pthread_mutex_unlock(&p->mu);
+    if (!needed) return;
+    p->respawn_at = 0;
+    for (i = 0; i < p->nworkers; i++) {
+        if (p->w[i].state != PATIO__PW_EMPTY) continue;
+        if (patio__pp_spawn(p, &p->w[i]) != PATIO_OK) {
+            patio__log(p->base.hooks, PATIO_LOG_ERROR, "process pool: cannot start a worker process: %s",
+                       strerror(errno));
+            p->respawn_at = now + PATIO__PP_RESPAWN_NS;
+            return;
+        }
+    }
+}
+
+/* Closing, and no worker can be started: queued tasks cannot run. */
+static void patio__pp_fail_queue(patio__ppool *p)
+{
+    for (;;) {
+        patio_task *t;
+        pthread_mutex_lock(&p->mu);
+        t = patio__tq_pop(&p->q);
+        if (t) patio__store(&t->state, PATIO__TASK_RUNNING);
+        patio__store(&p->queued, p->q.count);
+        pthread_mutex_unlock(&p->mu);
+        if (!t) return;
+        patio__task_fail_code(t, PATIO_ERR_WORKER_DIED, "RuntimeError", "no worker process could be started");
+    }
+}
+
+/* ---- the parent: the I/O thread ---------------------------------------- */
+
+static unsigned patio__pp_in_flight(const patio__ppool *p)
+{
+    unsigned n = 0;
+    int i;
+    for (i = 0; i < p->nworkers; i++) n += p->w[i].count;
+    return n;
+}
+
+/* 1 when shutting down and every task has finished. */
+static int patio__pp_done(patio__ppool *p)
+{
+    int closing, queued, i, any = 0;
+    pthread_mutex_lock(&p->mu);
+    closing = p->closing;
+    queued = p->q.head != NULL;
+    pthread_mutex_unlock(&p->mu);
+    if (!closing) return 0;
+    for (i = 0; i < p->nworkers; i++) any |= p->w[i].state != PATIO__PW_EMPTY;
+    if (queued && !any && p->respawn_at) patio__pp_fail_queue(p);
+    return !queued && patio__pp_in_flight(p) == 0;
+}
+
+/* Earliest moment something needs doing without an fd event. */
+static uint64_t patio__pp_next_due(patio__ppool *p, uint64_t now)
+{
+    uint64_t next = patio__pp_watch(p, now);
+    int i;
+    for (i = 0; i < p->nworkers; i++) {
+        const patio__pp_worker *w = &p->w[i];
+        if (w->state == PATIO__PW_DYING && w->fd < 0) {
+            /* its exit status is normally there within microseconds */
+            uint64_t at = now + (now - w->eof_at < 10000000u ? 1000000u : 10000000u);
+            if (at < next) next = at;
+        }
+        if (w->state == PATIO__PW_EMPTY && p->respawn_at && p->respawn_at < next) next = p->respawn_at;
+    }
+    return next;
+}
+
+/* Fills the poll set: the wake fd first, then each open worker socket. */
+static nfds_t patio__pp_poll_set(patio__ppool *p)
+{
+    nfds_t n = 1;
+    int i;
+    p->pfd[0].fd = p->wake.rfd;
+    p->pfd[0].events = POLLIN;
+    p->pfd[0].revents = 0;
+    for (i = 0; i < p->nworkers; i++) {
+        patio__pp_worker *w = &p->w[i];
+        if (w->fd < 0) continue;
+        p->pfd[n].fd = w->fd;
+        p->pfd[n].events = (short)(POLLIN | (w->blocked ? POLLOUT : 0));
+        p->pfd[n].revents = 0;
+        p->pfd_worker[n] = i;
+        n++;
+    }
+    return n;
+}
+
+/* Before sleeping, polls briefly for answers and new calls: they usually
+ * follow within microseconds, and a wake-up costs far more. 1 if some came. */
+static int patio__pp_spin(patio__ppool *p, nfds_t n, uint64_t now)
+{
+    uint64_t until = now + p->spin_ns;
+    unsigned i;
+    for (i = 0;; i++) {
+        if (poll(p->pfd, n, 0) > 0) return 1;
+        if (patio__load(&p->queued) && patio__pp_free_slots(p, now)) return 1;
+        if ((i & 7) == 7 && patio__now_ns() >= until) return 0;
+        patio__cpu_relax();
+    }
+}
+
+/* Waits until a worker socket or the wake fd is ready, or until `due`.
+ * Submitters write the wake fd only while we announce that we sleep. */
+static void patio__pp_wait(patio__ppool *p, uint64_t due, uint64_t now)
+{
+    nfds_t n = patio__pp_poll_set(p), k;
+    int ms = 0, sleeping = 0, ready;
+    if (due > now) {
+        uint64_t d = due == UINT64_MAX ? UINT64_MAX : (due - now + 999999u) / 1000000u;
+        ms = d > (uint64_t)INT_MAX ? -1 : (int)d;
+    }
+    if (ms != 0 && p->spin_ns && patio__pp_spin(p, n, now)) ms = 0;
+    if (ms != 0) {
+        pthread_mutex_lock(&p->mu);
+        if (p->q.head && patio__pp_free_slots(p, now)) ms = 0;
+        else p->io_sleeping = sleeping = 1;
+        pthread_mutex_unlock(&p->mu);
+    }
+    ready = poll(p->pfd, n, ms);
+    if (sleeping) {
+        pthread_mutex_lock(&p->mu);
+        p->io_sleeping = 0;
+        p->woken = 0;
+        pthread_mutex_unlock(&p->mu);
+    }
+    if (ready <= 0) return;
+    if (p->pfd[0].revents & POLLIN) patio__wake_drain(&p->wake);
+    for (k = 1; k < n; k++) {
+        patio__pp_worker *w = &p->w[p->pfd_worker[k]];
+        short re = p->pfd[k].revents;
+        if (!re) continue;
+        if ((re & POLLOUT) && w->fd >= 0) { w->blocked = 0; patio__pp_write(p, w); }
+        if ((re & (POLLIN | POLLHUP | POLLERR | POLLNVAL)) && w->fd >= 0) patio__pp_read(p, w);
+    }
+}
+
+static void patio__pp_flush_all(patio__ppool *p)
+{
+    int i;
+    for (i = 0; i < p->nworkers; i++) {
+        patio__pp_worker *w = &p->w[i];
+        if (patio__pp_should_write(w)) patio__pp_write(p, w);
+    }
+}
+
+static void *patio__pp_io_main(void *arg)
+{
+    patio__ppool *p = (patio__ppool *)arg;
+    for (;;) {
+        uint64_t now;
+        int i;
+        patio__pp_dispatch(p);
+        patio__pp_flush_all(p);
+        if (patio__pp_done(p)) break;
+        now = patio__now_ns();
+        patio__pp_wait(p, patio__pp_next_due(p, now), now);
+        now = patio__now_ns();
+        patio__pp_watch(p, now);
+        for (i = 0; i < p->nworkers; i++)
+            if (p->w[i].state == PATIO__PW_DYING && p->w[i].fd < 0) patio__pp_reap(p, &p->w[i], now);
+        patio__pp_respawn(p, now);
+    }
+    return NULL;
+}
+
+/* ---- the parent: shutdown ---------------------------------------------- */
+
+/* Waits for one child, at most about two seconds before killing it. */
+static void patio__pp_reap_now(patio__pp_worker *w)
+{
+    int i, status;
+    for (i = 0; i < 2000; i++) {
+        pid_t r = waitpid((pid_t)w->pid, &status, WNOHANG);
+        if (r == (pid_t)w->pid || (r < 0 && errno != EINTR)) return;
+        if (r == 0) {
+            struct timespec ts;
+            ts.tv_sec = 0;
+            ts.tv_nsec = 1000000;
+            nanosleep(&ts, NULL);
+        }
+    }
+    kill((pid_t)w->pid, SIGKILL);
+    while (waitpid((pid_t)w->pid, &status, 0) < 0 && errno == EINTR) {}
+}
+
+/* Closes every socket (a worker exits on EOF), then reaps them all. */
+static void patio__pp_stop_workers(patio__ppool *p)
+{
+    int i;
+    if (!p->w) return;
+    for (i = 0; i < p->nworkers; i++) {
+        if (p->w[i].fd >= 0) close(p->w[i].fd);
+        p->w[i].fd = -1;
+    }
+    for (i = 0; i < p->nworkers; i++) {
+        patio__pp_worker *w = &p->w[i];
+        if (w->state == PATIO__PW_EMPTY) continue;
+        patio__pp_reap_now(w);
+        patio__pp_fail_held(p, w, "the process pool shut down");
+        patio__pp_set_state(p, w, PATIO__PW_EMPTY, 0);
+    }
+}
+
+static void patio__pp_shutdown(patio_executor *ex)
+{
+    patio__ppool *p = (patio__ppool *)ex;
+    pthread_mutex_lock(&p->mu);
+    p->closing = 1;
+    pthread_mutex_unlock(&p->mu);
+    if (p->io_running) {
+        patio__wake_signal(&p->wake);
+        pthread_join(p->io, NULL);
+        p->io_running = 0;
+    }
+    patio__pp_fail_queue(p); /* only if the I/O thread never started */
+    patio__pp_stop_workers(p);
+}
+
+static void patio__pp_destroy(patio_executor *ex)
+{
+    patio__ppool *p = (patio__ppool *)ex;
+    const patio_hooks *h = ex->hooks;
+    int i;
+    if (p->w) {
+        for (i = 0; i < p->nworkers; i++) {
+            patio__free(h, p->w[i].ring);
+            patio__free(h, p->w[i].in);
+            patio_writer_free(&p->w[i].out);
+        }
+    }
+    patio__free(h, p->w);
+    patio__free(h, p->pfd);
+    patio__free(h, p->pfd_worker);
+    patio__wake_close(&p->wake);
+    pthread_mutex_destroy(&p->mu);
+    patio__free(h, p);
+}
+
+/* ---- the parent: the executor interface -------------------------------- */
+
+static int patio__pp_submit(patio_executor *ex, patio_task *t)
+{
+    patio__ppool *p = (patio__ppool *)ex;
+    int wake;
+    if (!t || !t->entry) return PATIO_ERR_INVALID;
+    pthread_mutex_lock(&p->mu);
+    if (p->closing) { pthread_mutex_unlock(&p->mu); return PATIO_ERR_CLOSED; }
+    if (p->q.count >= p->max_queue) { pthread_mutex_unlock(&p->mu); return PATIO_ERR_FULL; }
+    t->executor = ex;
+    patio__store(&t->state, PATIO__TASK_QUEUED);
+    patio__tq_push(&p->q, t);
+    patio__store(&p->queued, p->q.count);
+    wake = p->io_sleeping && !p->woken;
+    if (wake) p->woken = 1;
+    pthread_mutex_unlock(&p->mu);
+    if (wake) patio__wake_signal(&p->wake);
+    return PATIO_OK;
+}
+
+/* Only a task still in the parent's queue can be cancelled: once written
+ * to a worker it may already run there. */
+static int patio__pp_cancel(patio_executor *ex, patio_task *t)
+{
+    patio__ppool *p = (patio__ppool *)ex;
+    int rc;
+    pthread_mutex_lock(&p->mu);
+    rc = patio__tq_cancel(&p->q, t);
+    patio__store(&p->queued, p->q.count);
+    pthread_mutex_unlock(&p->mu);
+    return rc;
+}
+
+static const patio_executor_vtable patio__pp_vt = {
+    "process_pool", patio__pp_submit, patio__pp_cancel, NULL, NULL, patio__pp_shutdown, patio__pp_destroy
+};
+
+static int patio__pp_alloc(patio__ppool *p)
+{
+    const patio_hooks *h = p->base.hooks;
+    int i;
+    p->w = (patio__pp_worker *)patio__calloc(h, (size_t)p->nworkers * sizeof *p->w);
+    p->pfd = (struct pollfd *)patio__calloc(h, (size_t)(p->nworkers + 1) * sizeof *p->pfd);
+    p->pfd_worker = (int *)patio__calloc(h, (size_t)(p->nworkers + 1) * sizeof *p->pfd_worker);
+    if (!p->w || !p->pfd || !p->pfd_worker) return PATIO_ERR_NOMEM;
+    for (i = 0; i < p->nworkers; i++) {
+        p->w[i].fd = -1;
+        patio_writer_init(&p->w[i].out, h);
+        p->w[i].ring = (patio__pp_slot *)patio__calloc(h, (size_t)p->max_calls * sizeof *p->w[i].ring);
+        if (!p->w[i].ring) return PATIO_ERR_NOMEM;
+    }
+    return PATIO_OK;
+}
+
+static int patio__pp_configure(patio__ppool *p, const patio_process_pool_config *cfg)
+{
+    p->nworkers = cfg->max_workers ? cfg->max_workers : PATIO_DEFAULT_MAX_WORKERS;
+    p->max_queue = cfg->max_queue ? cfg->max_queue : PATIO_DEFAULT_QUEUE_SIZE;
+    p->max_calls = cfg->max_calls_per_worker ? cfg->max_calls_per_worker : PATIO__PP_DEFAULT_CALLS;
+    p->kill_on_timeout = cfg->kill_on_timeout < 0 ? -1 : 1;
+    p->inherit_fds = cfg->inherit_fds != 0;
+    p->spin_ns = cfg->spin_us > 0 ? (uint64_t)cfg->spin_us * 1000u : 0;
+    if (cfg->max_frame_size > UINT32_MAX) return PATIO_ERR_INVALID;
+    p->max_frame = cfg->max_frame_size ? (uint32_t)cfg->max_frame_size : PATIO__PP_DEFAULT_FRAME;
+    if (p->nworkers < 1 || p->nworkers > PATIO__PP_MAX_WORKERS) return PATIO_ERR_INVALID;
+    if (p->max_calls < 1 || p->max_calls > 65536) return PATIO_ERR_INVALID;
+    if (p->max_frame < 64) return PATIO_ERR_INVALID;
+    return PATIO_OK;
+}
+
+PATIO_API patio_executor *patio_process_pool_new_ex(patio_registry *r, const patio_process_pool_config *cfg)
+{
+    patio_process_pool_config def;
+    patio__ppool *p;
+    int i;
+    if (!r) return NULL;
+    if (!cfg) { memset(&def, 0, sizeof def); cfg = &def; }
+    p = (patio__ppool *)patio__calloc(&r->hooks, sizeof *p);
+    if (!p) return NULL;
+    patio_executor_init(&p->base, &patio__pp_vt, r);
+    p->wake.rfd = p->wake.wfd = -1;
+    pthread_mutex_init(&p->mu, NULL);
+    if (patio__pp_configure(p, cfg) != PATIO_OK || patio__pp_alloc(p) != PATIO_OK ||
+        patio__wake_open(&p->wake) != PATIO_OK) {
+        patio_executor_free(&p->base);
+        return NULL;
+    }
+    /* Workers get the registry as it is now, so it must not change later. */
+    patio_registry_lock(r);
+    for (i = 0; i < p->nworkers; i++) {
+        if (patio__pp_spawn(p, &p->w[i]) != PATIO_OK) {
+            patio__log(&r->hooks, PATIO_LOG_ERROR, "process pool: cannot start a worker process: %s",
+                       strerror(errno));
+            patio_executor_free(&p->base);
+            return NULL;
+        }
+    }
+    /* Started after the first forks, so those copy a process with no
+     * thread of ours; replacements are forked by this thread. */
+    if (pthread_create(&p->io, NULL, patio__pp_io_main, p) != 0) {
+        patio_executor_free(&p->base);
+        return NULL;
+    }
+    p->io_running = 1;
+    return &p->base;
+}
+
+PATIO_API patio_executor *patio_process_pool_new(patio_registry *r, int max_workers)
+{
+    patio_process_pool_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.max_workers = max_workers;
+    return patio_process_pool_new_ex(r, &cfg);
+}
+
+static patio__ppool *patio__pp_of(const patio_executor *ex)
+{
+    return ex && ex->vt == &patio__pp_vt ? (patio__ppool *)(void *)(uintptr_t)ex : NULL;
+}
+
+PATIO_API int patio_process_pool_workers(const patio_executor *ex)
+{
+    patio__ppool *p = patio__pp_of(ex);
+    int n;
+    if (!p) return -1;
+    pthread_mutex_lock(&p->mu);
+    n = p->live;
+    pthread_mutex_unlock(&p->mu);
+    return n;
+}
+
+PATIO_API int patio_process_pool_pids(const patio_executor *ex, long *out, int max)
+{
+    patio__ppool *p = patio__pp_of(ex);
+    int i, n = 0;
+    if (!p) return -1;
+    pthread_mutex_lock(&p->mu);
+    for (i = 0; i < p->nworkers && n < max; i++)
+        if (p->w[i].state == PATIO__PW_ALIVE && out) out[n++] = p->w[i].pid;
+    pthread_mutex_unlock(&p->mu);
+    return n;
+}
 #endif /* PATIO_IMPLEMENTATION */
 
 /*
