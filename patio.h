@@ -4807,10 +4807,16 @@ typedef struct patio__broker_core {
 
 static patio__broker_core *patio__core(const patio_broker *b) { return (patio__broker_core *)b->internal; }
 
+static void patio__call_unlist(patio_call *c);
+
+/* A finished call stays on its broker's list until its last reference goes:
+ * unlisting then happens on the thread that frees it (usually the one that
+ * started it), so completing a call on a worker touches no shared list. */
 static void patio__call_release(patio_call *c)
 {
     const patio_hooks *h;
     if (patio__fetch_sub(&c->refs, 1) != 1) return;
+    if (c->broker && patio__load(&c->listed)) patio__call_unlist(c);
     h = c->hooks;
     patio_writer_free(&c->args);
     patio_writer_free(&c->kwargs);
@@ -4822,13 +4828,22 @@ static void patio__call_release(patio_call *c)
     patio__cache_give(c->cache, h, c);
 }
 
+/* Takes a reference unless the call is already being freed. */
+static int patio__call_try_ref(patio_call *c)
+{
+    int n = patio__load(&c->refs);
+    while (n > 0)
+        if (patio__cas(&c->refs, &n, n + 1)) return 1;
+    return 0;
+}
+
 static void patio__list_append(patio__call_list *l, patio_call *c)
 {
     c->next = NULL;
     c->prev = l->tail;
     if (l->tail) l->tail->next = c; else l->head = c;
     l->tail = c;
-    c->listed = 1;
+    patio__store(&c->listed, 1);
 }
 
 static void patio__list_unlink(patio__call_list *l, patio_call *c)
@@ -4836,7 +4851,7 @@ static void patio__list_unlink(patio__call_list *l, patio_call *c)
     if (c->prev) c->prev->next = c->next; else l->head = c->next;
     if (c->next) c->next->prev = c->prev; else l->tail = c->prev;
     c->next = c->prev = NULL;
-    c->listed = 0;
+    patio__store(&c->listed, 0);
 }
 
 /* Under core->mu: takes c off its list; an emptied lane stops its timer. */
@@ -4911,7 +4926,6 @@ static int patio__call_finish(patio_call *c, int status, const patio_writer *res
     patio__store(&c->state, PATIO__CALL_DONE);
     if (patio__load(&c->timer_armed) && patio__timer_stop(c->loop, &c->timer) == 1)
         patio__call_release(c);
-    if (c->broker) patio__call_unlist(c);
     w = patio__xchg(&c->waiter, PATIO__WAITER_FIRED);
     if (w && w != PATIO__WAITER_FIRED) patio__waiter_notify(w);
     if (c->on_done) patio__loop_post(c->loop, &c->done_post);
@@ -5054,7 +5068,7 @@ static void patio__lane_fire(patio__timer *t)
     pthread_mutex_lock(&core->mu);
     while ((c = lane->calls.head) != NULL && c->deadline_ns <= now) {
         patio__list_unlink(&lane->calls, c);
-        patio__fetch_add(&c->refs, 1);
+        if (patio__load(&c->state) != PATIO__CALL_PENDING || !patio__call_try_ref(c)) continue;
         c->next = due;
         due = c;
     }
@@ -5459,14 +5473,16 @@ PATIO_API int patio_broker_init(patio_broker *b, const patio_broker_vtable *vt,
 /* Pops one pending call (with a reference) for closing; NULL when none. */
 static patio_call *patio__broker_take_pending(patio__broker_core *core)
 {
-    patio_call *c = NULL;
+    patio_call *c;
     int i;
     pthread_mutex_lock(&core->mu);
-    for (i = 0; i < PATIO__LANES && !c; i++) c = core->lanes[i].calls.head;
-    if (!c) c = core->other.head;
-    if (c) {
+    for (;;) {
+        c = NULL;
+        for (i = 0; i < PATIO__LANES && !c; i++) c = core->lanes[i].calls.head;
+        if (!c) c = core->other.head;
+        if (!c) break;
         patio__call_unlink_locked(core, c);
-        patio__fetch_add(&c->refs, 1);
+        if (patio__call_try_ref(c)) break; /* else its last owner is freeing it */
     }
     pthread_mutex_unlock(&core->mu);
     return c;
@@ -5627,8 +5643,8 @@ static void patio__memory_task_done(patio_task *t)
     patio_call *c = (patio_call *)t->owner;
     patio_broker *b = t->broker;
     patio__call_finish(c, t->status, &t->result, NULL, NULL);
+    patio__call_release(c); /* the task's reference, while the broker surely lives */
     patio__broker_task_ended(b);
-    patio__call_release(c); /* the task's reference */
 }
 
 static void patio__memory_send(patio_broker *b, patio_call *c)
