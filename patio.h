@@ -2921,6 +2921,81 @@ static int patio__decode_exception(const uint8_t *p, size_t len, const char **ty
                                        msg_len);
 }
 /* ========================================================================
+ * >>frame  Wire framing (PROTOCOL.md §2-§3): 9-byte header + payload
+ * ======================================================================== */
+
+#define PATIO__FRAME_HEADER 9u
+
+enum {
+    PATIO__PKT_AUTH_DIGEST = 0,
+    PATIO__PKT_AUTH_REQUEST = 1,
+    PATIO__PKT_AUTH_OK = 3,
+    PATIO__PKT_DISCOVER_REQUEST = 5,
+    PATIO__PKT_DISCOVER_RESPONSE = 6,
+    PATIO__PKT_REQUEST = 10,
+    PATIO__PKT_RESPONSE = 20,
+    PATIO__PKT_ERROR = 30
+};
+
+typedef struct patio__frame {
+    int type;              /* signed: a byte >= 0x80 is negative, hence unknown */
+    uint32_t size;         /* payload length */
+    uint32_t serial;
+    const uint8_t *payload;
+} patio__frame;
+
+PATIO__MAYBE_UNUSED static void patio__frame_header_put(uint8_t *out, int type, uint32_t size, uint32_t serial)
+{
+    out[0] = (uint8_t)(int8_t)type;
+    patio__put_be32(out + 1, size);
+    patio__put_be32(out + 5, serial);
+}
+
+/* Starts a frame in w: reserves the header; write the payload, then end. */
+PATIO__MAYBE_UNUSED static size_t patio__frame_begin(patio_writer *w)
+{
+    static const uint8_t zero[PATIO__FRAME_HEADER] = { 0 };
+    size_t mark = w->len;
+    patio_write_raw(w, zero, sizeof zero);
+    return mark;
+}
+
+/* Fills in the header of the frame begun at mark. A payload above
+ * max_payload is taken back out and PATIO_ERR_OVERFLOW returned, so the
+ * writer holds only whole frames. */
+PATIO__MAYBE_UNUSED static int patio__frame_end(patio_writer *w, size_t mark, int type, uint32_t serial,
+                                                uint32_t max_payload)
+{
+    size_t payload;
+    if (w->err) return w->err;
+    payload = w->len - mark - PATIO__FRAME_HEADER;
+    if (payload > max_payload || payload > UINT32_MAX) {
+        w->len = mark;
+        return PATIO_ERR_OVERFLOW;
+    }
+    patio__frame_header_put(w->data + mark, type, (uint32_t)payload, serial);
+    return PATIO_OK;
+}
+
+/* Parses one frame at the start of buf. Returns 1 with *f filled when a
+ * whole frame is there, 0 when more bytes are needed, PATIO_ERR_PROTOCOL if
+ * the header announces more than max_size (checked before anything is
+ * buffered for it). */
+PATIO__MAYBE_UNUSED static int patio__frame_parse(const uint8_t *buf, size_t len, uint32_t max_size, patio__frame *f)
+{
+    uint32_t size;
+    if (len < PATIO__FRAME_HEADER) return 0;
+    size = (uint32_t)patio__get_be(buf + 1, 4);
+    if (size > max_size) return PATIO_ERR_PROTOCOL;
+    if (len - PATIO__FRAME_HEADER < size) return 0;
+    f->type = (int)(int8_t)buf[0];
+    f->size = size;
+    f->serial = (uint32_t)patio__get_be(buf + 5, 4);
+    f->payload = buf + PATIO__FRAME_HEADER;
+    return 1;
+}
+
+/* ========================================================================
  * >>registry  Registry: names -> functions, registration order kept
  * ======================================================================== */
 
@@ -4723,1068 +4798,6 @@ PATIO_API patio_executor *patio_null_executor_new(patio_registry *r)
     return ex;
 }
 
-/* ========================================================================
- * >>call  Calls: start, finish, wait, results
- * ======================================================================== */
-
-enum { PATIO__CALL_PENDING = 0, PATIO__CALL_FINISHING = 1, PATIO__CALL_DONE = 2 };
-
-/* A thread blocked in patio_wait_*: completers of the calls it registered
- * on bump `notified` under the mutex, and only the one that reaches
- * `target` signals, so a batch of completions costs one wake-up. */
-typedef struct patio__waiter {
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    int notified;      /* calls that finished (atomic) */
-    int target;        /* notifications the sleeper waits for (atomic) */
-    int exited;        /* notifiers done touching the waiter (atomic) */
-} patio__waiter;
-
-/* c->waiter holds NULL, a waiter, or this mark once the call finished. */
-static patio__waiter patio__waiter_fired_mark;
-#define PATIO__WAITER_FIRED (&patio__waiter_fired_mark)
-
-struct patio_call {
-    int refs;                 /* atomic: user + in flight + task + timer */
-    int state;                /* atomic PATIO__CALL_* */
-    int status;
-    patio_broker *broker;     /* valid until the call finished */
-    patio_loop *loop;
-    const patio_hooks *hooks;
-    char *name;
-    patio_writer args;        /* encoded positional arguments (array) */
-    patio_writer kwargs;      /* encoded keyword arguments (map), empty = none */
-    patio_writer own_result;  /* a value set by patio_call_succeed */
-    const patio_writer *result;
-    char *err_type, *err_msg;
-    double timeout;           /* < 0 = none */
-    patio__timer timer;
-    int timer_armed;
-    patio__post done_post;    /* delivers on_done on the loop thread */
-    patio_call_cb on_done;
-    void *on_done_user;
-    patio__waiter *waiter;    /* atomic */
-    patio_call *next, *prev;  /* broker's pending list */
-    int listed;
-    struct patio__lane *lane; /* the timeout lane listing it; NULL = the other list */
-    patio__obj_cache *cache;  /* where its memory goes back */
-    uint64_t deadline_ns;
-    patio_task task;          /* local execution by the memory broker */
-    /* small names, arguments and results live here: no allocation */
-    char name_inline[48];
-    uint8_t args_inline[96];
-    uint8_t result_inline[48];
-};
-
-/* Pending calls with the same timeout finish their waits in the order
- * they started, so each distinct timeout gets a FIFO "lane" watched by ONE
- * timer armed for its oldest call: starting or finishing a call costs a
- * list operation, not a timer-heap operation. Calls whose timeout finds no
- * free lane use a timer of their own. */
-#define PATIO__LANES 4
-
-typedef struct patio__call_list {
-    patio_call *head, *tail;
-} patio__call_list;
-
-typedef struct patio__lane {
-    struct patio__broker_core *core;
-    double timeout;
-    patio__call_list calls;   /* by deadline */
-    patio__timer timer;
-} patio__lane;
-
-/* Broker-private bookkeeping behind patio_broker.internal. */
-typedef struct patio__broker_core {
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    patio_broker *broker;
-    patio__call_list other;   /* pending calls not in a lane */
-    patio__lane lanes[PATIO__LANES];
-    size_t tasks_running;     /* tasks submitted by this broker, not finished */
-    int closing;
-} patio__broker_core;
-
-static patio__broker_core *patio__core(const patio_broker *b) { return (patio__broker_core *)b->internal; }
-
-static void patio__call_unlist(patio_call *c);
-
-/* A finished call stays on its broker's list until its last reference goes:
- * unlisting then happens on the thread that frees it (usually the one that
- * started it), so completing a call on a worker touches no shared list. */
-static void patio__call_release(patio_call *c)
-{
-    const patio_hooks *h;
-    if (patio__fetch_sub(&c->refs, 1) != 1) return;
-    if (c->broker && patio__load(&c->listed)) patio__call_unlist(c);
-    h = c->hooks;
-    patio_writer_free(&c->args);
-    patio_writer_free(&c->kwargs);
-    patio_writer_free(&c->own_result);
-    patio_writer_free(&c->task.result);
-    patio__free(h, c->err_type);
-    patio__free(h, c->err_msg);
-    if (c->name != c->name_inline) patio__free(h, c->name);
-    patio__cache_give(c->cache, h, c);
-}
-
-/* Takes a reference unless the call is already being freed. */
-static int patio__call_try_ref(patio_call *c)
-{
-    int n = patio__load(&c->refs);
-    while (n > 0)
-        if (patio__cas(&c->refs, &n, n + 1)) return 1;
-    return 0;
-}
-
-static void patio__list_append(patio__call_list *l, patio_call *c)
-{
-    c->next = NULL;
-    c->prev = l->tail;
-    if (l->tail) l->tail->next = c; else l->head = c;
-    l->tail = c;
-    patio__store(&c->listed, 1);
-}
-
-static void patio__list_unlink(patio__call_list *l, patio_call *c)
-{
-    if (c->prev) c->prev->next = c->next; else l->head = c->next;
-    if (c->next) c->next->prev = c->prev; else l->tail = c->prev;
-    c->next = c->prev = NULL;
-    patio__store(&c->listed, 0);
-}
-
-/* Under core->mu: takes c off its list; an emptied lane stops its timer. */
-static void patio__call_unlink_locked(patio__broker_core *core, patio_call *c)
-{
-    patio__lane *lane = c->lane;
-    if (!c->listed) return;
-    patio__list_unlink(lane ? &lane->calls : &core->other, c);
-    if (lane && !lane->calls.head) patio__timer_stop(core->broker->loop, &lane->timer);
-}
-
-static void patio__call_unlist(patio_call *c)
-{
-    patio__broker_core *core = patio__core(c->broker);
-    pthread_mutex_lock(&core->mu);
-    patio__call_unlink_locked(core, c);
-    pthread_mutex_unlock(&core->mu);
-}
-
-/* Lock-free unless this completion is the one the sleeper waits for. The
- * counter/target pair is a Dekker handshake (sequentially consistent on
- * both sides), so a sleeper never misses its wake-up. `exited` is the last
- * thing a notifier touches, so the waiter knows when it may go away. */
-static void patio__waiter_notify(patio__waiter *w)
-{
-    int n = __atomic_add_fetch(&w->notified, 1, __ATOMIC_SEQ_CST);
-    if (n >= __atomic_load_n(&w->target, __ATOMIC_SEQ_CST)) {
-        pthread_mutex_lock(&w->mu);
-        pthread_cond_signal(&w->cv);
-        pthread_mutex_unlock(&w->mu);
-    }
-    __atomic_add_fetch(&w->exited, 1, __ATOMIC_RELEASE);
-}
-
-static void patio__call_deliver(patio__post *p)
-{
-    patio_call *c = PATIO__CONTAINER(p, patio_call, done_post);
-    c->on_done(c, c->on_done_user);
-    patio__call_release(c);
-}
-
-/* Copies an error's type and message into the call (for local errors). */
-static void patio__call_set_error(patio_call *c, const char *type, size_t tlen, const char *msg, size_t mlen)
-{
-    c->err_type = patio__strndup(c->hooks, type, tlen);
-    c->err_msg = patio__strndup(c->hooks, msg, mlen);
-}
-
-/* First finisher wins: publishes status and result, wakes the waiter,
- * queues on_done, and drops the in-flight reference. */
-static int patio__call_finish(patio_call *c, int status, const patio_writer *result,
-                              const char *type, const char *msg)
-{
-    int expected = PATIO__CALL_PENDING;
-    patio__waiter *w;
-    if (!patio__cas(&c->state, &expected, PATIO__CALL_FINISHING)) return PATIO_ERR_INVALID;
-    c->status = status;
-    if (status == PATIO_OK) {
-        c->result = result;
-    } else if (result && result->len) {
-        const char *t, *m;
-        size_t tl, ml;
-        if (patio__decode_exception(result->data, result->len, &t, &tl, &m, &ml) == PATIO_OK)
-            patio__call_set_error(c, t, tl, m, ml);
-        else
-            patio__call_set_error(c, "RuntimeError", 12, "undecodable error", 17);
-    } else {
-        if (!type) type = "RuntimeError";
-        if (!msg) msg = patio_strerror(status);
-        patio__call_set_error(c, type, strlen(type), msg, strlen(msg));
-    }
-    patio__store(&c->state, PATIO__CALL_DONE);
-    if (patio__load(&c->timer_armed) && patio__timer_stop(c->loop, &c->timer) == 1)
-        patio__call_release(c);
-    w = patio__xchg(&c->waiter, PATIO__WAITER_FIRED);
-    if (w && w != PATIO__WAITER_FIRED) patio__waiter_notify(w);
-    if (c->on_done) patio__loop_post(c->loop, &c->done_post);
-    else patio__call_release(c);
-    return PATIO_OK;
-}
-
-static void patio__call_expire(patio_call *c);
-
-static void patio__call_timed_out(patio__timer *t)
-{
-    patio_call *c = PATIO__CONTAINER(t, patio_call, timer);
-    patio__call_expire(c);
-    patio__call_release(c);
-}
-
-PATIO_API int patio_call_succeed(patio_call *c, const void *value, size_t len)
-{
-    if (!c || !value || !len) return PATIO_ERR_INVALID;
-    if (patio__load(&c->state) != PATIO__CALL_PENDING) return PATIO_ERR_INVALID;
-    patio_writer_reset(&c->own_result);
-    if (patio_write_raw(&c->own_result, value, len) != PATIO_OK) return c->own_result.err;
-    return patio__call_finish(c, PATIO_OK, &c->own_result, NULL, NULL);
-}
-
-PATIO_API int patio_call_fail_with(patio_call *c, int status, const char *type, const char *message)
-{
-    if (!c || status >= 0) return PATIO_ERR_INVALID;
-    if (status == PATIO_ERR_REMOTE && !type) type = "RuntimeError";
-    return patio__call_finish(c, status, NULL, type, message ? message : (type ? "" : NULL));
-}
-
-static patio_call *patio__call_new(patio_broker *b, const char *name)
-{
-    patio_call *c = (patio_call *)patio__cache_take(&b->registry->call_cache, b->hooks, sizeof *c,
-                                                    offsetof(patio_call, task));
-    if (!c) return NULL;
-    c->cache = &b->registry->call_cache;
-    c->refs = 2; /* the user's and the in-flight reference */
-    c->broker = b;
-    c->loop = b->loop;
-    c->hooks = b->hooks;
-    c->task.state = 0;
-    c->timer.fn = patio__call_timed_out;
-    c->done_post.fn = patio__call_deliver;
-    patio__writer_init_small(&c->args, b->hooks, c->args_inline, sizeof c->args_inline);
-    patio_writer_init(&c->kwargs, b->hooks);
-    patio_writer_init(&c->own_result, b->hooks);
-    patio_writer_init(&c->task.result, b->hooks);
-    if (!name) name = "";
-    if (strlen(name) < sizeof c->name_inline) {
-        c->name = c->name_inline;
-        strcpy(c->name_inline, name);
-    } else {
-        c->name = patio__strdup(b->hooks, name);
-        if (!c->name) { patio__cache_give(c->cache, b->hooks, c); return NULL; }
-    }
-    return c;
-}
-
-/* 1 if data is exactly one valid MessagePack object of the given type. */
-static int patio__is_msgpack(const void *data, size_t len, patio_type type)
-{
-    patio_reader r;
-    patio_value v;
-    patio_reader_init(&r, data, len);
-    if (patio_peek(&r, &v) != PATIO_OK || v.type != type) return 0;
-    return patio_msgpack_check_all(data, len, 0) == PATIO_OK;
-}
-
-/* Encodes positional and keyword arguments into the call. */
-static int patio__call_encode_args(patio_call *c, const patio_call_opts *o, const char *fmt, va_list ap)
-{
-    if (o && o->args) {
-        if (!patio__is_msgpack(o->args, o->args_len, PATIO_ARRAY)) return PATIO_ERR_INVALID;
-        patio_write_raw(&c->args, o->args, o->args_len);
-    } else {
-        patio_write_array(&c->args, patio__fmt_count(fmt ? fmt : ""));
-        if (fmt) patio_packv(&c->args, fmt, ap);
-    }
-    if (o && o->kwargs && o->kwargs_len) {
-        if (!patio__is_msgpack(o->kwargs, o->kwargs_len, PATIO_MAP)) return PATIO_ERR_INVALID;
-        patio_write_raw(&c->kwargs, o->kwargs, o->kwargs_len);
-    }
-    if (c->args.err) return c->args.err;
-    return c->kwargs.err;
-}
-
-/* Under core->mu: the lane for this timeout, claiming a free one; NULL if
- * all lanes serve other timeouts. */
-static patio__lane *patio__lane_for(patio__broker_core *core, double timeout)
-{
-    patio__lane *free_lane = NULL;
-    int i;
-    for (i = 0; i < PATIO__LANES; i++) {
-        patio__lane *l = &core->lanes[i];
-        if (!l->calls.head) { if (!free_lane) free_lane = l; }
-        else if (l->timeout == timeout) return l;
-    }
-    if (free_lane) free_lane->timeout = timeout;
-    return free_lane;
-}
-
-/* Lists a starting call; returns 1 if its timeout is watched by a lane. */
-static int patio__call_enlist(patio_broker *b, patio_call *c, int *in_lane)
-{
-    patio__broker_core *core = patio__core(b);
-    patio__lane *lane = NULL;
-    pthread_mutex_lock(&core->mu);
-    if (core->closing) { pthread_mutex_unlock(&core->mu); return PATIO_ERR_CLOSED; }
-    if (c->timeout >= 0) lane = patio__lane_for(core, c->timeout);
-    c->lane = lane;
-    if (lane) {
-        /* read under the lock, so deadlines in a lane never decrease */
-        c->deadline_ns = patio__deadline_after(c->timeout);
-        patio__list_append(&lane->calls, c);
-        if (lane->calls.head == c) patio__timer_start(b->loop, &lane->timer, c->deadline_ns);
-    } else {
-        patio__list_append(&core->other, c);
-    }
-    pthread_mutex_unlock(&core->mu);
-    *in_lane = lane != NULL;
-    return PATIO_OK;
-}
-
-static void patio__call_expire(patio_call *c)
-{
-    patio_broker *b = c->broker;
-    if (patio__load(&c->state) == PATIO__CALL_PENDING && b->vt->cancel) b->vt->cancel(b, c);
-    patio__call_finish(c, PATIO_ERR_TIMEOUT, NULL, "TimeoutError", "");
-}
-
-/* A lane's timer: expires its calls that are due, re-arms for the next. */
-static void patio__lane_fire(patio__timer *t)
-{
-    patio__lane *lane = PATIO__CONTAINER(t, patio__lane, timer);
-    patio__broker_core *core = lane->core;
-    patio_call *due = NULL, *c;
-    uint64_t now = patio__now_ns();
-    pthread_mutex_lock(&core->mu);
-    while ((c = lane->calls.head) != NULL && c->deadline_ns <= now) {
-        patio__list_unlink(&lane->calls, c);
-        if (patio__load(&c->state) != PATIO__CALL_PENDING || !patio__call_try_ref(c)) continue;
-        c->next = due;
-        due = c;
-    }
-    if (lane->calls.head) patio__timer_start(core->broker->loop, &lane->timer, lane->calls.head->deadline_ns);
-    pthread_mutex_unlock(&core->mu);
-    while ((c = due) != NULL) {
-        due = c->next;
-        c->next = NULL;
-        patio__call_expire(c);
-        patio__call_release(c);
-    }
-}
-
-static void patio__call_arm_timer(patio_call *c)
-{
-    if (c->timeout < 0) return;
-    patio__fetch_add(&c->refs, 1);
-    patio__store(&c->timer_armed, 1);
-    patio__timer_start(c->loop, &c->timer, patio__deadline_after(c->timeout));
-}
-
-PATIO_API patio_call *patio_call_startv(patio_broker *b, const patio_call_opts *opts,
-                                        const char *name, const char *fmt, va_list ap)
-{
-    patio_call *c;
-    int rc, in_lane = 0;
-    if (!b) return NULL;
-    c = patio__call_new(b, name);
-    if (!c) return NULL;
-    if (opts) { c->on_done = opts->on_done; c->on_done_user = opts->user; }
-    c->timeout = opts && opts->timeout != 0 ? opts->timeout : b->default_timeout;
-    if (c->timeout != c->timeout) c->timeout = 0; /* NaN: expired at once */
-    if (c->timeout < 0 && !(opts && opts->timeout < 0)) c->timeout = 0;
-    rc = (!name || !*name) ? PATIO_ERR_INVALID : patio__call_encode_args(c, opts, fmt, ap);
-    if (rc == PATIO_OK) rc = patio__call_enlist(b, c, &in_lane);
-    if (rc != PATIO_OK) {
-        c->broker = NULL;
-        patio__call_finish(c, rc, NULL, rc == PATIO_ERR_CLOSED ? "RuntimeError" : "ValueError", NULL);
-        return c;
-    }
-    if (!in_lane) patio__call_arm_timer(c);
-    b->vt->send(b, c);
-    return c;
-}
-
-PATIO_API patio_call *patio_call_start(patio_broker *b, const patio_call_opts *opts,
-                                       const char *name, const char *fmt, ...)
-{
-    patio_call *c;
-    va_list ap;
-    va_start(ap, fmt);
-    c = patio_call_startv(b, opts, name, fmt, ap);
-    va_end(ap);
-    return c;
-}
-
-PATIO_API patio_call *patio_call_async(patio_broker *b, const char *name, const char *fmt, ...)
-{
-    patio_call *c;
-    va_list ap;
-    va_start(ap, fmt);
-    c = patio_call_startv(b, NULL, name, fmt, ap);
-    va_end(ap);
-    return c;
-}
-
-PATIO_API patio_call *patio_call_sync(patio_broker *b, double timeout, const char *name, const char *fmt, ...)
-{
-    patio_call_opts o;
-    patio_call *c;
-    va_list ap;
-    memset(&o, 0, sizeof o);
-    o.timeout = timeout;
-    va_start(ap, fmt);
-    c = patio_call_startv(b, &o, name, fmt, ap);
-    va_end(ap);
-    if (c) patio_call_wait(c, PATIO_NO_TIMEOUT);
-    return c;
-}
-
-PATIO_API patio_call *patio_call_fn(patio_broker *b, patio_fn fn, const char *fmt, ...)
-{
-    const char *name;
-    patio_call *c;
-    va_list ap;
-    if (!b) return NULL;
-    name = patio_registry_name_of(b->registry, fn);
-    if (!name || !b->registry->auto_naming) {
-        c = patio__call_new(b, "");
-        if (!c) return NULL;
-        c->broker = NULL;
-        patio__call_finish(c, name ? PATIO_ERR_INVALID : PATIO_ERR_NOT_FOUND, NULL,
-                           name ? "ValueError" : "KeyError",
-                           name ? "auto-naming is disabled, call by name" : "function is not registered");
-        return c;
-    }
-    va_start(ap, fmt);
-    c = patio_call_startv(b, NULL, name, fmt, ap);
-    va_end(ap);
-    return c;
-}
-
-PATIO_API int patio_call_status(const patio_call *c)
-{
-    if (!c) return PATIO_ERR_NOMEM;
-    if (patio__load(&c->state) != PATIO__CALL_DONE) return PATIO_PENDING;
-    return c->status;
-}
-
-PATIO_API const char *patio_call_name(const patio_call *c) { return c ? c->name : ""; }
-
-PATIO_API int patio_call_cancel(patio_call *c)
-{
-    patio_broker *b;
-    if (!c) return PATIO_ERR_INVALID;
-    if (patio__load(&c->state) != PATIO__CALL_PENDING) return PATIO_ERR_INVALID;
-    b = c->broker;
-    if (!b || !b->vt->cancel || b->vt->cancel(b, c) != PATIO_OK) return PATIO_ERR_STARTED;
-    patio__call_finish(c, PATIO_ERR_CANCELLED, NULL, "CancelledError", "");
-    return PATIO_OK;
-}
-
-PATIO_API void patio_call_free(patio_call *c)
-{
-    if (c) patio__call_release(c);
-}
-
-PATIO_API int patio_call_args(const patio_call *c, const void **args, size_t *len,
-                              const void **kwargs, size_t *kwargs_len)
-{
-    if (!c) return PATIO_ERR_INVALID;
-    if (args) *args = c->args.data;
-    if (len) *len = c->args.len;
-    if (kwargs) *kwargs = c->kwargs.len ? (const void *)c->kwargs.data : NULL;
-    if (kwargs_len) *kwargs_len = c->kwargs.len;
-    return PATIO_OK;
-}
-
-PATIO_API double patio_call_timeout(const patio_call *c) { return c ? c->timeout : -1; }
-
-PATIO_API const void *patio_call_result(const patio_call *c, size_t *len)
-{
-    if (patio_call_status(c) != PATIO_OK) { if (len) *len = 0; return NULL; }
-    if (len) *len = c->result->len;
-    return c->result->data;
-}
-
-PATIO_API int patio_call_reader(const patio_call *c, patio_reader *r)
-{
-    int st = patio_call_status(c);
-    if (st != PATIO_OK) return st;
-    patio_reader_init(r, c->result->data, c->result->len);
-    return PATIO_OK;
-}
-
-PATIO_API int patio_call_unpack(const patio_call *c, const char *fmt, ...)
-{
-    patio_reader r;
-    va_list ap;
-    int rc = patio_call_reader(c, &r);
-    if (rc != PATIO_OK) return rc;
-    va_start(ap, fmt);
-    rc = patio_unpackv(&r, fmt, ap);
-    va_end(ap);
-    return rc;
-}
-
-PATIO_API int64_t patio_result_int(const patio_call *c)
-{
-    patio_reader r;
-    int64_t v = 0;
-    if (patio_call_reader(c, &r) != PATIO_OK || patio_read_int(&r, &v) != PATIO_OK) return 0;
-    return v;
-}
-
-PATIO_API double patio_result_double(const patio_call *c)
-{
-    patio_reader r;
-    double v = 0;
-    if (patio_call_reader(c, &r) != PATIO_OK || patio_read_double(&r, &v) != PATIO_OK) return 0;
-    return v;
-}
-
-PATIO_API const char *patio_call_error_type(const patio_call *c)
-{
-    int st = patio_call_status(c);
-    if (st == PATIO_OK || st == PATIO_PENDING || !c->err_type) return "";
-    return c->err_type;
-}
-
-PATIO_API const char *patio_call_error_message(const patio_call *c)
-{
-    int st = patio_call_status(c);
-    if (st == PATIO_OK || st == PATIO_PENDING) return "";
-    return c->err_msg ? c->err_msg : patio_strerror(st);
-}
-
-/* ---- waiting ---------------------------------------------------------- */
-
-static int patio__calls_done(patio_call *const *calls, size_t n, int any, size_t *index)
-{
-    size_t i, done = 0;
-    for (i = 0; i < n; i++) {
-        if (patio__load(&calls[i]->state) == PATIO__CALL_DONE) {
-            if (any) { if (index) *index = i; return 1; }
-            done++;
-        }
-    }
-    return !any && done == n;
-}
-
-/* Who drives the loop while we wait: 1 = we must pump it ourselves. */
-static int patio__must_pump(patio_loop *loop)
-{
-    return patio_loop_run_once(loop, 0) != PATIO_ERR_INVALID;
-}
-
-/* Registers w on every pending call; returns how many took it. *shared
- * counts calls another thread already waits on (they are polled). */
-static size_t patio__waiter_register(patio__waiter *w, patio_call *const *calls, size_t n,
-                                     unsigned char *mine, size_t *shared)
-{
-    size_t i, k = 0;
-    *shared = 0;
-    for (i = 0; i < n; i++) {
-        patio__waiter *expected = NULL;
-        mine[i] = (unsigned char)patio__cas(&calls[i]->waiter, &expected, w);
-        k += mine[i];
-        if (!mine[i] && expected != PATIO__WAITER_FIRED) (*shared)++;
-    }
-    return k;
-}
-
-/* Rare case: another thread waits on one of these calls too. Poll. */
-static void patio__wait_poll(patio_call *const *calls, size_t n, int any, size_t *index, uint64_t deadline)
-{
-    while (!patio__calls_done(calls, n, any, index) && patio__now_ns() < deadline) {
-        struct timespec ts;
-        ts.tv_sec = 0;
-        ts.tv_nsec = 1000000;
-        nanosleep(&ts, NULL);
-    }
-}
-
-/* Takes w back from calls that have not fired; returns how many fired
- * (each of those notifies w exactly once). */
-static size_t patio__waiter_unregister(patio__waiter *w, patio_call *const *calls, size_t n,
-                                       const unsigned char *mine)
-{
-    size_t i, fired = 0;
-    for (i = 0; i < n; i++) {
-        patio__waiter *expected = w;
-        if (mine[i] && !patio__cas(&calls[i]->waiter, &expected, NULL)) fired++;
-    }
-    return fired;
-}
-
-/* Sleeps (or pumps) until `target` registered calls notified, or the
- * deadline; polls briefly first, since a sleep/wake costs far more. */
-static void patio__wait_block(patio__waiter *w, int target, uint64_t deadline, patio_loop *pump)
-{
-    uint64_t spin_until = patio__now_ns() + (uint64_t)PATIO_SPIN_US * 1000u;
-    unsigned i = 0;
-    while (patio__load(&w->notified) < target) {
-        uint64_t now;
-        if ((++i & 31) != 0) { patio__cpu_relax(); continue; }
-        now = patio__now_ns();
-        if (now >= deadline) return;
-        if (now < spin_until) continue;
-        if (pump) {
-            patio_loop_run_once(pump, deadline - now < 1000000u ? 0 : 1);
-            continue;
-        }
-        pthread_mutex_lock(&w->mu);
-        __atomic_store_n(&w->target, target, __ATOMIC_SEQ_CST);
-        if (__atomic_load_n(&w->notified, __ATOMIC_SEQ_CST) < target)
-            patio__cond_wait_until(&w->cv, &w->mu, deadline);
-        __atomic_store_n(&w->target, INT_MAX, __ATOMIC_SEQ_CST);
-        pthread_mutex_unlock(&w->mu);
-    }
-}
-
-/* Waits until `fired` notifiers have completely left the waiter. */
-static void patio__waiter_drain(patio__waiter *w, size_t fired)
-{
-    unsigned i;
-    for (i = 0; (size_t)__atomic_load_n(&w->exited, __ATOMIC_ACQUIRE) < fired; i++) {
-        if (i < 64) patio__cpu_relax();
-        else sched_yield(); /* a notifier is between two instructions: let it run */
-    }
-}
-
-static int patio__wait(patio_call *const *calls, size_t n, double timeout, int any, size_t *index)
-{
-    patio__waiter w;
-    unsigned char small[64];
-    unsigned char *mine = small;
-    patio_loop *loop = NULL;
-    uint64_t deadline;
-    size_t i, fired, registered, shared;
-    int rc;
-    if (!calls && n) return PATIO_ERR_INVALID;
-    for (i = 0; i < n; i++) if (!calls[i]) return PATIO_ERR_INVALID;
-    if (patio__calls_done(calls, n, any, index)) return PATIO_OK;
-    if (n == 0) return any ? PATIO_ERR_INVALID : PATIO_OK;
-    for (i = 0; i < n && !loop; i++)
-        if (patio__load(&calls[i]->state) != PATIO__CALL_DONE) loop = calls[i]->loop;
-    if (loop && patio_loop_in_loop_thread(loop)) return PATIO_ERR_INVALID; /* would deadlock */
-    deadline = timeout < 0 ? UINT64_MAX : patio__deadline_after(timeout);
-    if (n > sizeof small) {
-        mine = (unsigned char *)patio__malloc(calls[0]->hooks, n);
-        if (!mine) return PATIO_ERR_NOMEM;
-    }
-    pthread_mutex_init(&w.mu, NULL);
-    patio__cond_init(&w.cv);
-    w.notified = 0;
-    w.exited = 0;
-    w.target = INT_MAX;
-    registered = patio__waiter_register(&w, calls, n, mine, &shared);
-    /* calls that finished before we registered count at once */
-    if (!patio__calls_done(calls, n, any, index)) {
-        if (shared) patio__wait_poll(calls, n, any, index, deadline);
-        else patio__wait_block(&w, any ? 1 : (int)registered, deadline,
-                               loop && patio__must_pump(loop) ? loop : NULL);
-    }
-    rc = patio__calls_done(calls, n, any, index) ? PATIO_OK : PATIO_ERR_TIMEOUT;
-    /* Calls that fired hold w until they notified: wait for exactly those. */
-    fired = patio__waiter_unregister(&w, calls, n, mine);
-    patio__waiter_drain(&w, fired);
-    pthread_mutex_destroy(&w.mu);
-    pthread_cond_destroy(&w.cv);
-    if (mine != small) patio__free(calls[0]->hooks, mine);
-    return rc;
-}
-
-PATIO_API int patio_call_wait(patio_call *c, double timeout)
-{
-    int rc;
-    if (!c) return PATIO_ERR_INVALID;
-    rc = patio__wait(&c, 1, timeout, 0, NULL);
-    if (rc == PATIO_ERR_TIMEOUT) return PATIO_PENDING;
-    if (rc != PATIO_OK) return rc;
-    return c->status;
-}
-
-PATIO_API int patio_wait_all(patio_call *const *calls, size_t n, double timeout)
-{
-    return patio__wait(calls, n, timeout, 0, NULL);
-}
-
-PATIO_API int patio_wait_any(patio_call *const *calls, size_t n, double timeout, size_t *index)
-{
-    return patio__wait(calls, n, timeout, 1, index);
-}
-
-/* ========================================================================
- * >>broker  Broker base and the memory broker
- * ======================================================================== */
-
-PATIO_API int patio_broker_init(patio_broker *b, const patio_broker_vtable *vt,
-                                patio_executor *ex, const patio_broker_config *cfg)
-{
-    patio__broker_core *core;
-    int rc;
-    if (!b || !vt || !vt->send || !ex) return PATIO_ERR_INVALID;
-    memset(b, 0, sizeof *b);
-    b->vt = vt;
-    b->executor = ex;
-    b->registry = ex->registry;
-    b->hooks = ex->hooks;
-    b->default_timeout = cfg && cfg->default_timeout > 0 ? cfg->default_timeout : PATIO_DEFAULT_TIMEOUT;
-    core = (patio__broker_core *)patio__calloc(b->hooks, sizeof *core);
-    if (!core) return PATIO_ERR_NOMEM;
-    patio__mutex_init_hot(&core->mu);
-    patio__cond_init(&core->cv);
-    core->broker = b;
-    {
-        int i;
-        for (i = 0; i < PATIO__LANES; i++) {
-            core->lanes[i].core = core;
-            core->lanes[i].timer.fn = patio__lane_fire;
-        }
-    }
-    b->internal = core;
-    if (cfg && cfg->loop) {
-        b->loop = cfg->loop;
-    } else {
-        patio_loop_config lc;
-        memset(&lc, 0, sizeof lc);
-        lc.hooks = b->hooks;
-        b->loop = patio_loop_new(&lc);
-        if (!b->loop) { patio_broker_deinit(b); return PATIO_ERR_NOMEM; }
-        b->owns_loop = 1;
-    }
-    rc = ex->vt->attach ? patio__executor_attach(ex, b->loop) : PATIO_OK;
-    if (rc == PATIO_OK && b->owns_loop) rc = patio_loop_start(b->loop);
-    if (rc != PATIO_OK) { patio_broker_deinit(b); return rc; }
-    patio_registry_lock(b->registry);
-    return PATIO_OK;
-}
-
-/* Pops one pending call (with a reference) for closing; NULL when none. */
-static patio_call *patio__broker_take_pending(patio__broker_core *core)
-{
-    patio_call *c;
-    int i;
-    pthread_mutex_lock(&core->mu);
-    for (;;) {
-        c = NULL;
-        for (i = 0; i < PATIO__LANES && !c; i++) c = core->lanes[i].calls.head;
-        if (!c) c = core->other.head;
-        if (!c) break;
-        patio__call_unlink_locked(core, c);
-        if (patio__call_try_ref(c)) break; /* else its last owner is freeing it */
-    }
-    pthread_mutex_unlock(&core->mu);
-    return c;
-}
-
-PATIO_API void patio_broker_close(patio_broker *b)
-{
-    patio__broker_core *core;
-    patio_call *c;
-    if (!b || !b->internal) return;
-    core = patio__core(b);
-    pthread_mutex_lock(&core->mu);
-    core->closing = 1;
-    b->closed = 1;
-    pthread_cond_broadcast(&core->cv); /* wakes patio_broker_join */
-    pthread_mutex_unlock(&core->mu);
-    if (b->vt->close) b->vt->close(b);
-    while ((c = patio__broker_take_pending(core)) != NULL) {
-        if (patio__load(&c->state) == PATIO__CALL_PENDING && b->vt->cancel) b->vt->cancel(b, c);
-        patio__call_finish(c, PATIO_ERR_CLOSED, NULL, "RuntimeError", "broker closed");
-        patio__call_release(c);
-    }
-}
-
-typedef struct patio__barrier {
-    patio__post post;
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    int passed;
-} patio__barrier;
-
-static void patio__barrier_pass(patio__post *p)
-{
-    patio__barrier *br = PATIO__CONTAINER(p, patio__barrier, post);
-    pthread_mutex_lock(&br->mu);
-    br->passed = 1;
-    pthread_cond_signal(&br->cv);
-    pthread_mutex_unlock(&br->mu);
-}
-
-/* Waits until everything posted to the loop before now has run. */
-static void patio__loop_flush(patio_loop *loop)
-{
-    patio__barrier br;
-    int pump = patio__must_pump(loop);
-    memset(&br, 0, sizeof br);
-    br.post.fn = patio__barrier_pass;
-    pthread_mutex_init(&br.mu, NULL);
-    patio__cond_init(&br.cv);
-    patio__loop_post(loop, &br.post);
-    pthread_mutex_lock(&br.mu);
-    while (!br.passed) {
-        if (pump) {
-            pthread_mutex_unlock(&br.mu);
-            patio_loop_run_once(loop, 1);
-            pthread_mutex_lock(&br.mu);
-        } else {
-            pthread_cond_wait(&br.cv, &br.mu);
-        }
-    }
-    pthread_mutex_unlock(&br.mu);
-    pthread_mutex_destroy(&br.mu);
-    pthread_cond_destroy(&br.cv);
-}
-
-/* Waits for tasks this broker submitted and that are still running. */
-static void patio__broker_wait_tasks(patio_broker *b)
-{
-    patio__broker_core *core = patio__core(b);
-    int pump = patio__must_pump(b->loop);
-    pthread_mutex_lock(&core->mu);
-    while (core->tasks_running) {
-        if (pump) {
-            pthread_mutex_unlock(&core->mu);
-            patio_loop_run_once(b->loop, 1);
-            pthread_mutex_lock(&core->mu);
-        } else {
-            patio__cond_wait_until(&core->cv, &core->mu, patio__now_ns() + 100000000u);
-        }
-    }
-    pthread_mutex_unlock(&core->mu);
-}
-
-PATIO_API void patio_broker_deinit(patio_broker *b)
-{
-    patio__broker_core *core;
-    if (!b) return;
-    core = patio__core(b);
-    /* the executor outlives the broker: it must not keep a freed loop */
-    if (b->owns_loop && b->executor && b->executor->loop == b->loop) b->executor->loop = NULL;
-    if (b->owns_loop && b->loop) patio_loop_free(b->loop);
-    b->loop = NULL;
-    if (core) {
-        pthread_mutex_destroy(&core->mu);
-        pthread_cond_destroy(&core->cv);
-        patio__free(b->hooks, core);
-        b->internal = NULL;
-    }
-}
-
-PATIO_API void patio_broker_free(patio_broker *b)
-{
-    if (!b) return;
-    if (b->loop && patio_loop_in_loop_thread(b->loop)) {
-        patio__log(b->hooks, PATIO_LOG_ERROR, "broker: cannot be freed from its loop thread");
-        return;
-    }
-    patio_broker_close(b);
-    if (b->loop && b->internal) {
-        patio__broker_wait_tasks(b);
-        patio__loop_flush(b->loop);
-    }
-    patio_broker_deinit(b);
-    if (b->vt->destroy) b->vt->destroy(b);
-}
-
-PATIO_API int patio_broker_join(patio_broker *b, double timeout)
-{
-    patio__broker_core *core;
-    uint64_t deadline;
-    int pump, closed;
-    if (!b || !b->internal) return PATIO_ERR_INVALID;
-    if (patio_loop_in_loop_thread(b->loop)) return PATIO_ERR_INVALID;
-    core = patio__core(b);
-    deadline = timeout < 0 ? UINT64_MAX : patio__deadline_after(timeout);
-    pump = patio__must_pump(b->loop);
-    pthread_mutex_lock(&core->mu);
-    while (!core->closing && patio__now_ns() < deadline) {
-        if (pump) {
-            pthread_mutex_unlock(&core->mu);
-            patio_loop_run_once(b->loop, 10);
-            pthread_mutex_lock(&core->mu);
-        } else {
-            patio__cond_wait_until(&core->cv, &core->mu, deadline);
-        }
-    }
-    closed = core->closing;
-    pthread_mutex_unlock(&core->mu);
-    return closed ? PATIO_OK : PATIO_ERR_TIMEOUT;
-}
-
-PATIO_API patio_loop *patio_broker_loop(const patio_broker *b) { return b ? b->loop : NULL; }
-PATIO_API patio_registry *patio_broker_registry(const patio_broker *b) { return b ? b->registry : NULL; }
-PATIO_API patio_executor *patio_broker_executor(const patio_broker *b) { return b ? b->executor : NULL; }
-
-/* ---- running a call's task on the broker's executor ------------------- */
-
-static void patio__broker_task_ended(patio_broker *b)
-{
-    patio__broker_core *core = patio__core(b);
-    pthread_mutex_lock(&core->mu);
-    if (--core->tasks_running == 0 && core->closing) pthread_cond_broadcast(&core->cv);
-    pthread_mutex_unlock(&core->mu);
-}
-
-static void patio__memory_task_done(patio_task *t)
-{
-    patio_call *c = (patio_call *)t->owner;
-    patio_broker *b = t->broker;
-    patio__call_finish(c, t->status, &t->result, NULL, NULL);
-    patio__call_release(c); /* the task's reference, while the broker surely lives */
-    patio__broker_task_ended(b);
-}
-
-static void patio__memory_send(patio_broker *b, patio_call *c)
-{
-    const patio__entry *e = patio__registry_find(b->registry, c->name, strlen(c->name));
-    patio__broker_core *core = patio__core(b);
-    int rc;
-    if (!e) {
-        patio__call_finish(c, PATIO_ERR_NOT_FOUND, NULL, "KeyError", c->name);
-        return;
-    }
-    patio_writer_free(&c->task.result);
-    patio__task_init(&c->task, e, b->hooks, c->args.data, c->args.len,
-                     c->kwargs.len ? c->kwargs.data : NULL, c->kwargs.len);
-    patio__writer_init_small(&c->task.result, b->hooks, c->result_inline, sizeof c->result_inline);
-    c->task.broker = b;
-    c->task.timeout = c->timeout;
-    c->task.owner = c;
-    c->task.on_done = patio__memory_task_done;
-    patio__fetch_add(&c->refs, 1);
-    pthread_mutex_lock(&core->mu);
-    core->tasks_running++;
-    pthread_mutex_unlock(&core->mu);
-    rc = b->executor->vt->submit(b->executor, &c->task);
-    if (rc != PATIO_OK) {
-        patio__broker_task_ended(b);
-        patio__call_finish(c, rc, NULL, "RuntimeError", NULL);
-        patio__call_release(c);
-    }
-}
-
-static int patio__memory_cancel(patio_broker *b, patio_call *c)
-{
-    patio_executor *ex = b->executor;
-    if (patio__load(&c->task.state) != PATIO__TASK_QUEUED || !ex->vt->cancel) return PATIO_ERR_STARTED;
-    if (ex->vt->cancel(ex, &c->task) != PATIO_OK) return PATIO_ERR_STARTED;
-    patio__broker_task_ended(b);
-    patio__call_release(c); /* the task will never run: drop its reference */
-    return PATIO_OK;
-}
-
-static void patio__memory_destroy(patio_broker *b) { patio__free(b->hooks, b); }
-
-static const patio_broker_vtable patio__memory_vt = {
-    "memory", patio__memory_send, patio__memory_cancel, NULL, patio__memory_destroy
-};
-
-PATIO_API patio_broker *patio_memory_broker_new_ex(patio_executor *ex, const patio_broker_config *cfg)
-{
-    patio_broker *b;
-    if (!ex) return NULL;
-    b = (patio_broker *)patio__calloc(ex->hooks, sizeof *b);
-    if (!b) return NULL;
-    if (patio_broker_init(b, &patio__memory_vt, ex, cfg) != PATIO_OK) {
-        patio__free(ex->hooks, b);
-        return NULL;
-    }
-    return b;
-}
-
-PATIO_API patio_broker *patio_memory_broker_new(patio_executor *ex)
-{
-    return patio_memory_broker_new_ex(ex, NULL);
-}
-
-/* ========================================================================
- * >>frame  Wire framing (PROTOCOL.md §2-§3): 9-byte header + payload
- * ======================================================================== */
-
-#define PATIO__FRAME_HEADER 9u
-
-enum {
-    PATIO__PKT_AUTH_DIGEST = 0,
-    PATIO__PKT_AUTH_REQUEST = 1,
-    PATIO__PKT_AUTH_OK = 3,
-    PATIO__PKT_DISCOVER_REQUEST = 5,
-    PATIO__PKT_DISCOVER_RESPONSE = 6,
-    PATIO__PKT_REQUEST = 10,
-    PATIO__PKT_RESPONSE = 20,
-    PATIO__PKT_ERROR = 30
-};
-
-typedef struct patio__frame {
-    int type;              /* signed: a byte >= 0x80 is negative, hence unknown */
-    uint32_t size;         /* payload length */
-    uint32_t serial;
-    const uint8_t *payload;
-} patio__frame;
-
-PATIO__MAYBE_UNUSED static void patio__frame_header_put(uint8_t *out, int type, uint32_t size, uint32_t serial)
-{
-    out[0] = (uint8_t)(int8_t)type;
-    patio__put_be32(out + 1, size);
-    patio__put_be32(out + 5, serial);
-}
-
-/* Starts a frame in w: reserves the header; write the payload, then end. */
-PATIO__MAYBE_UNUSED static size_t patio__frame_begin(patio_writer *w)
-{
-    static const uint8_t zero[PATIO__FRAME_HEADER] = { 0 };
-    size_t mark = w->len;
-    patio_write_raw(w, zero, sizeof zero);
-    return mark;
-}
-
-/* Fills in the header of the frame begun at mark. A payload above
- * max_payload is taken back out and PATIO_ERR_OVERFLOW returned, so the
- * writer holds only whole frames. */
-PATIO__MAYBE_UNUSED static int patio__frame_end(patio_writer *w, size_t mark, int type, uint32_t serial,
-                                                uint32_t max_payload)
-{
-    size_t payload;
-    if (w->err) return w->err;
-    payload = w->len - mark - PATIO__FRAME_HEADER;
-    if (payload > max_payload || payload > UINT32_MAX) {
-        w->len = mark;
-        return PATIO_ERR_OVERFLOW;
-    }
-    patio__frame_header_put(w->data + mark, type, (uint32_t)payload, serial);
-    return PATIO_OK;
-}
-
-/* Parses one frame at the start of buf. Returns 1 with *f filled when a
- * whole frame is there, 0 when more bytes are needed, PATIO_ERR_PROTOCOL if
- * the header announces more than max_size (checked before anything is
- * buffered for it). */
-PATIO__MAYBE_UNUSED static int patio__frame_parse(const uint8_t *buf, size_t len, uint32_t max_size, patio__frame *f)
-{
-    uint32_t size;
-    if (len < PATIO__FRAME_HEADER) return 0;
-    size = (uint32_t)patio__get_be(buf + 1, 4);
-    if (size > max_size) return PATIO_ERR_PROTOCOL;
-    if (len - PATIO__FRAME_HEADER < size) return 0;
-    f->type = (int)(int8_t)buf[0];
-    f->size = size;
-    f->serial = (uint32_t)patio__get_be(buf + 5, 4);
-    f->payload = buf + PATIO__FRAME_HEADER;
-    return 1;
-}
-
 
 /* ========================================================================
  * >>process-pool  Process-pool executor: forked workers over socketpairs
@@ -7104,6 +6117,993 @@ PATIO_API int patio_process_pool_pids(const patio_executor *ex, long *out, int m
     pthread_mutex_unlock(&p->mu);
     return n;
 }
+/* ========================================================================
+ * >>call  Calls: start, finish, wait, results
+ * ======================================================================== */
+
+enum { PATIO__CALL_PENDING = 0, PATIO__CALL_FINISHING = 1, PATIO__CALL_DONE = 2 };
+
+/* A thread blocked in patio_wait_*: completers of the calls it registered
+ * on bump `notified` under the mutex, and only the one that reaches
+ * `target` signals, so a batch of completions costs one wake-up. */
+typedef struct patio__waiter {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int notified;      /* calls that finished (atomic) */
+    int target;        /* notifications the sleeper waits for (atomic) */
+    int exited;        /* notifiers done touching the waiter (atomic) */
+} patio__waiter;
+
+/* c->waiter holds NULL, a waiter, or this mark once the call finished. */
+static patio__waiter patio__waiter_fired_mark;
+#define PATIO__WAITER_FIRED (&patio__waiter_fired_mark)
+
+struct patio_call {
+    int refs;                 /* atomic: user + in flight + task + timer */
+    int state;                /* atomic PATIO__CALL_* */
+    int status;
+    patio_broker *broker;     /* valid until the call finished */
+    patio_loop *loop;
+    const patio_hooks *hooks;
+    char *name;
+    patio_writer args;        /* encoded positional arguments (array) */
+    patio_writer kwargs;      /* encoded keyword arguments (map), empty = none */
+    patio_writer own_result;  /* a value set by patio_call_succeed */
+    const patio_writer *result;
+    char *err_type, *err_msg;
+    double timeout;           /* < 0 = none */
+    patio__timer timer;
+    int timer_armed;
+    patio__post done_post;    /* delivers on_done on the loop thread */
+    patio_call_cb on_done;
+    void *on_done_user;
+    patio__waiter *waiter;    /* atomic */
+    patio_call *next, *prev;  /* broker's pending list */
+    int listed;
+    struct patio__lane *lane; /* the timeout lane listing it; NULL = the other list */
+    patio__obj_cache *cache;  /* where its memory goes back */
+    uint64_t deadline_ns;
+    patio_task task;          /* local execution by the memory broker */
+    /* small names, arguments and results live here: no allocation */
+    char name_inline[48];
+    uint8_t args_inline[96];
+    uint8_t result_inline[48];
+};
+
+/* Pending calls with the same timeout finish their waits in the order
+ * they started, so each distinct timeout gets a FIFO "lane" watched by ONE
+ * timer armed for its oldest call: starting or finishing a call costs a
+ * list operation, not a timer-heap operation. Calls whose timeout finds no
+ * free lane use a timer of their own. */
+#define PATIO__LANES 4
+
+typedef struct patio__call_list {
+    patio_call *head, *tail;
+} patio__call_list;
+
+typedef struct patio__lane {
+    struct patio__broker_core *core;
+    double timeout;
+    patio__call_list calls;   /* by deadline */
+    patio__timer timer;
+} patio__lane;
+
+/* Broker-private bookkeeping behind patio_broker.internal. */
+typedef struct patio__broker_core {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    patio_broker *broker;
+    patio__call_list other;   /* pending calls not in a lane */
+    patio__lane lanes[PATIO__LANES];
+    size_t tasks_running;     /* tasks submitted by this broker, not finished */
+    int closing;
+} patio__broker_core;
+
+static patio__broker_core *patio__core(const patio_broker *b) { return (patio__broker_core *)b->internal; }
+
+static void patio__call_unlist(patio_call *c);
+
+/* A finished call stays on its broker's list until its last reference goes:
+ * unlisting then happens on the thread that frees it (usually the one that
+ * started it), so completing a call on a worker touches no shared list. */
+static void patio__call_release(patio_call *c)
+{
+    const patio_hooks *h;
+    if (patio__fetch_sub(&c->refs, 1) != 1) return;
+    if (c->broker && patio__load(&c->listed)) patio__call_unlist(c);
+    h = c->hooks;
+    patio_writer_free(&c->args);
+    patio_writer_free(&c->kwargs);
+    patio_writer_free(&c->own_result);
+    patio_writer_free(&c->task.result);
+    patio__free(h, c->err_type);
+    patio__free(h, c->err_msg);
+    if (c->name != c->name_inline) patio__free(h, c->name);
+    patio__cache_give(c->cache, h, c);
+}
+
+/* Takes a reference unless the call is already being freed. */
+static int patio__call_try_ref(patio_call *c)
+{
+    int n = patio__load(&c->refs);
+    while (n > 0)
+        if (patio__cas(&c->refs, &n, n + 1)) return 1;
+    return 0;
+}
+
+static void patio__list_append(patio__call_list *l, patio_call *c)
+{
+    c->next = NULL;
+    c->prev = l->tail;
+    if (l->tail) l->tail->next = c; else l->head = c;
+    l->tail = c;
+    patio__store(&c->listed, 1);
+}
+
+static void patio__list_unlink(patio__call_list *l, patio_call *c)
+{
+    if (c->prev) c->prev->next = c->next; else l->head = c->next;
+    if (c->next) c->next->prev = c->prev; else l->tail = c->prev;
+    c->next = c->prev = NULL;
+    patio__store(&c->listed, 0);
+}
+
+/* Under core->mu: takes c off its list; an emptied lane stops its timer. */
+static void patio__call_unlink_locked(patio__broker_core *core, patio_call *c)
+{
+    patio__lane *lane = c->lane;
+    if (!c->listed) return;
+    patio__list_unlink(lane ? &lane->calls : &core->other, c);
+    if (lane && !lane->calls.head) patio__timer_stop(core->broker->loop, &lane->timer);
+}
+
+static void patio__call_unlist(patio_call *c)
+{
+    patio__broker_core *core = patio__core(c->broker);
+    pthread_mutex_lock(&core->mu);
+    patio__call_unlink_locked(core, c);
+    pthread_mutex_unlock(&core->mu);
+}
+
+/* Lock-free unless this completion is the one the sleeper waits for. The
+ * counter/target pair is a Dekker handshake (sequentially consistent on
+ * both sides), so a sleeper never misses its wake-up. `exited` is the last
+ * thing a notifier touches, so the waiter knows when it may go away. */
+static void patio__waiter_notify(patio__waiter *w)
+{
+    int n = __atomic_add_fetch(&w->notified, 1, __ATOMIC_SEQ_CST);
+    if (n >= __atomic_load_n(&w->target, __ATOMIC_SEQ_CST)) {
+        pthread_mutex_lock(&w->mu);
+        pthread_cond_signal(&w->cv);
+        pthread_mutex_unlock(&w->mu);
+    }
+    __atomic_add_fetch(&w->exited, 1, __ATOMIC_RELEASE);
+}
+
+static void patio__call_deliver(patio__post *p)
+{
+    patio_call *c = PATIO__CONTAINER(p, patio_call, done_post);
+    c->on_done(c, c->on_done_user);
+    patio__call_release(c);
+}
+
+/* Copies an error's type and message into the call (for local errors). */
+static void patio__call_set_error(patio_call *c, const char *type, size_t tlen, const char *msg, size_t mlen)
+{
+    c->err_type = patio__strndup(c->hooks, type, tlen);
+    c->err_msg = patio__strndup(c->hooks, msg, mlen);
+}
+
+/* First finisher wins: publishes status and result, wakes the waiter,
+ * queues on_done, and drops the in-flight reference. */
+static int patio__call_finish(patio_call *c, int status, const patio_writer *result,
+                              const char *type, const char *msg)
+{
+    int expected = PATIO__CALL_PENDING;
+    patio__waiter *w;
+    if (!patio__cas(&c->state, &expected, PATIO__CALL_FINISHING)) return PATIO_ERR_INVALID;
+    c->status = status;
+    if (status == PATIO_OK) {
+        c->result = result;
+    } else if (result && result->len) {
+        const char *t, *m;
+        size_t tl, ml;
+        if (patio__decode_exception(result->data, result->len, &t, &tl, &m, &ml) == PATIO_OK)
+            patio__call_set_error(c, t, tl, m, ml);
+        else
+            patio__call_set_error(c, "RuntimeError", 12, "undecodable error", 17);
+    } else {
+        if (!type) type = "RuntimeError";
+        if (!msg) msg = patio_strerror(status);
+        patio__call_set_error(c, type, strlen(type), msg, strlen(msg));
+    }
+    patio__store(&c->state, PATIO__CALL_DONE);
+    if (patio__load(&c->timer_armed) && patio__timer_stop(c->loop, &c->timer) == 1)
+        patio__call_release(c);
+    w = patio__xchg(&c->waiter, PATIO__WAITER_FIRED);
+    if (w && w != PATIO__WAITER_FIRED) patio__waiter_notify(w);
+    if (c->on_done) patio__loop_post(c->loop, &c->done_post);
+    else patio__call_release(c);
+    return PATIO_OK;
+}
+
+static void patio__call_expire(patio_call *c);
+
+static void patio__call_timed_out(patio__timer *t)
+{
+    patio_call *c = PATIO__CONTAINER(t, patio_call, timer);
+    patio__call_expire(c);
+    patio__call_release(c);
+}
+
+PATIO_API int patio_call_succeed(patio_call *c, const void *value, size_t len)
+{
+    if (!c || !value || !len) return PATIO_ERR_INVALID;
+    if (patio__load(&c->state) != PATIO__CALL_PENDING) return PATIO_ERR_INVALID;
+    patio_writer_reset(&c->own_result);
+    if (patio_write_raw(&c->own_result, value, len) != PATIO_OK) return c->own_result.err;
+    return patio__call_finish(c, PATIO_OK, &c->own_result, NULL, NULL);
+}
+
+PATIO_API int patio_call_fail_with(patio_call *c, int status, const char *type, const char *message)
+{
+    if (!c || status >= 0) return PATIO_ERR_INVALID;
+    if (status == PATIO_ERR_REMOTE && !type) type = "RuntimeError";
+    return patio__call_finish(c, status, NULL, type, message ? message : (type ? "" : NULL));
+}
+
+static patio_call *patio__call_new(patio_broker *b, const char *name)
+{
+    patio_call *c = (patio_call *)patio__cache_take(&b->registry->call_cache, b->hooks, sizeof *c,
+                                                    offsetof(patio_call, task));
+    if (!c) return NULL;
+    c->cache = &b->registry->call_cache;
+    c->refs = 2; /* the user's and the in-flight reference */
+    c->broker = b;
+    c->loop = b->loop;
+    c->hooks = b->hooks;
+    c->task.state = 0;
+    c->timer.fn = patio__call_timed_out;
+    c->done_post.fn = patio__call_deliver;
+    patio__writer_init_small(&c->args, b->hooks, c->args_inline, sizeof c->args_inline);
+    patio_writer_init(&c->kwargs, b->hooks);
+    patio_writer_init(&c->own_result, b->hooks);
+    patio_writer_init(&c->task.result, b->hooks);
+    if (!name) name = "";
+    if (strlen(name) < sizeof c->name_inline) {
+        c->name = c->name_inline;
+        strcpy(c->name_inline, name);
+    } else {
+        c->name = patio__strdup(b->hooks, name);
+        if (!c->name) { patio__cache_give(c->cache, b->hooks, c); return NULL; }
+    }
+    return c;
+}
+
+/* 1 if data is exactly one valid MessagePack object of the given type. */
+static int patio__is_msgpack(const void *data, size_t len, patio_type type)
+{
+    patio_reader r;
+    patio_value v;
+    patio_reader_init(&r, data, len);
+    if (patio_peek(&r, &v) != PATIO_OK || v.type != type) return 0;
+    return patio_msgpack_check_all(data, len, 0) == PATIO_OK;
+}
+
+/* Encodes positional and keyword arguments into the call. */
+static int patio__call_encode_args(patio_call *c, const patio_call_opts *o, const char *fmt, va_list ap)
+{
+    if (o && o->args) {
+        if (!patio__is_msgpack(o->args, o->args_len, PATIO_ARRAY)) return PATIO_ERR_INVALID;
+        patio_write_raw(&c->args, o->args, o->args_len);
+    } else {
+        patio_write_array(&c->args, patio__fmt_count(fmt ? fmt : ""));
+        if (fmt) patio_packv(&c->args, fmt, ap);
+    }
+    if (o && o->kwargs && o->kwargs_len) {
+        if (!patio__is_msgpack(o->kwargs, o->kwargs_len, PATIO_MAP)) return PATIO_ERR_INVALID;
+        patio_write_raw(&c->kwargs, o->kwargs, o->kwargs_len);
+    }
+    if (c->args.err) return c->args.err;
+    return c->kwargs.err;
+}
+
+/* Under core->mu: the lane for this timeout, claiming a free one; NULL if
+ * all lanes serve other timeouts. */
+static patio__lane *patio__lane_for(patio__broker_core *core, double timeout)
+{
+    patio__lane *free_lane = NULL;
+    int i;
+    for (i = 0; i < PATIO__LANES; i++) {
+        patio__lane *l = &core->lanes[i];
+        if (!l->calls.head) { if (!free_lane) free_lane = l; }
+        else if (l->timeout == timeout) return l;
+    }
+    if (free_lane) free_lane->timeout = timeout;
+    return free_lane;
+}
+
+/* Lists a starting call; returns 1 if its timeout is watched by a lane. */
+static int patio__call_enlist(patio_broker *b, patio_call *c, int *in_lane)
+{
+    patio__broker_core *core = patio__core(b);
+    patio__lane *lane = NULL;
+    pthread_mutex_lock(&core->mu);
+    if (core->closing) { pthread_mutex_unlock(&core->mu); return PATIO_ERR_CLOSED; }
+    if (c->timeout >= 0) lane = patio__lane_for(core, c->timeout);
+    c->lane = lane;
+    if (lane) {
+        /* read under the lock, so deadlines in a lane never decrease */
+        c->deadline_ns = patio__deadline_after(c->timeout);
+        patio__list_append(&lane->calls, c);
+        if (lane->calls.head == c) patio__timer_start(b->loop, &lane->timer, c->deadline_ns);
+    } else {
+        patio__list_append(&core->other, c);
+    }
+    pthread_mutex_unlock(&core->mu);
+    *in_lane = lane != NULL;
+    return PATIO_OK;
+}
+
+static void patio__call_expire(patio_call *c)
+{
+    patio_broker *b = c->broker;
+    if (patio__load(&c->state) == PATIO__CALL_PENDING && b->vt->cancel) b->vt->cancel(b, c);
+    patio__call_finish(c, PATIO_ERR_TIMEOUT, NULL, "TimeoutError", "");
+}
+
+/* A lane's timer: expires its calls that are due, re-arms for the next. */
+static void patio__lane_fire(patio__timer *t)
+{
+    patio__lane *lane = PATIO__CONTAINER(t, patio__lane, timer);
+    patio__broker_core *core = lane->core;
+    patio_call *due = NULL, *c;
+    uint64_t now = patio__now_ns();
+    pthread_mutex_lock(&core->mu);
+    while ((c = lane->calls.head) != NULL && c->deadline_ns <= now) {
+        patio__list_unlink(&lane->calls, c);
+        if (patio__load(&c->state) != PATIO__CALL_PENDING || !patio__call_try_ref(c)) continue;
+        c->next = due;
+        due = c;
+    }
+    if (lane->calls.head) patio__timer_start(core->broker->loop, &lane->timer, lane->calls.head->deadline_ns);
+    pthread_mutex_unlock(&core->mu);
+    while ((c = due) != NULL) {
+        due = c->next;
+        c->next = NULL;
+        patio__call_expire(c);
+        patio__call_release(c);
+    }
+}
+
+static void patio__call_arm_timer(patio_call *c)
+{
+    if (c->timeout < 0) return;
+    patio__fetch_add(&c->refs, 1);
+    patio__store(&c->timer_armed, 1);
+    patio__timer_start(c->loop, &c->timer, patio__deadline_after(c->timeout));
+}
+
+PATIO_API patio_call *patio_call_startv(patio_broker *b, const patio_call_opts *opts,
+                                        const char *name, const char *fmt, va_list ap)
+{
+    patio_call *c;
+    int rc, in_lane = 0;
+    if (!b) return NULL;
+    c = patio__call_new(b, name);
+    if (!c) return NULL;
+    if (opts) { c->on_done = opts->on_done; c->on_done_user = opts->user; }
+    c->timeout = opts && opts->timeout != 0 ? opts->timeout : b->default_timeout;
+    if (c->timeout != c->timeout) c->timeout = 0; /* NaN: expired at once */
+    if (c->timeout < 0 && !(opts && opts->timeout < 0)) c->timeout = 0;
+    rc = (!name || !*name) ? PATIO_ERR_INVALID : patio__call_encode_args(c, opts, fmt, ap);
+    if (rc == PATIO_OK) rc = patio__call_enlist(b, c, &in_lane);
+    if (rc != PATIO_OK) {
+        c->broker = NULL;
+        patio__call_finish(c, rc, NULL, rc == PATIO_ERR_CLOSED ? "RuntimeError" : "ValueError", NULL);
+        return c;
+    }
+    if (!in_lane) patio__call_arm_timer(c);
+    b->vt->send(b, c);
+    return c;
+}
+
+PATIO_API patio_call *patio_call_start(patio_broker *b, const patio_call_opts *opts,
+                                       const char *name, const char *fmt, ...)
+{
+    patio_call *c;
+    va_list ap;
+    va_start(ap, fmt);
+    c = patio_call_startv(b, opts, name, fmt, ap);
+    va_end(ap);
+    return c;
+}
+
+PATIO_API patio_call *patio_call_async(patio_broker *b, const char *name, const char *fmt, ...)
+{
+    patio_call *c;
+    va_list ap;
+    va_start(ap, fmt);
+    c = patio_call_startv(b, NULL, name, fmt, ap);
+    va_end(ap);
+    return c;
+}
+
+PATIO_API patio_call *patio_call_sync(patio_broker *b, double timeout, const char *name, const char *fmt, ...)
+{
+    patio_call_opts o;
+    patio_call *c;
+    va_list ap;
+    memset(&o, 0, sizeof o);
+    o.timeout = timeout;
+    va_start(ap, fmt);
+    c = patio_call_startv(b, &o, name, fmt, ap);
+    va_end(ap);
+    if (c) patio_call_wait(c, PATIO_NO_TIMEOUT);
+    return c;
+}
+
+PATIO_API patio_call *patio_call_fn(patio_broker *b, patio_fn fn, const char *fmt, ...)
+{
+    const char *name;
+    patio_call *c;
+    va_list ap;
+    if (!b) return NULL;
+    name = patio_registry_name_of(b->registry, fn);
+    if (!name || !b->registry->auto_naming) {
+        c = patio__call_new(b, "");
+        if (!c) return NULL;
+        c->broker = NULL;
+        patio__call_finish(c, name ? PATIO_ERR_INVALID : PATIO_ERR_NOT_FOUND, NULL,
+                           name ? "ValueError" : "KeyError",
+                           name ? "auto-naming is disabled, call by name" : "function is not registered");
+        return c;
+    }
+    va_start(ap, fmt);
+    c = patio_call_startv(b, NULL, name, fmt, ap);
+    va_end(ap);
+    return c;
+}
+
+PATIO_API int patio_call_status(const patio_call *c)
+{
+    if (!c) return PATIO_ERR_NOMEM;
+    if (patio__load(&c->state) != PATIO__CALL_DONE) return PATIO_PENDING;
+    return c->status;
+}
+
+PATIO_API const char *patio_call_name(const patio_call *c) { return c ? c->name : ""; }
+
+PATIO_API int patio_call_cancel(patio_call *c)
+{
+    patio_broker *b;
+    if (!c) return PATIO_ERR_INVALID;
+    if (patio__load(&c->state) != PATIO__CALL_PENDING) return PATIO_ERR_INVALID;
+    b = c->broker;
+    if (!b || !b->vt->cancel || b->vt->cancel(b, c) != PATIO_OK) return PATIO_ERR_STARTED;
+    patio__call_finish(c, PATIO_ERR_CANCELLED, NULL, "CancelledError", "");
+    return PATIO_OK;
+}
+
+PATIO_API void patio_call_free(patio_call *c)
+{
+    if (c) patio__call_release(c);
+}
+
+PATIO_API int patio_call_args(const patio_call *c, const void **args, size_t *len,
+                              const void **kwargs, size_t *kwargs_len)
+{
+    if (!c) return PATIO_ERR_INVALID;
+    if (args) *args = c->args.data;
+    if (len) *len = c->args.len;
+    if (kwargs) *kwargs = c->kwargs.len ? (const void *)c->kwargs.data : NULL;
+    if (kwargs_len) *kwargs_len = c->kwargs.len;
+    return PATIO_OK;
+}
+
+PATIO_API double patio_call_timeout(const patio_call *c) { return c ? c->timeout : -1; }
+
+PATIO_API const void *patio_call_result(const patio_call *c, size_t *len)
+{
+    if (patio_call_status(c) != PATIO_OK) { if (len) *len = 0; return NULL; }
+    if (len) *len = c->result->len;
+    return c->result->data;
+}
+
+PATIO_API int patio_call_reader(const patio_call *c, patio_reader *r)
+{
+    int st = patio_call_status(c);
+    if (st != PATIO_OK) return st;
+    patio_reader_init(r, c->result->data, c->result->len);
+    return PATIO_OK;
+}
+
+PATIO_API int patio_call_unpack(const patio_call *c, const char *fmt, ...)
+{
+    patio_reader r;
+    va_list ap;
+    int rc = patio_call_reader(c, &r);
+    if (rc != PATIO_OK) return rc;
+    va_start(ap, fmt);
+    rc = patio_unpackv(&r, fmt, ap);
+    va_end(ap);
+    return rc;
+}
+
+PATIO_API int64_t patio_result_int(const patio_call *c)
+{
+    patio_reader r;
+    int64_t v = 0;
+    if (patio_call_reader(c, &r) != PATIO_OK || patio_read_int(&r, &v) != PATIO_OK) return 0;
+    return v;
+}
+
+PATIO_API double patio_result_double(const patio_call *c)
+{
+    patio_reader r;
+    double v = 0;
+    if (patio_call_reader(c, &r) != PATIO_OK || patio_read_double(&r, &v) != PATIO_OK) return 0;
+    return v;
+}
+
+PATIO_API const char *patio_call_error_type(const patio_call *c)
+{
+    int st = patio_call_status(c);
+    if (st == PATIO_OK || st == PATIO_PENDING || !c->err_type) return "";
+    return c->err_type;
+}
+
+PATIO_API const char *patio_call_error_message(const patio_call *c)
+{
+    int st = patio_call_status(c);
+    if (st == PATIO_OK || st == PATIO_PENDING) return "";
+    return c->err_msg ? c->err_msg : patio_strerror(st);
+}
+
+/* ---- waiting ---------------------------------------------------------- */
+
+static int patio__calls_done(patio_call *const *calls, size_t n, int any, size_t *index)
+{
+    size_t i, done = 0;
+    for (i = 0; i < n; i++) {
+        if (patio__load(&calls[i]->state) == PATIO__CALL_DONE) {
+            if (any) { if (index) *index = i; return 1; }
+            done++;
+        }
+    }
+    return !any && done == n;
+}
+
+/* Who drives the loop while we wait: 1 = we must pump it ourselves. */
+static int patio__must_pump(patio_loop *loop)
+{
+    return patio_loop_run_once(loop, 0) != PATIO_ERR_INVALID;
+}
+
+/* Registers w on every pending call; returns how many took it. *shared
+ * counts calls another thread already waits on (they are polled). */
+static size_t patio__waiter_register(patio__waiter *w, patio_call *const *calls, size_t n,
+                                     unsigned char *mine, size_t *shared)
+{
+    size_t i, k = 0;
+    *shared = 0;
+    for (i = 0; i < n; i++) {
+        patio__waiter *expected = NULL;
+        mine[i] = (unsigned char)patio__cas(&calls[i]->waiter, &expected, w);
+        k += mine[i];
+        if (!mine[i] && expected != PATIO__WAITER_FIRED) (*shared)++;
+    }
+    return k;
+}
+
+/* Rare case: another thread waits on one of these calls too. Poll. */
+static void patio__wait_poll(patio_call *const *calls, size_t n, int any, size_t *index, uint64_t deadline)
+{
+    while (!patio__calls_done(calls, n, any, index) && patio__now_ns() < deadline) {
+        struct timespec ts;
+        ts.tv_sec = 0;
+        ts.tv_nsec = 1000000;
+        nanosleep(&ts, NULL);
+    }
+}
+
+/* Takes w back from calls that have not fired; returns how many fired
+ * (each of those notifies w exactly once). */
+static size_t patio__waiter_unregister(patio__waiter *w, patio_call *const *calls, size_t n,
+                                       const unsigned char *mine)
+{
+    size_t i, fired = 0;
+    for (i = 0; i < n; i++) {
+        patio__waiter *expected = w;
+        if (mine[i] && !patio__cas(&calls[i]->waiter, &expected, NULL)) fired++;
+    }
+    return fired;
+}
+
+/* Sleeps (or pumps) until `target` registered calls notified, or the
+ * deadline; polls briefly first, since a sleep/wake costs far more. */
+static void patio__wait_block(patio__waiter *w, int target, uint64_t deadline, patio_loop *pump)
+{
+    uint64_t spin_until = patio__now_ns() + (uint64_t)PATIO_SPIN_US * 1000u;
+    unsigned i = 0;
+    while (patio__load(&w->notified) < target) {
+        uint64_t now;
+        if ((++i & 31) != 0) { patio__cpu_relax(); continue; }
+        now = patio__now_ns();
+        if (now >= deadline) return;
+        if (now < spin_until) continue;
+        if (pump) {
+            patio_loop_run_once(pump, deadline - now < 1000000u ? 0 : 1);
+            continue;
+        }
+        pthread_mutex_lock(&w->mu);
+        __atomic_store_n(&w->target, target, __ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&w->notified, __ATOMIC_SEQ_CST) < target)
+            patio__cond_wait_until(&w->cv, &w->mu, deadline);
+        __atomic_store_n(&w->target, INT_MAX, __ATOMIC_SEQ_CST);
+        pthread_mutex_unlock(&w->mu);
+    }
+}
+
+/* Waits until `fired` notifiers have completely left the waiter. */
+static void patio__waiter_drain(patio__waiter *w, size_t fired)
+{
+    unsigned i;
+    for (i = 0; (size_t)__atomic_load_n(&w->exited, __ATOMIC_ACQUIRE) < fired; i++) {
+        if (i < 64) patio__cpu_relax();
+        else sched_yield(); /* a notifier is between two instructions: let it run */
+    }
+}
+
+static int patio__wait(patio_call *const *calls, size_t n, double timeout, int any, size_t *index)
+{
+    patio__waiter w;
+    unsigned char small[64];
+    unsigned char *mine = small;
+    patio_loop *loop = NULL;
+    uint64_t deadline;
+    size_t i, fired, registered, shared;
+    int rc;
+    if (!calls && n) return PATIO_ERR_INVALID;
+    for (i = 0; i < n; i++) if (!calls[i]) return PATIO_ERR_INVALID;
+    if (patio__calls_done(calls, n, any, index)) return PATIO_OK;
+    if (n == 0) return any ? PATIO_ERR_INVALID : PATIO_OK;
+    for (i = 0; i < n && !loop; i++)
+        if (patio__load(&calls[i]->state) != PATIO__CALL_DONE) loop = calls[i]->loop;
+    if (loop && patio_loop_in_loop_thread(loop)) return PATIO_ERR_INVALID; /* would deadlock */
+    deadline = timeout < 0 ? UINT64_MAX : patio__deadline_after(timeout);
+    if (n > sizeof small) {
+        mine = (unsigned char *)patio__malloc(calls[0]->hooks, n);
+        if (!mine) return PATIO_ERR_NOMEM;
+    }
+    pthread_mutex_init(&w.mu, NULL);
+    patio__cond_init(&w.cv);
+    w.notified = 0;
+    w.exited = 0;
+    w.target = INT_MAX;
+    registered = patio__waiter_register(&w, calls, n, mine, &shared);
+    /* calls that finished before we registered count at once */
+    if (!patio__calls_done(calls, n, any, index)) {
+        if (shared) patio__wait_poll(calls, n, any, index, deadline);
+        else patio__wait_block(&w, any ? 1 : (int)registered, deadline,
+                               loop && patio__must_pump(loop) ? loop : NULL);
+    }
+    rc = patio__calls_done(calls, n, any, index) ? PATIO_OK : PATIO_ERR_TIMEOUT;
+    /* Calls that fired hold w until they notified: wait for exactly those. */
+    fired = patio__waiter_unregister(&w, calls, n, mine);
+    patio__waiter_drain(&w, fired);
+    pthread_mutex_destroy(&w.mu);
+    pthread_cond_destroy(&w.cv);
+    if (mine != small) patio__free(calls[0]->hooks, mine);
+    return rc;
+}
+
+PATIO_API int patio_call_wait(patio_call *c, double timeout)
+{
+    int rc;
+    if (!c) return PATIO_ERR_INVALID;
+    rc = patio__wait(&c, 1, timeout, 0, NULL);
+    if (rc == PATIO_ERR_TIMEOUT) return PATIO_PENDING;
+    if (rc != PATIO_OK) return rc;
+    return c->status;
+}
+
+PATIO_API int patio_wait_all(patio_call *const *calls, size_t n, double timeout)
+{
+    return patio__wait(calls, n, timeout, 0, NULL);
+}
+
+PATIO_API int patio_wait_any(patio_call *const *calls, size_t n, double timeout, size_t *index)
+{
+    return patio__wait(calls, n, timeout, 1, index);
+}
+
+/* ========================================================================
+ * >>broker  Broker base and the memory broker
+ * ======================================================================== */
+
+PATIO_API int patio_broker_init(patio_broker *b, const patio_broker_vtable *vt,
+                                patio_executor *ex, const patio_broker_config *cfg)
+{
+    patio__broker_core *core;
+    int rc;
+    if (!b || !vt || !vt->send || !ex) return PATIO_ERR_INVALID;
+    memset(b, 0, sizeof *b);
+    b->vt = vt;
+    b->executor = ex;
+    b->registry = ex->registry;
+    b->hooks = ex->hooks;
+    b->default_timeout = cfg && cfg->default_timeout > 0 ? cfg->default_timeout : PATIO_DEFAULT_TIMEOUT;
+    core = (patio__broker_core *)patio__calloc(b->hooks, sizeof *core);
+    if (!core) return PATIO_ERR_NOMEM;
+    patio__mutex_init_hot(&core->mu);
+    patio__cond_init(&core->cv);
+    core->broker = b;
+    {
+        int i;
+        for (i = 0; i < PATIO__LANES; i++) {
+            core->lanes[i].core = core;
+            core->lanes[i].timer.fn = patio__lane_fire;
+        }
+    }
+    b->internal = core;
+    if (cfg && cfg->loop) {
+        b->loop = cfg->loop;
+    } else {
+        patio_loop_config lc;
+        memset(&lc, 0, sizeof lc);
+        lc.hooks = b->hooks;
+        b->loop = patio_loop_new(&lc);
+        if (!b->loop) { patio_broker_deinit(b); return PATIO_ERR_NOMEM; }
+        b->owns_loop = 1;
+    }
+    rc = ex->vt->attach ? patio__executor_attach(ex, b->loop) : PATIO_OK;
+    if (rc == PATIO_OK && b->owns_loop) rc = patio_loop_start(b->loop);
+    if (rc != PATIO_OK) { patio_broker_deinit(b); return rc; }
+    patio_registry_lock(b->registry);
+    return PATIO_OK;
+}
+
+/* Pops one pending call (with a reference) for closing; NULL when none. */
+static patio_call *patio__broker_take_pending(patio__broker_core *core)
+{
+    patio_call *c;
+    int i;
+    pthread_mutex_lock(&core->mu);
+    for (;;) {
+        c = NULL;
+        for (i = 0; i < PATIO__LANES && !c; i++) c = core->lanes[i].calls.head;
+        if (!c) c = core->other.head;
+        if (!c) break;
+        patio__call_unlink_locked(core, c);
+        if (patio__call_try_ref(c)) break; /* else its last owner is freeing it */
+    }
+    pthread_mutex_unlock(&core->mu);
+    return c;
+}
+
+PATIO_API void patio_broker_close(patio_broker *b)
+{
+    patio__broker_core *core;
+    patio_call *c;
+    if (!b || !b->internal) return;
+    core = patio__core(b);
+    pthread_mutex_lock(&core->mu);
+    core->closing = 1;
+    b->closed = 1;
+    pthread_cond_broadcast(&core->cv); /* wakes patio_broker_join */
+    pthread_mutex_unlock(&core->mu);
+    if (b->vt->close) b->vt->close(b);
+    while ((c = patio__broker_take_pending(core)) != NULL) {
+        if (patio__load(&c->state) == PATIO__CALL_PENDING && b->vt->cancel) b->vt->cancel(b, c);
+        patio__call_finish(c, PATIO_ERR_CLOSED, NULL, "RuntimeError", "broker closed");
+        patio__call_release(c);
+    }
+}
+
+typedef struct patio__barrier {
+    patio__post post;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int passed;
+} patio__barrier;
+
+static void patio__barrier_pass(patio__post *p)
+{
+    patio__barrier *br = PATIO__CONTAINER(p, patio__barrier, post);
+    pthread_mutex_lock(&br->mu);
+    br->passed = 1;
+    pthread_cond_signal(&br->cv);
+    pthread_mutex_unlock(&br->mu);
+}
+
+/* Waits until everything posted to the loop before now has run. */
+static void patio__loop_flush(patio_loop *loop)
+{
+    patio__barrier br;
+    int pump = patio__must_pump(loop);
+    memset(&br, 0, sizeof br);
+    br.post.fn = patio__barrier_pass;
+    pthread_mutex_init(&br.mu, NULL);
+    patio__cond_init(&br.cv);
+    patio__loop_post(loop, &br.post);
+    pthread_mutex_lock(&br.mu);
+    while (!br.passed) {
+        if (pump) {
+            pthread_mutex_unlock(&br.mu);
+            patio_loop_run_once(loop, 1);
+            pthread_mutex_lock(&br.mu);
+        } else {
+            pthread_cond_wait(&br.cv, &br.mu);
+        }
+    }
+    pthread_mutex_unlock(&br.mu);
+    pthread_mutex_destroy(&br.mu);
+    pthread_cond_destroy(&br.cv);
+}
+
+/* Waits for tasks this broker submitted and that are still running. */
+static void patio__broker_wait_tasks(patio_broker *b)
+{
+    patio__broker_core *core = patio__core(b);
+    int pump = patio__must_pump(b->loop);
+    pthread_mutex_lock(&core->mu);
+    while (core->tasks_running) {
+        if (pump) {
+            pthread_mutex_unlock(&core->mu);
+            patio_loop_run_once(b->loop, 1);
+            pthread_mutex_lock(&core->mu);
+        } else {
+            patio__cond_wait_until(&core->cv, &core->mu, patio__now_ns() + 100000000u);
+        }
+    }
+    pthread_mutex_unlock(&core->mu);
+}
+
+PATIO_API void patio_broker_deinit(patio_broker *b)
+{
+    patio__broker_core *core;
+    if (!b) return;
+    core = patio__core(b);
+    /* the executor outlives the broker: it must not keep a freed loop */
+    if (b->owns_loop && b->executor && b->executor->loop == b->loop) b->executor->loop = NULL;
+    if (b->owns_loop && b->loop) patio_loop_free(b->loop);
+    b->loop = NULL;
+    if (core) {
+        pthread_mutex_destroy(&core->mu);
+        pthread_cond_destroy(&core->cv);
+        patio__free(b->hooks, core);
+        b->internal = NULL;
+    }
+}
+
+PATIO_API void patio_broker_free(patio_broker *b)
+{
+    if (!b) return;
+    if (b->loop && patio_loop_in_loop_thread(b->loop)) {
+        patio__log(b->hooks, PATIO_LOG_ERROR, "broker: cannot be freed from its loop thread");
+        return;
+    }
+    patio_broker_close(b);
+    if (b->loop && b->internal) {
+        patio__broker_wait_tasks(b);
+        patio__loop_flush(b->loop);
+    }
+    patio_broker_deinit(b);
+    if (b->vt->destroy) b->vt->destroy(b);
+}
+
+PATIO_API int patio_broker_join(patio_broker *b, double timeout)
+{
+    patio__broker_core *core;
+    uint64_t deadline;
+    int pump, closed;
+    if (!b || !b->internal) return PATIO_ERR_INVALID;
+    if (patio_loop_in_loop_thread(b->loop)) return PATIO_ERR_INVALID;
+    core = patio__core(b);
+    deadline = timeout < 0 ? UINT64_MAX : patio__deadline_after(timeout);
+    pump = patio__must_pump(b->loop);
+    pthread_mutex_lock(&core->mu);
+    while (!core->closing && patio__now_ns() < deadline) {
+        if (pump) {
+            pthread_mutex_unlock(&core->mu);
+            patio_loop_run_once(b->loop, 10);
+            pthread_mutex_lock(&core->mu);
+        } else {
+            patio__cond_wait_until(&core->cv, &core->mu, deadline);
+        }
+    }
+    closed = core->closing;
+    pthread_mutex_unlock(&core->mu);
+    return closed ? PATIO_OK : PATIO_ERR_TIMEOUT;
+}
+
+PATIO_API patio_loop *patio_broker_loop(const patio_broker *b) { return b ? b->loop : NULL; }
+PATIO_API patio_registry *patio_broker_registry(const patio_broker *b) { return b ? b->registry : NULL; }
+PATIO_API patio_executor *patio_broker_executor(const patio_broker *b) { return b ? b->executor : NULL; }
+
+/* ---- running a call's task on the broker's executor ------------------- */
+
+static void patio__broker_task_ended(patio_broker *b)
+{
+    patio__broker_core *core = patio__core(b);
+    pthread_mutex_lock(&core->mu);
+    if (--core->tasks_running == 0 && core->closing) pthread_cond_broadcast(&core->cv);
+    pthread_mutex_unlock(&core->mu);
+}
+
+static void patio__memory_task_done(patio_task *t)
+{
+    patio_call *c = (patio_call *)t->owner;
+    patio_broker *b = t->broker;
+    patio__call_finish(c, t->status, &t->result, NULL, NULL);
+    patio__call_release(c); /* the task's reference, while the broker surely lives */
+    patio__broker_task_ended(b);
+}
+
+static void patio__memory_send(patio_broker *b, patio_call *c)
+{
+    const patio__entry *e = patio__registry_find(b->registry, c->name, strlen(c->name));
+    patio__broker_core *core = patio__core(b);
+    int rc;
+    if (!e) {
+        patio__call_finish(c, PATIO_ERR_NOT_FOUND, NULL, "KeyError", c->name);
+        return;
+    }
+    patio_writer_free(&c->task.result);
+    patio__task_init(&c->task, e, b->hooks, c->args.data, c->args.len,
+                     c->kwargs.len ? c->kwargs.data : NULL, c->kwargs.len);
+    patio__writer_init_small(&c->task.result, b->hooks, c->result_inline, sizeof c->result_inline);
+    c->task.broker = b;
+    c->task.timeout = c->timeout;
+    c->task.owner = c;
+    c->task.on_done = patio__memory_task_done;
+    patio__fetch_add(&c->refs, 1);
+    pthread_mutex_lock(&core->mu);
+    core->tasks_running++;
+    pthread_mutex_unlock(&core->mu);
+    rc = b->executor->vt->submit(b->executor, &c->task);
+    if (rc != PATIO_OK) {
+        patio__broker_task_ended(b);
+        patio__call_finish(c, rc, NULL, "RuntimeError", NULL);
+        patio__call_release(c);
+    }
+}
+
+static int patio__memory_cancel(patio_broker *b, patio_call *c)
+{
+    patio_executor *ex = b->executor;
+    if (patio__load(&c->task.state) != PATIO__TASK_QUEUED || !ex->vt->cancel) return PATIO_ERR_STARTED;
+    if (ex->vt->cancel(ex, &c->task) != PATIO_OK) return PATIO_ERR_STARTED;
+    patio__broker_task_ended(b);
+    patio__call_release(c); /* the task will never run: drop its reference */
+    return PATIO_OK;
+}
+
+static void patio__memory_destroy(patio_broker *b) { patio__free(b->hooks, b); }
+
+static const patio_broker_vtable patio__memory_vt = {
+    "memory", patio__memory_send, patio__memory_cancel, NULL, patio__memory_destroy
+};
+
+PATIO_API patio_broker *patio_memory_broker_new_ex(patio_executor *ex, const patio_broker_config *cfg)
+{
+    patio_broker *b;
+    if (!ex) return NULL;
+    b = (patio_broker *)patio__calloc(ex->hooks, sizeof *b);
+    if (!b) return NULL;
+    if (patio_broker_init(b, &patio__memory_vt, ex, cfg) != PATIO_OK) {
+        patio__free(ex->hooks, b);
+        return NULL;
+    }
+    return b;
+}
+
+PATIO_API patio_broker *patio_memory_broker_new(patio_executor *ex)
+{
+    return patio_memory_broker_new_ex(ex, NULL);
+}
+
 #endif /* PATIO_IMPLEMENTATION */
 
 /*
