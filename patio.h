@@ -765,6 +765,164 @@ PATIO_API double patio_call_timeout(const patio_call *c);   /* seconds, <0 = non
 PATIO_API int patio_call_succeed(patio_call *c, const void *value, size_t len);
 PATIO_API int patio_call_fail_with(patio_call *c, int status, const char *type, const char *message);
 
+
+/* ========================================================================
+ * >>api-tcp  TCP broker
+ * ======================================================================== */
+
+/* A TCP broker speaks the wire protocol of Python patio (PROTOCOL.md), so
+ * its peers may be patio.h brokers or Python patio 0.1.4 brokers using the
+ * MessagePack serializer. One broker can listen on several addresses and
+ * connect to several servers at once (server, client, mixed mode, full
+ * mesh); after the handshake both ends of every connection can call
+ * functions the other side registered. Calls are routed round robin among
+ * the connections whose peer offers the name; a call for a name nobody
+ * offers waits for a route until its own timeout.
+ *
+ *     patio_broker *srv = patio_tcp_server_new(pool, NULL, "0.0.0.0", PATIO_TCP_DEFAULT_PORT);
+ *     patio_broker *cli = patio_tcp_client_new(pool2, NULL, "127.0.0.1", PATIO_TCP_DEFAULT_PORT);
+ *     patio_tcp_wait_peers(cli, 1, 5.0);
+ *     patio_call *c = patio_call_sync(cli, 5.0, "mul", "iii", 1, 2, 3);
+ *
+ * Every socket callback runs on the broker's loop; the functions below may
+ * be called from any thread except where noted.
+ *
+ * A REQUEST cannot be taken back once sent: patio_call_cancel succeeds
+ * only for a call still waiting for a route, and only on the loop thread
+ * (else PATIO_ERR_STARTED). A call that times out keeps its serial
+ * reserved on its connection until the late answer (then dropped) or the
+ * end of the connection. */
+
+#define PATIO_TCP_DEFAULT_PORT 15383
+
+/* ---- transport seam ------------------------------------------------------
+ * The bytes of a connection pass through a transport: plain TCP by default,
+ * TLS from patio_tls.h. The broker owns the socket (non-blocking, already
+ * connected) and calls the transport only through this table, always on
+ * its loop thread:
+ *
+ *   create(ctx, fd, is_server, server_name, &handle)
+ *       per connection, once the TCP connection is up. ctx is
+ *       patio_tcp_config.transport_ctx; server_name is the host given to
+ *       patio_tcp_connect (for SNI / certificate checks), NULL on accepted
+ *       connections. Stores the transport's per-connection state in
+ *       *handle. PATIO_OK or an error (the connection is dropped).
+ *   handshake(handle)
+ *       one non-blocking step of the transport's own handshake: PATIO_OK
+ *       when done, PATIO_TRANSPORT_WANT_READ / _WANT_WRITE to be called
+ *       again when the socket is ready, PATIO_TRANSPORT_ERROR (see error).
+ *       NULL = no handshake.
+ *   read(handle, buf, n)
+ *       > 0 bytes read, 0 at end of stream, PATIO_TRANSPORT_WANT_READ /
+ *       _WANT_WRITE when it would block, PATIO_TRANSPORT_ERROR.
+ *   write(handle, buf, n)
+ *       > 0 bytes written (maybe fewer than n), _WANT_READ / _WANT_WRITE
+ *       when it would block, _ERROR. After a WANT the broker calls write
+ *       again with the same bytes (same start, same length).
+ *   pending(handle)
+ *       bytes already received and decrypted inside the transport; the
+ *       broker reads them before it waits on the socket again. NULL = 0.
+ *   close(handle)
+ *       ends the session without blocking (e.g. a TLS close_notify, best
+ *       effort) and frees the handle. The broker closes the fd afterwards.
+ *   error(handle)
+ *       describes the last error (for the log); never NULL.
+ *
+ * patio_tcp_plain_transport() is the default: recv/send with MSG_NOSIGNAL. */
+enum {
+    PATIO_TRANSPORT_WANT_READ = -1001,
+    PATIO_TRANSPORT_WANT_WRITE = -1002,
+    PATIO_TRANSPORT_ERROR = -1003
+};
+
+typedef struct patio_transport {
+    const char *name;
+    int (*create)(void *ctx, int fd, int is_server, const char *server_name, void **handle);
+    int (*handshake)(void *handle);
+    ptrdiff_t (*read)(void *handle, void *buf, size_t n);
+    ptrdiff_t (*write)(void *handle, const void *buf, size_t n);
+    size_t (*pending)(void *handle);
+    void (*close)(void *handle);
+    const char *(*error)(void *handle);
+} patio_transport;
+
+PATIO_API const patio_transport *patio_tcp_plain_transport(void);
+
+/* ---- configuration ------------------------------------------------------
+ * Zero-initialised = defaults. */
+typedef struct patio_tcp_config {
+    patio_broker_config base;      /* loop (NULL = own loop on a library thread), default_timeout */
+    const void *key;               /* shared key, 0..32 bytes (longer: PATIO_ERR_INVALID);
+                                      empty = authenticates nothing, logs a warning */
+    size_t key_len;
+    int require_server_proof;      /* client: refuse AUTH_OK without a valid proof
+                                      (this refuses Python servers) */
+    uint32_t max_frame_size;       /* largest payload sent or accepted; 0 = 16 MiB */
+    double handshake_timeout;      /* seconds from connect/accept to the end of discovery; 0 = 10 */
+    int max_connections;           /* open connections; accepts beyond it close at once; 0 = 1024 */
+    int max_inflight;              /* received requests not yet answered, per connection;
+                                      at the limit the connection is not read; 0 = 1024 */
+    double reconnect_delay;        /* first retry of a client connection; 0 = 1 s */
+    double reconnect_max_delay;    /* the delay doubles per failure up to this; 0 = 30 s */
+    int max_depth;                 /* MessagePack nesting accepted; 0 = PATIO_MAX_DEPTH */
+    const patio_transport *transport; /* NULL = plain TCP */
+    void *transport_ctx;           /* passed to transport->create */
+} patio_tcp_config;
+
+/* A broker with neither listeners nor connections yet. NULL cfg = defaults.
+ * NULL on an invalid configuration or out of memory. */
+PATIO_API patio_broker *patio_tcp_broker_new(patio_executor *ex, const patio_tcp_config *cfg);
+
+/* Listens on host ("127.0.0.1", "::1", "0.0.0.0", a name; NULL = every
+ * address, IPv4 and IPv6) and port (0 = an ephemeral port; *bound_port,
+ * if not NULL, receives the real one). Callable several times. PATIO_OK,
+ * PATIO_ERR_INVALID (bad address), PATIO_ERR_IO (bind/listen failed; the
+ * log says why), PATIO_ERR_CLOSED. */
+PATIO_API int patio_tcp_listen(patio_broker *b, const char *host, int port, int *bound_port);
+
+/* Starts a client connection to host:port (NULL host = "localhost", port 0
+ * = PATIO_TCP_DEFAULT_PORT) that reconnects with backoff until the broker
+ * closes. The name is resolved here, once, on the caller's thread; the
+ * connection itself is made on the loop. Returns at once: PATIO_OK, or
+ * PATIO_ERR_INVALID if the address does not resolve. Callable several times. */
+PATIO_API int patio_tcp_connect(patio_broker *b, const char *host, int port);
+
+/* patio_tcp_broker_new + patio_tcp_listen / patio_tcp_connect, as Python's
+ * TCPServerBroker / TCPClientBroker. NULL on failure. */
+PATIO_API patio_broker *patio_tcp_server_new(patio_executor *ex, const patio_tcp_config *cfg,
+                                             const char *host, int port);
+PATIO_API patio_broker *patio_tcp_client_new(patio_executor *ex, const patio_tcp_config *cfg,
+                                             const char *host, int port);
+
+/* The port of the first listener, or -1 if the broker does not listen. */
+PATIO_API int patio_tcp_listen_port(patio_broker *b);
+
+/* Waits until at least n connections completed discovery (are usable for
+ * calls). PATIO_OK, PATIO_ERR_TIMEOUT, PATIO_ERR_CLOSED. Not from the loop
+ * thread; pumps a host-driven loop. */
+PATIO_API int patio_tcp_wait_peers(patio_broker *b, int n, double timeout);
+
+/* Waits until the broker is closed (patio_broker_close, from another thread
+ * or a task), for any kind of broker. timeout in seconds, PATIO_NO_TIMEOUT =
+ * forever. PATIO_OK or PATIO_ERR_TIMEOUT. */
+PATIO_API int patio_broker_join(patio_broker *b, double timeout);
+
+/* Counters since the broker was created. */
+typedef struct patio_tcp_stats {
+    uint64_t calls_sent;           /* REQUESTs sent */
+    uint64_t calls_served;         /* REQUESTs received and answered */
+    uint64_t call_errors;          /* calls sent that failed (remote error, connection lost, ...) */
+    uint64_t timeouts;             /* calls sent that timed out (either side) */
+    uint64_t reconnects;           /* client connection attempts after the first */
+    uint64_t bytes_in, bytes_out;  /* application bytes through the transport */
+    uint64_t connections_open;     /* now */
+    uint64_t connections_accepted; /* ever */
+    uint64_t protocol_errors;      /* connections closed for breaking the protocol */
+    uint64_t auth_failures;        /* handshakes refused (wrong key, replay, bad proof) */
+} patio_tcp_stats;
+
+/* PATIO_OK, or PATIO_ERR_INVALID if b is not a TCP broker. */
+PATIO_API int patio_tcp_stats_get(patio_broker *b, patio_tcp_stats *out);
 #ifdef __cplusplus
 } /* extern "C" */
 #endif
@@ -7104,6 +7262,2314 @@ PATIO_API patio_broker *patio_memory_broker_new(patio_executor *ex)
     return patio_memory_broker_new_ex(ex, NULL);
 }
 
+
+/* ========================================================================
+ * >>tcp  TCP broker
+ * ======================================================================== */
+
+/* Everything below runs on the broker's loop thread unless a comment says
+ * otherwise. Other threads reach the loop through three doors: the inbox
+ * (calls to send), the done list (finished tasks) and patio__tcp_run_sync.
+ *
+ * Ownership: a connection belongs to the broker's list until it closes,
+ * then to the dead list until the end of the current loop callback (so a
+ * frame handler never frees the connection under its caller). A received
+ * REQUEST lives in a patio__tcp_req taken from a pool; a sent REQUEST is a
+ * reference on its patio_call held by the connection's pending map. */
+
+#include <sys/socket.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <arpa/inet.h>
+#include <netdb.h>
+
+#ifdef MSG_NOSIGNAL
+#define PATIO__MSG_NOSIGNAL MSG_NOSIGNAL
+#else
+#define PATIO__MSG_NOSIGNAL 0
+#endif
+
+#define PATIO__TCP_PREAUTH_MAX 1024u            /* frame limit before authentication */
+#define PATIO__TCP_RBUF_MIN 16384u              /* first read buffer of a connection */
+#define PATIO__TCP_RBUF_BIG (256u * 1024u)      /* a busy connection's buffer grows to this */
+#define PATIO__TCP_OUT_HIGH (8u * 1024u * 1024u) /* unsent bytes above which reading pauses */
+#define PATIO__TCP_POOL_MAX 4096u               /* request structs kept for reuse */
+#define PATIO__TCP_READS_PER_EVENT 64
+#define PATIO__TCP_KEEP_BUF (64u * 1024u)       /* larger buffers are released when idle */
+#define PATIO__TCP_RETRY_NS 2000000u            /* executor full: retry after 2 ms */
+
+#define PATIO__TCP_COUNT(tb, field, n) \
+    ((void)__atomic_fetch_add(&(tb)->stats.field, (uint64_t)(n), __ATOMIC_RELAXED))
+
+/* ---- plain transport: recv/send on the socket ------------------------------ */
+
+static int patio__plain_fd(void *handle) { return (int)((intptr_t)handle - 1); }
+
+static int patio__plain_create(void *ctx, int fd, int is_server, const char *server_name, void **handle)
+{
+    PATIO__UNUSED(ctx);
+    PATIO__UNUSED(is_server);
+    PATIO__UNUSED(server_name);
+    *handle = (void *)(intptr_t)(fd + 1);
+    return PATIO_OK;
+}
+
+static ptrdiff_t patio__plain_read(void *handle, void *buf, size_t n)
+{
+    ssize_t r;
+    do r = recv(patio__plain_fd(handle), buf, n, 0);
+    while (r < 0 && errno == EINTR);
+    if (r >= 0) return (ptrdiff_t)r;
+    if (errno == EAGAIN || errno == EWOULDBLOCK) return PATIO_TRANSPORT_WANT_READ;
+    return PATIO_TRANSPORT_ERROR;
+}
+
+static ptrdiff_t patio__plain_write(void *handle, const void *buf, size_t n)
+{
+    ssize_t r;
+    do r = send(patio__plain_fd(handle), buf, n, PATIO__MSG_NOSIGNAL);
+    while (r < 0 && errno == EINTR);
+    if (r >= 0) return (ptrdiff_t)r;
+    if (errno == EAGAIN || errno == EWOULDBLOCK) return PATIO_TRANSPORT_WANT_WRITE;
+    return PATIO_TRANSPORT_ERROR;
+}
+
+static void patio__plain_close(void *handle) { PATIO__UNUSED(handle); }
+
+static const char *patio__plain_error(void *handle)
+{
+    PATIO__UNUSED(handle);
+    return errno ? strerror(errno) : "connection error";
+}
+
+static const patio_transport patio__plain_transport = {
+    "tcp", patio__plain_create, NULL, patio__plain_read, patio__plain_write, NULL,
+    patio__plain_close, patio__plain_error
+};
+
+PATIO_API const patio_transport *patio_tcp_plain_transport(void) { return &patio__plain_transport; }
+
+/* ---- serial -> pointer map (linear probing, key 0 = empty) ----------------- */
+
+typedef struct patio__tcp_map {
+    uint32_t *keys;
+    void **vals;
+    size_t cap, count;   /* cap: 0 or a power of two */
+} patio__tcp_map;
+
+static size_t patio__tcp_slot(uint32_t key, size_t mask) { return (size_t)(key * 2654435761u) & mask; }
+
+static void *patio__tcp_map_get(const patio__tcp_map *m, uint32_t key)
+{
+    size_t i, mask;
+    if (!m->cap || !key) return NULL;
+    mask = m->cap - 1;
+    for (i = patio__tcp_slot(key, mask); m->keys[i]; i = (i + 1) & mask)
+        if (m->keys[i] == key) return m->vals[i];
+    return NULL;
+}
+
+static void patio__tcp_map_place(patio__tcp_map *m, uint32_t key, void *val)
+{
+    size_t mask = m->cap - 1, i = patio__tcp_slot(key, mask);
+    while (m->keys[i]) i = (i + 1) & mask;
+    m->keys[i] = key;
+    m->vals[i] = val;
+    m->count++;
+}
+
+static int patio__tcp_map_grow(const patio_hooks *h, patio__tcp_map *m)
+{
+    patio__tcp_map old = *m;
+    size_t cap = m->cap ? m->cap * 2 : 16, i;
+    uint32_t *keys = (uint32_t *)patio__calloc(h, cap * sizeof *keys);
+    void **vals = (void **)patio__malloc(h, cap * sizeof *vals);
+    if (!keys || !vals) {
+        patio__free(h, keys);
+        patio__free(h, vals);
+        return PATIO_ERR_NOMEM;
+    }
+    m->keys = keys;
+    m->vals = vals;
+    m->cap = cap;
+    m->count = 0;
+    for (i = 0; i < old.cap; i++)
+        if (old.keys[i]) patio__tcp_map_place(m, old.keys[i], old.vals[i]);
+    patio__free(h, old.keys);
+    patio__free(h, old.vals);
+    return PATIO_OK;
+}
+
+/* Adds key (not present, not 0). */
+static int patio__tcp_map_put(const patio_hooks *h, patio__tcp_map *m, uint32_t key, void *val)
+{
+    if ((m->count + 1) * 2 > m->cap && patio__tcp_map_grow(h, m) != PATIO_OK) return PATIO_ERR_NOMEM;
+    patio__tcp_map_place(m, key, val);
+    return PATIO_OK;
+}
+
+/* Removes key; returns its value or NULL. Later entries of the probe run
+ * move back, so no tombstones are left. */
+static void *patio__tcp_map_del(patio__tcp_map *m, uint32_t key)
+{
+    size_t i, j, k, mask;
+    void *val;
+    if (!m->cap || !key) return NULL;
+    mask = m->cap - 1;
+    for (i = patio__tcp_slot(key, mask); m->keys[i] != key; i = (i + 1) & mask)
+        if (!m->keys[i]) return NULL;
+    val = m->vals[i];
+    m->keys[i] = 0;
+    m->count--;
+    for (j = (i + 1) & mask; m->keys[j]; j = (j + 1) & mask) {
+        k = patio__tcp_slot(m->keys[j], mask);
+        if (i <= j ? (i < k && k <= j) : (i < k || k <= j)) continue;
+        m->keys[i] = m->keys[j];
+        m->vals[i] = m->vals[j];
+        m->keys[j] = 0;
+        i = j;
+    }
+    return val;
+}
+
+/* Removes and returns any entry (for draining); NULL when empty. */
+static void *patio__tcp_map_pop(patio__tcp_map *m, uint32_t *key)
+{
+    size_t i;
+    for (i = 0; m->count && i < m->cap; i++)
+        if (m->keys[i]) {
+            *key = m->keys[i];
+            return patio__tcp_map_del(m, m->keys[i]);
+        }
+    return NULL;
+}
+
+static void patio__tcp_map_free(const patio_hooks *h, patio__tcp_map *m)
+{
+    patio__free(h, m->keys);
+    patio__free(h, m->vals);
+    memset(m, 0, sizeof *m);
+}
+
+/* ---- objects ------------------------------------------------------------- */
+
+typedef struct patio__tcp_broker patio__tcp_broker;
+typedef struct patio__tcp_conn patio__tcp_conn;
+
+/* A REQUEST received and being served. */
+typedef struct patio__tcp_req {
+    patio_task task;
+    patio__tcp_broker *tb;
+    patio__tcp_conn *conn;         /* NULL once answered or the connection is gone */
+    uint32_t serial;
+    int running;                   /* submitted; its completion not handled yet */
+    int timer_armed;
+    patio__timer timer;            /* the caller's timeout */
+    patio_writer in;               /* the arguments: args array, then kwargs map */
+    size_t args_len;
+    struct patio__tcp_req *next;   /* pool, done list */
+    uint8_t in_inline[192];
+    uint8_t out_inline[128];
+} patio__tcp_req;
+
+/* Callers of one function name: connections offering it, and calls waiting
+ * for one. */
+typedef struct patio__tcp_route {
+    struct patio__tcp_route *next;  /* hash chain */
+    uint32_t hash;
+    char *name;
+    size_t name_len;
+    patio__tcp_conn **conns;
+    size_t nconns, conns_cap, cursor;
+    patio_call **waiting;
+    size_t nwaiting, waiting_cap;
+    const void *seen;               /* while reading a peer's names: that peer */
+} patio__tcp_route;
+
+enum {
+    PATIO__TC_CONNECTING,   /* client: TCP connect in progress */
+    PATIO__TC_TRANSPORT,    /* transport handshake (TLS) */
+    PATIO__TC_WAIT_AREQ,    /* server: AUTH_DIGEST sent, AUTH_REQUEST expected */
+    PATIO__TC_WAIT_DIGEST,  /* client: AUTH_DIGEST expected */
+    PATIO__TC_WAIT_OK,      /* client: AUTH_REQUEST sent, AUTH_OK expected */
+    PATIO__TC_DISCOVERY,
+    PATIO__TC_READY,
+    PATIO__TC_CLOSED
+};
+
+enum {
+    PATIO__TC_PAUSE_INFLIGHT = 1,   /* max_inflight requests not answered */
+    PATIO__TC_PAUSE_STALLED = 2,    /* a request waits for room in the executor */
+    PATIO__TC_PAUSE_OUTPUT = 4      /* too many unsent bytes */
+};
+
+typedef struct patio__tcp_target patio__tcp_target;
+
+struct patio__tcp_conn {
+    patio__tcp_broker *tb;
+    patio__io io;
+    int fd;
+    void *th;                      /* transport handle; NULL before create */
+    int state, is_server, counted, was_ready;
+    patio__tcp_target *target;     /* client connections: what to reconnect */
+    char peer[64];                 /* address, for the log */
+    uint8_t auth[64];              /* server: the AUTH_DIGEST payload P (18 bytes);
+                                      client: the AUTH_REQUEST payload (61 bytes) */
+    uint32_t serial;               /* last serial taken */
+    uint32_t disc_serial;          /* our DISCOVER_REQUEST */
+    int disc_answered, disc_received;
+    uint8_t *rbuf;
+    size_t rpos, rlen, rcap;       /* unparsed bytes: rbuf[rpos, rlen) */
+    patio_writer out;              /* frames to send from out_pos */
+    size_t out_pos, want_len;      /* want_len: length of a write to repeat after a WANT */
+    int want;                      /* 0 or the WANT of the last write */
+    int read_wants_write;          /* the transport must write before it can read */
+    int hs_want;                   /* transport handshake: what it waits for */
+    int pause;                     /* PATIO__TC_PAUSE_* */
+    int dirty;
+    patio__tcp_map pending;        /* serial -> patio_call * (our REQUESTs) */
+    patio__tcp_map inflight;       /* serial -> patio__tcp_req * (theirs) */
+    patio__tcp_req *stalled;
+    patio__tcp_route **routes;     /* names the peer offers */
+    size_t nroutes, routes_cap;
+    patio__timer hs_timer;
+    int hs_timer_armed;
+    patio__tcp_conn *next, *prev;  /* broker's list */
+    patio__tcp_conn *dirty_next, *dead_next;
+};
+
+typedef struct patio__tcp_addr {
+    struct sockaddr_storage ss;
+    socklen_t len;
+} patio__tcp_addr;
+
+/* A server this broker keeps a connection to. */
+struct patio__tcp_target {
+    patio__tcp_broker *tb;
+    patio__tcp_target *next;
+    char *host;
+    patio__tcp_addr *addrs;
+    size_t naddrs, addr_pos, tried;
+    patio__tcp_conn *conn;
+    unsigned failures;
+    uint64_t attempts;
+    int timer_armed;
+    patio__timer timer;            /* reconnect */
+    patio__post post;              /* first connect, on the loop */
+};
+
+typedef struct patio__tcp_listener {
+    patio__tcp_broker *tb;
+    struct patio__tcp_listener *next;
+    patio__io io;
+    int fd, port;
+} patio__tcp_listener;
+
+struct patio__tcp_broker {
+    patio_broker base;
+    patio_tcp_config cfg;          /* defaults filled in */
+    uint8_t key[32];
+    const patio_transport *tr;
+    patio_writer names;            /* DISCOVER_RESPONSE payload */
+
+    /* shared with other threads, under mu */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    patio_call **inbox;
+    size_t inbox_len, inbox_cap;
+    patio__tcp_req *done_head, *done_tail;
+    int work_posted;
+    int ready_peers;
+    patio__post work_post;
+    int listen_port;               /* atomic */
+    uint32_t test_serial;          /* atomic: serial base of new connections */
+
+    /* loop thread */
+    int closing;
+    patio_call **batch;
+    size_t batch_cap;
+    patio__tcp_conn *conns, *dirty, *dead;
+    size_t nopen;
+    patio__tcp_listener *listeners;
+    patio__tcp_target *targets;
+    patio__tcp_route **routes;
+    size_t route_cap, route_count;
+    patio__tcp_req *pool;
+    size_t pool_len;
+    size_t nstalled;
+    int retry_armed;
+    patio__timer retry_timer;
+
+    patio_tcp_stats stats;         /* atomic counters */
+};
+
+static void patio__tcp_vt_destroy(patio_broker *b);
+
+static patio__tcp_broker *patio__tcp_of(patio_broker *b)
+{
+    return b && b->vt && b->vt->destroy == patio__tcp_vt_destroy ? (patio__tcp_broker *)b : NULL;
+}
+
+static const patio_hooks *patio__tcp_hooks(const patio__tcp_broker *tb) { return tb->base.hooks; }
+
+static uint32_t patio__tcp_hash(const char *s, size_t n)
+{
+    uint32_t h = 2166136261u;
+    size_t i;
+    for (i = 0; i < n; i++) h = (h ^ (uint8_t)s[i]) * 16777619u;
+    return h;
+}
+
+/* ------------------------------------------------------------------------
+ * >>tcp-conn  connections: buffers, reading, writing, closing
+ * ------------------------------------------------------------------------ */
+
+static void patio__tcp_on_frame(patio__tcp_conn *c, const patio__frame *f);
+static void patio__tcp_auth_start(patio__tcp_conn *c);
+static void patio__tcp_routes_drop(patio__tcp_conn *c);
+static void patio__tcp_req_put(patio__tcp_broker *tb, patio__tcp_req *req);
+static void patio__tcp_target_lost(patio__tcp_target *t, int was_ready);
+
+static void patio__tcp_mark_dirty(patio__tcp_conn *c)
+{
+    if (c->dirty || c->state == PATIO__TC_CLOSED) return;
+    c->dirty = 1;
+    c->dirty_next = c->tb->dirty;
+    c->tb->dirty = c;
+}
+
+static int patio__tcp_authenticated(const patio__tcp_conn *c) { return c->state >= PATIO__TC_DISCOVERY; }
+
+/* Takes a fresh serial: never 0 nor 0xffffffff, never one still pending. */
+static uint32_t patio__tcp_next_serial(patio__tcp_conn *c)
+{
+    do {
+        c->serial = c->serial >= 0xfffffffeu ? 1u : c->serial + 1u;
+    } while (patio__tcp_map_get(&c->pending, c->serial) || c->serial == c->disc_serial);
+    return c->serial;
+}
+
+/* Queues one frame; it leaves with the connection's next flush. */
+static int patio__tcp_send(patio__tcp_conn *c, int type, uint32_t serial, const void *payload, size_t len)
+{
+    size_t mark = patio__frame_begin(&c->out);
+    int rc;
+    patio_write_raw(&c->out, payload, len);
+    rc = patio__frame_end(&c->out, mark, type, serial, c->tb->cfg.max_frame_size);
+    patio__tcp_mark_dirty(c);
+    return rc;
+}
+
+/* Sends an ERROR with an exception built from type and message. */
+static void patio__tcp_send_exception(patio__tcp_conn *c, uint32_t serial, const char *type,
+                                      const char *msg, size_t msg_len)
+{
+    size_t mark = patio__frame_begin(&c->out);
+    patio__write_exception(&c->out, type, strlen(type), msg, msg_len);
+    if (patio__frame_end(&c->out, mark, PATIO__PKT_ERROR, serial, c->tb->cfg.max_frame_size) == PATIO_ERR_OVERFLOW) {
+        mark = patio__frame_begin(&c->out);
+        patio__write_exception(&c->out, "OverflowError", 13, "error message too large", 23);
+        patio__frame_end(&c->out, mark, PATIO__PKT_ERROR, serial, c->tb->cfg.max_frame_size);
+    }
+    patio__tcp_mark_dirty(c);
+}
+
+static void patio__tcp_conn_interest(patio__tcp_conn *c)
+{
+    unsigned ev = 0;
+    if (c->state == PATIO__TC_CLOSED || !c->io.active) return;
+    if (c->state == PATIO__TC_CONNECTING) {
+        ev = PATIO__WRITE;
+    } else if (c->state == PATIO__TC_TRANSPORT) {
+        ev = c->hs_want == PATIO_TRANSPORT_WANT_WRITE ? PATIO__WRITE : PATIO__READ;
+    } else {
+        if (!c->pause) ev |= PATIO__READ;
+        if (c->want == PATIO_TRANSPORT_WANT_WRITE) ev |= PATIO__WRITE;
+        if (c->want == PATIO_TRANSPORT_WANT_READ) ev |= PATIO__READ;
+        if (c->read_wants_write) ev |= PATIO__WRITE;
+    }
+    if (ev != c->io.events && patio__io_update(c->tb->base.loop, &c->io, ev) != PATIO_OK)
+        patio__log(patio__tcp_hooks(c->tb), PATIO_LOG_ERROR, "patio tcp: %s: cannot watch the socket", c->peer);
+}
+
+static void patio__tcp_conn_free(patio__tcp_conn *c)
+{
+    const patio_hooks *h = patio__tcp_hooks(c->tb);
+    patio__free(h, c->rbuf);
+    patio_writer_free(&c->out);
+    patio__tcp_map_free(h, &c->pending);
+    patio__tcp_map_free(h, &c->inflight);
+    patio__free(h, c->routes);
+    patio__free(h, c);
+}
+
+/* Every call waiting for an answer on c fails at once (PROTOCOL.md §8). */
+static void patio__tcp_fail_pending(patio__tcp_conn *c)
+{
+    patio_call *call;
+    uint32_t key;
+    while ((call = (patio_call *)patio__tcp_map_pop(&c->pending, &key)) != NULL) {
+        if (patio_call_fail_with(call, PATIO_ERR_CONNECTION_LOST, "ConnectionError", "connection lost") == PATIO_OK)
+            PATIO__TCP_COUNT(c->tb, call_errors, 1);
+        patio__call_release(call);
+    }
+}
+
+/* Requests of a closed connection: tasks still running finish unanswered. */
+static void patio__tcp_drop_inflight(patio__tcp_conn *c)
+{
+    patio__tcp_broker *tb = c->tb;
+    patio__tcp_req *req;
+    uint32_t key;
+    if (c->stalled) {
+        c->stalled = NULL;
+        tb->nstalled--;
+    }
+    while ((req = (patio__tcp_req *)patio__tcp_map_pop(&c->inflight, &key)) != NULL) {
+        req->conn = NULL;
+        if (req->timer_armed) {
+            patio__timer_stop(tb->base.loop, &req->timer);
+            req->timer_armed = 0;
+        }
+        if (!req->running) patio__tcp_req_put(tb, req);
+    }
+}
+
+static void patio__tcp_conn_unlink(patio__tcp_conn *c)
+{
+    patio__tcp_broker *tb = c->tb;
+    if (c->prev) c->prev->next = c->next; else tb->conns = c->next;
+    if (c->next) c->next->prev = c->prev;
+    c->next = c->prev = NULL;
+}
+
+/* Closes c for the reason given (logged at level); its memory goes at the
+ * end of the current loop callback. */
+static void patio__tcp_conn_close(patio__tcp_conn *c, int level, const char *fmt, ...)
+{
+    patio__tcp_broker *tb = c->tb;
+    char why[256];
+    va_list ap;
+    if (c->state == PATIO__TC_CLOSED) return;
+    va_start(ap, fmt);
+    vsnprintf(why, sizeof why, fmt, ap);
+    va_end(ap);
+    patio__log(patio__tcp_hooks(tb), level, "patio tcp: connection %s %s closed: %s",
+               c->is_server ? "from" : "to", c->peer, why);
+    c->was_ready = c->state == PATIO__TC_READY;
+    c->state = PATIO__TC_CLOSED;
+    if (c->io.active) patio__io_stop(tb->base.loop, &c->io);
+    if (c->hs_timer_armed) patio__timer_stop(tb->base.loop, &c->hs_timer);
+    c->hs_timer_armed = 0;
+    if (c->was_ready) {
+        pthread_mutex_lock(&tb->mu);
+        tb->ready_peers--;
+        pthread_mutex_unlock(&tb->mu);
+    }
+    patio__tcp_routes_drop(c);
+    patio__tcp_fail_pending(c);
+    patio__tcp_drop_inflight(c);
+    if (c->th) tb->tr->close(c->th);
+    c->th = NULL;
+    if (c->fd >= 0) close(c->fd);
+    c->fd = -1;
+    patio__tcp_conn_unlink(c);
+    if (c->counted) {
+        tb->nopen--;
+        __atomic_fetch_sub(&tb->stats.connections_open, (uint64_t)1, __ATOMIC_RELAXED);
+    }
+    if (c->target) patio__tcp_target_lost(c->target, c->was_ready);
+    c->target = NULL;
+    c->dead_next = tb->dead;
+    tb->dead = c;
+}
+
+static void patio__tcp_protocol_error(patio__tcp_conn *c, const char *fmt, ...)
+{
+    char why[200];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(why, sizeof why, fmt, ap);
+    va_end(ap);
+    PATIO__TCP_COUNT(c->tb, protocol_errors, 1);
+    patio__tcp_conn_close(c, PATIO_LOG_WARN, "protocol error: %s", why);
+}
+
+static void patio__tcp_set_pause(patio__tcp_conn *c, int flag, int on);
+
+/* Writes queued frames until done or the transport would block. */
+static void patio__tcp_flush(patio__tcp_conn *c)
+{
+    patio__tcp_broker *tb = c->tb;
+    if (c->out.err) {
+        patio__tcp_conn_close(c, PATIO_LOG_ERROR, "out of memory for output");
+        return;
+    }
+    while (c->state != PATIO__TC_CLOSED && c->out_pos < c->out.len) {
+        size_t n = c->want ? c->want_len : c->out.len - c->out_pos;
+        ptrdiff_t w = tb->tr->write(c->th, c->out.data + c->out_pos, n);
+        if (w > 0) {
+            c->want = 0;
+            c->out_pos += (size_t)w;
+            PATIO__TCP_COUNT(tb, bytes_out, w);
+        } else if (w == PATIO_TRANSPORT_WANT_READ || w == PATIO_TRANSPORT_WANT_WRITE) {
+            c->want = (int)w;
+            c->want_len = n;
+            break;
+        } else {
+            patio__tcp_conn_close(c, PATIO_LOG_WARN, "write failed: %s", tb->tr->error(c->th));
+            return;
+        }
+    }
+    if (c->out_pos == c->out.len) {
+        c->out_pos = 0;
+        patio_writer_reset(&c->out);
+        if (c->out.cap > PATIO__TCP_KEEP_BUF) patio_writer_free(&c->out);
+    } else if (!c->want && c->out_pos >= PATIO__TCP_KEEP_BUF && c->out_pos * 2 >= c->out.len) {
+        memmove(c->out.data, c->out.data + c->out_pos, c->out.len - c->out_pos);
+        c->out.len -= c->out_pos;
+        c->out_pos = 0;
+    }
+    patio__tcp_set_pause(c, PATIO__TC_PAUSE_OUTPUT, c->out.len - c->out_pos > PATIO__TCP_OUT_HIGH);
+    patio__tcp_conn_interest(c);
+}
+
+/* Makes room in the read buffer: for the whole frame being received when
+ * its header is in, and at least a minimum buffer otherwise. */
+static int patio__tcp_rbuf_room(patio__tcp_conn *c)
+{
+    size_t avail = c->rlen - c->rpos, want = PATIO__TCP_RBUF_MIN;
+    if (avail >= PATIO__FRAME_HEADER) {
+        size_t whole = PATIO__FRAME_HEADER + (size_t)patio__get_be(c->rbuf + c->rpos + 1, 4);
+        if (whole > want) want = whole;
+    }
+    if (c->rpos) {
+        memmove(c->rbuf, c->rbuf + c->rpos, avail);
+        c->rpos = 0;
+        c->rlen = avail;
+    }
+    if (c->rcap > want) want = c->rcap;
+    if (c->rlen == c->rcap && c->rcap && c->rcap < PATIO__TCP_RBUF_BIG && want < 2 * c->rcap) want = 2 * c->rcap;
+    if (want > c->rcap) {
+        uint8_t *p = (uint8_t *)patio__realloc(patio__tcp_hooks(c->tb), c->rbuf, want);
+        if (!p) return PATIO_ERR_NOMEM;
+        c->rbuf = p;
+        c->rcap = want;
+    }
+    return PATIO_OK;
+}
+
+/* Handles every complete frame in the read buffer; stops early when the
+ * connection pauses or closes. */
+static void patio__tcp_parse(patio__tcp_conn *c)
+{
+    while (c->state != PATIO__TC_CLOSED && !c->pause && c->rlen > c->rpos) {
+        patio__frame f;
+        uint32_t max = patio__tcp_authenticated(c) ? c->tb->cfg.max_frame_size : PATIO__TCP_PREAUTH_MAX;
+        int rc = patio__frame_parse(c->rbuf + c->rpos, c->rlen - c->rpos, max, &f);
+        if (rc == 0) break;
+        if (rc < 0) {
+            patio__tcp_protocol_error(c, "frame of %lu bytes is over the limit of %lu",
+                                      (unsigned long)patio__get_be(c->rbuf + c->rpos + 1, 4), (unsigned long)max);
+            return;
+        }
+        c->rpos += PATIO__FRAME_HEADER + f.size;
+        patio__tcp_on_frame(c, &f);
+    }
+    if (c->state != PATIO__TC_CLOSED && c->rpos == c->rlen) {
+        c->rpos = c->rlen = 0;
+        if (c->rcap > PATIO__TCP_RBUF_BIG) {
+            patio__free(patio__tcp_hooks(c->tb), c->rbuf);
+            c->rbuf = NULL;
+            c->rcap = 0;
+        }
+    }
+}
+
+/* Reads what the transport has (bounded per event unless it holds
+ * decrypted bytes) and handles the frames. */
+static void patio__tcp_read(patio__tcp_conn *c)
+{
+    patio__tcp_broker *tb = c->tb;
+    int i;
+    c->read_wants_write = 0;
+    patio__tcp_parse(c);
+    for (i = 0; c->state != PATIO__TC_CLOSED && !c->pause; i++) {
+        ptrdiff_t n;
+        size_t room;
+        if (i >= PATIO__TCP_READS_PER_EVENT && !(tb->tr->pending && tb->tr->pending(c->th))) break;
+        if (patio__tcp_rbuf_room(c) != PATIO_OK) {
+            patio__tcp_conn_close(c, PATIO_LOG_ERROR, "out of memory for input");
+            return;
+        }
+        room = c->rcap - c->rlen;
+        n = tb->tr->read(c->th, c->rbuf + c->rlen, room);
+        if (n > 0) {
+            c->rlen += (size_t)n;
+            PATIO__TCP_COUNT(tb, bytes_in, n);
+            patio__tcp_parse(c);
+            /* a short read emptied the socket: the next readiness event
+             * says when there is more (saves a read that would block) */
+            if ((size_t)n < room && !(tb->tr->pending && tb->tr->pending(c->th))) break;
+        } else if (n == 0) {
+            patio__tcp_conn_close(c, c->state == PATIO__TC_READY ? PATIO_LOG_INFO : PATIO_LOG_WARN,
+                                  c->state == PATIO__TC_READY ? "closed by the peer"
+                                                              : "closed by the peer during the handshake");
+            return;
+        } else if (n == PATIO_TRANSPORT_WANT_READ || n == PATIO_TRANSPORT_WANT_WRITE) {
+            c->read_wants_write = n == PATIO_TRANSPORT_WANT_WRITE;
+            break;
+        } else {
+            patio__tcp_conn_close(c, PATIO_LOG_WARN, "read failed: %s", tb->tr->error(c->th));
+            return;
+        }
+    }
+    patio__tcp_conn_interest(c);
+}
+
+/* Sets or clears a reason not to read; reading resumes (buffered frames
+ * first) when the last reason goes. */
+static void patio__tcp_set_pause(patio__tcp_conn *c, int flag, int on)
+{
+    int was = c->pause;
+    if (on) c->pause |= flag;
+    else c->pause &= ~flag;
+    if (c->state == PATIO__TC_CLOSED) return;
+    if (was && !c->pause) patio__tcp_read(c);
+    else if (!was != !c->pause) patio__tcp_conn_interest(c);
+}
+
+/* Flushes connections with queued frames and frees closed ones; every
+ * loop callback of the broker ends here, so a batch leaves in one write. */
+static void patio__tcp_tail(patio__tcp_broker *tb)
+{
+    patio__tcp_conn *c;
+    while ((c = tb->dirty) != NULL) {
+        tb->dirty = c->dirty_next;
+        c->dirty = 0;
+        if (c->state != PATIO__TC_CLOSED) patio__tcp_flush(c);
+    }
+    while ((c = tb->dead) != NULL) {
+        tb->dead = c->dead_next;
+        patio__tcp_conn_free(c);
+    }
+}
+
+static void patio__tcp_hs_expired(patio__timer *t)
+{
+    patio__tcp_conn *c = PATIO__CONTAINER(t, patio__tcp_conn, hs_timer);
+    patio__tcp_broker *tb = c->tb;
+    c->hs_timer_armed = 0;
+    patio__tcp_conn_close(c, PATIO_LOG_WARN, "handshake not finished within %g s", tb->cfg.handshake_timeout);
+    patio__tcp_tail(tb);
+}
+
+static void patio__tcp_transport_step(patio__tcp_conn *c)
+{
+    patio__tcp_broker *tb = c->tb;
+    int rc = tb->tr->handshake(c->th);
+    if (rc == PATIO_OK) {
+        patio__tcp_auth_start(c);
+    } else if (rc == PATIO_TRANSPORT_WANT_READ || rc == PATIO_TRANSPORT_WANT_WRITE) {
+        c->hs_want = rc;
+        patio__tcp_conn_interest(c);
+    } else {
+        PATIO__TCP_COUNT(tb, auth_failures, 1);
+        patio__tcp_conn_close(c, PATIO_LOG_WARN, "%s handshake failed: %s", tb->tr->name ? tb->tr->name : "transport",
+                              tb->tr->error(c->th));
+    }
+}
+
+static void patio__tcp_connect_done(patio__tcp_conn *c);
+
+static void patio__tcp_conn_io(patio__io *io, unsigned ev)
+{
+    patio__tcp_conn *c = PATIO__CONTAINER(io, patio__tcp_conn, io);
+    patio__tcp_broker *tb = c->tb;
+    if (c->state == PATIO__TC_CONNECTING) {
+        patio__tcp_connect_done(c);
+    } else if (c->state == PATIO__TC_TRANSPORT) {
+        patio__tcp_transport_step(c);
+    } else {
+        if ((ev & PATIO__WRITE) || (c->want == PATIO_TRANSPORT_WANT_READ && (ev & PATIO__READ)))
+            patio__tcp_flush(c);
+        if (c->state != PATIO__TC_CLOSED && (ev & PATIO__WRITE) && c->read_wants_write && !c->pause)
+            patio__tcp_read(c);
+        if (c->state != PATIO__TC_CLOSED && (ev & PATIO__READ)) {
+            if (!c->pause) patio__tcp_read(c);
+            else if (ev & PATIO__ERROR) patio__tcp_conn_close(c, PATIO_LOG_INFO, "socket error or hang-up");
+        }
+    }
+    patio__tcp_tail(tb);
+}
+
+static void patio__tcp_sockopts(int fd)
+{
+    int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one);
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+#ifdef SO_NOSIGPIPE
+    setsockopt(fd, SOL_SOCKET, SO_NOSIGPIPE, &one, sizeof one);
+#endif
+}
+
+static int patio__tcp_nonblock(int fd)
+{
+    int fl = fcntl(fd, F_GETFL, 0);
+    if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) return PATIO_ERR_IO;
+    fcntl(fd, F_SETFD, FD_CLOEXEC);
+    return PATIO_OK;
+}
+
+static void patio__tcp_addr_text(const struct sockaddr *sa, char *out, size_t n)
+{
+    char ip[INET6_ADDRSTRLEN];
+    if (sa->sa_family == AF_INET6) {
+        const struct sockaddr_in6 *s6 = (const struct sockaddr_in6 *)(const void *)sa;
+        inet_ntop(AF_INET6, &s6->sin6_addr, ip, sizeof ip);
+        snprintf(out, n, "[%s]:%u", ip, (unsigned)ntohs(s6->sin6_port));
+    } else if (sa->sa_family == AF_INET) {
+        const struct sockaddr_in *s4 = (const struct sockaddr_in *)(const void *)sa;
+        inet_ntop(AF_INET, &s4->sin_addr, ip, sizeof ip);
+        snprintf(out, n, "%s:%u", ip, (unsigned)ntohs(s4->sin_port));
+    } else {
+        snprintf(out, n, "?");
+    }
+}
+
+/* A connection object for fd (already non-blocking), listed and watched. */
+static patio__tcp_conn *patio__tcp_conn_new(patio__tcp_broker *tb, int fd, int is_server, const struct sockaddr *sa)
+{
+    patio__tcp_conn *c = (patio__tcp_conn *)patio__calloc(patio__tcp_hooks(tb), sizeof *c);
+    if (!c) return NULL;
+    c->tb = tb;
+    c->fd = fd;
+    c->is_server = is_server;
+    c->state = is_server ? PATIO__TC_TRANSPORT : PATIO__TC_CONNECTING;
+    c->serial = patio__load(&tb->test_serial);
+    patio_writer_init(&c->out, patio__tcp_hooks(tb));
+    patio__tcp_addr_text(sa, c->peer, sizeof c->peer);
+    c->hs_timer.fn = patio__tcp_hs_expired;
+    if (patio__io_start(tb->base.loop, &c->io, fd, is_server ? PATIO__READ : PATIO__WRITE, patio__tcp_conn_io) != PATIO_OK) {
+        patio__tcp_conn_free(c);
+        return NULL;
+    }
+    c->next = tb->conns;
+    if (tb->conns) tb->conns->prev = c;
+    tb->conns = c;
+    c->hs_timer_armed = 1;
+    patio__timer_start(tb->base.loop, &c->hs_timer, patio__deadline_after(tb->cfg.handshake_timeout));
+    return c;
+}
+
+/* The TCP connection is up: socket options, transport, then our handshake. */
+static void patio__tcp_conn_up(patio__tcp_conn *c, const char *server_name)
+{
+    patio__tcp_broker *tb = c->tb;
+    patio__tcp_sockopts(c->fd);
+    c->counted = 1;
+    tb->nopen++;
+    PATIO__TCP_COUNT(tb, connections_open, 1);
+    if (tb->tr->create(tb->cfg.transport_ctx, c->fd, c->is_server, server_name, &c->th) != PATIO_OK) {
+        c->th = NULL;
+        patio__tcp_conn_close(c, PATIO_LOG_ERROR, "the %s transport could not start", tb->tr->name ? tb->tr->name : "");
+        return;
+    }
+    if (tb->tr->handshake) {
+        c->state = PATIO__TC_TRANSPORT;
+        c->hs_want = PATIO_TRANSPORT_WANT_READ;
+        patio__tcp_transport_step(c);
+    } else {
+        patio__tcp_auth_start(c);
+    }
+}
+
+/* ------------------------------------------------------------------------
+ * >>handshake  authentication and discovery (PROTOCOL.md §5, §6)
+ * ------------------------------------------------------------------------ */
+
+static const uint8_t patio__tcp_nil = 0xc0;
+static const uint8_t patio__tcp_person[8] = { 'p', 'a', 't', 'i', 'o', '-', 'o', 'k' };
+
+static void patio__tcp_ready(patio__tcp_conn *c);
+
+static void patio__tcp_salt8(uint8_t salt8[8], const uint8_t *salt4)
+{
+    memcpy(salt8, salt4, 4);
+    memset(salt8 + 4, 0, 4);
+}
+
+static void patio__tcp_auth_fail(patio__tcp_conn *c, const char *why)
+{
+    PATIO__TCP_COUNT(c->tb, auth_failures, 1);
+    patio__tcp_conn_close(c, PATIO_LOG_WARN, "authentication failed: %s", why);
+}
+
+/* Both sides send one DISCOVER_REQUEST right after AUTH_OK. */
+static void patio__tcp_discovery_start(patio__tcp_conn *c)
+{
+    c->state = PATIO__TC_DISCOVERY;
+    c->disc_serial = patio__tcp_next_serial(c);
+    patio__tcp_send(c, PATIO__PKT_DISCOVER_REQUEST, c->disc_serial, &patio__tcp_nil, 1);
+}
+
+static void patio__tcp_auth_start(patio__tcp_conn *c)
+{
+    if (!c->is_server) {
+        c->state = PATIO__TC_WAIT_DIGEST;
+        patio__tcp_read(c); /* the transport may hold bytes already */
+        return;
+    }
+    c->auth[0] = 0xc4;
+    c->auth[1] = 16;
+    if (patio__random(c->auth + 2, 16) != PATIO_OK) {
+        patio__tcp_conn_close(c, PATIO_LOG_ERROR, "no random bytes for the challenge");
+        return;
+    }
+    c->state = PATIO__TC_WAIT_AREQ;
+    patio__tcp_send(c, PATIO__PKT_AUTH_DIGEST, patio__tcp_next_serial(c), c->auth, 18);
+    patio__tcp_conn_interest(c);
+}
+
+/* Server: checks an AUTH_REQUEST (§6.2) and answers AUTH_OK with the proof. */
+static void patio__tcp_on_auth_request(patio__tcp_conn *c, const patio__frame *f)
+{
+    patio__tcp_broker *tb = c->tb;
+    patio_reader r;
+    uint32_t n;
+    const void *salt, *digest, *token;
+    size_t salt_len, digest_len, token_len;
+    uint8_t salt8[8], expect[32], ok[34];
+    patio_reader_init(&r, f->payload, f->size);
+    if (patio_read_array(&r, &n) != PATIO_OK || n != 3 || patio_read_bin(&r, &salt, &salt_len) != PATIO_OK ||
+        patio_read_bin(&r, &digest, &digest_len) != PATIO_OK || patio_read_bin(&r, &token, &token_len) != PATIO_OK ||
+        r.pos != r.end || salt_len != 4 || digest_len != 32) {
+        patio__tcp_auth_fail(c, "malformed AUTH_REQUEST");
+        return;
+    }
+    if (token_len != 18 || !patio__consttime_equal(token, c->auth, 18)) {
+        patio__tcp_auth_fail(c, "the token is not the one sent on this connection");
+        return;
+    }
+    patio__tcp_salt8(salt8, (const uint8_t *)salt);
+    patio__blake2s(expect, 32, tb->key, tb->cfg.key_len, salt8, NULL, c->auth, 18);
+    if (!patio__consttime_equal(expect, digest, 32)) {
+        patio__tcp_auth_fail(c, "wrong digest (different key?)");
+        return;
+    }
+    ok[0] = 0xc4;
+    ok[1] = 32;
+    patio__blake2s(ok + 2, 32, tb->key, tb->cfg.key_len, salt8, patio__tcp_person, f->payload, f->size);
+    patio__tcp_send(c, PATIO__PKT_AUTH_OK, patio__tcp_next_serial(c), ok, sizeof ok);
+    patio__tcp_discovery_start(c);
+}
+
+/* Client: answers the challenge (§5 step 3). */
+static void patio__tcp_on_auth_digest(patio__tcp_conn *c, const patio__frame *f)
+{
+    patio__tcp_broker *tb = c->tb;
+    uint8_t *a = c->auth, salt8[8];
+    if (f->size != 18 || f->payload[0] != 0xc4 || f->payload[1] != 16) {
+        patio__tcp_protocol_error(c, "AUTH_DIGEST is not a 16-byte bin");
+        return;
+    }
+    a[0] = 0x93;
+    a[1] = 0xc4;
+    a[2] = 4;
+    if (patio__random(a + 3, 4) != PATIO_OK) {
+        patio__tcp_conn_close(c, PATIO_LOG_ERROR, "no random bytes for the salt");
+        return;
+    }
+    a[7] = 0xc4;
+    a[8] = 32;
+    patio__tcp_salt8(salt8, a + 3);
+    patio__blake2s(a + 9, 32, tb->key, tb->cfg.key_len, salt8, NULL, f->payload, 18);
+    a[41] = 0xc4;
+    a[42] = 18;
+    memcpy(a + 43, f->payload, 18);
+    c->state = PATIO__TC_WAIT_OK;
+    patio__tcp_send(c, PATIO__PKT_AUTH_REQUEST, patio__tcp_next_serial(c), a, 61);
+}
+
+/* Client: AUTH_OK is nil (Python servers) or carries the server proof (§6.4). */
+static void patio__tcp_on_auth_ok(patio__tcp_conn *c, const patio__frame *f)
+{
+    patio__tcp_broker *tb = c->tb;
+    if (f->size == 1 && f->payload[0] == 0xc0) {
+        if (tb->cfg.require_server_proof) {
+            patio__tcp_auth_fail(c, "the server sent no proof of the key");
+            return;
+        }
+    } else if (f->size == 34 && f->payload[0] == 0xc4 && f->payload[1] == 32) {
+        uint8_t salt8[8], proof[32];
+        patio__tcp_salt8(salt8, c->auth + 3);
+        patio__blake2s(proof, 32, tb->key, tb->cfg.key_len, salt8, patio__tcp_person, c->auth, 61);
+        if (!patio__consttime_equal(proof, f->payload + 2, 32)) {
+            patio__tcp_auth_fail(c, "wrong server proof (different key?)");
+            return;
+        }
+    } else {
+        patio__tcp_auth_fail(c, "malformed AUTH_OK");
+        return;
+    }
+    patio__tcp_discovery_start(c);
+}
+
+static void patio__tcp_answer_discover(patio__tcp_conn *c, uint32_t serial)
+{
+    patio__tcp_broker *tb = c->tb;
+    patio__tcp_send(c, PATIO__PKT_DISCOVER_RESPONSE, serial, tb->names.data, tb->names.len);
+}
+
+static int patio__tcp_routes_learn(patio__tcp_conn *c, const patio__frame *f);
+
+static void patio__tcp_discovery_frame(patio__tcp_conn *c, const patio__frame *f)
+{
+    if (f->type == PATIO__PKT_DISCOVER_REQUEST && !c->disc_answered) {
+        c->disc_answered = 1;
+        patio__tcp_answer_discover(c, f->serial);
+    } else if (f->type == PATIO__PKT_DISCOVER_RESPONSE && !c->disc_received && f->serial == c->disc_serial) {
+        if (patio__tcp_routes_learn(c, f) != PATIO_OK) return;
+        c->disc_received = 1;
+        c->disc_serial = 0;
+    } else {
+        patio__tcp_protocol_error(c, "unexpected frame type %d (serial %lu) during discovery", f->type,
+                                  (unsigned long)f->serial);
+        return;
+    }
+    if (c->disc_answered && c->disc_received) patio__tcp_ready(c);
+}
+
+/* ------------------------------------------------------------------------
+ * >>routing  routes per name, round robin, calls waiting for a route (§8)
+ * ------------------------------------------------------------------------ */
+
+static patio__tcp_route *patio__tcp_route_find(patio__tcp_broker *tb, const char *name, size_t len, uint32_t hash)
+{
+    patio__tcp_route *r;
+    if (!tb->route_cap) return NULL;
+    for (r = tb->routes[hash & (tb->route_cap - 1)]; r; r = r->next)
+        if (r->hash == hash && r->name_len == len && memcmp(r->name, name, len) == 0) return r;
+    return NULL;
+}
+
+static int patio__tcp_routes_grow(patio__tcp_broker *tb)
+{
+    size_t cap = tb->route_cap ? tb->route_cap * 2 : 64, i;
+    patio__tcp_route **t = (patio__tcp_route **)patio__calloc(patio__tcp_hooks(tb), cap * sizeof *t);
+    if (!t) return PATIO_ERR_NOMEM;
+    for (i = 0; i < tb->route_cap; i++) {
+        patio__tcp_route *r = tb->routes[i], *next;
+        for (; r; r = next) {
+            next = r->next;
+            r->next = t[r->hash & (cap - 1)];
+            t[r->hash & (cap - 1)] = r;
+        }
+    }
+    patio__free(patio__tcp_hooks(tb), tb->routes);
+    tb->routes = t;
+    tb->route_cap = cap;
+    return PATIO_OK;
+}
+
+/* The route for name, created empty if needed; NULL when out of memory. */
+static patio__tcp_route *patio__tcp_route_get(patio__tcp_broker *tb, const char *name, size_t len)
+{
+    uint32_t hash = patio__tcp_hash(name, len);
+    patio__tcp_route *r = patio__tcp_route_find(tb, name, len, hash);
+    size_t slot;
+    if (r) return r;
+    if (tb->route_count + 1 > tb->route_cap && patio__tcp_routes_grow(tb) != PATIO_OK) return NULL;
+    r = (patio__tcp_route *)patio__calloc(patio__tcp_hooks(tb), sizeof *r);
+    if (!r) return NULL;
+    r->name = patio__strndup(patio__tcp_hooks(tb), name, len);
+    if (!r->name) {
+        patio__free(patio__tcp_hooks(tb), r);
+        return NULL;
+    }
+    r->name_len = len;
+    r->hash = hash;
+    slot = hash & (tb->route_cap - 1);
+    r->next = tb->routes[slot];
+    tb->routes[slot] = r;
+    tb->route_count++;
+    return r;
+}
+
+/* Frees a route nobody offers and nobody waits for. */
+static void patio__tcp_route_release(patio__tcp_broker *tb, patio__tcp_route *r)
+{
+    patio__tcp_route **pp;
+    const patio_hooks *h = patio__tcp_hooks(tb);
+    if (r->nconns || r->nwaiting) return;
+    for (pp = &tb->routes[r->hash & (tb->route_cap - 1)]; *pp != r; pp = &(*pp)->next) {}
+    *pp = r->next;
+    tb->route_count--;
+    patio__free(h, r->conns);
+    patio__free(h, r->waiting);
+    patio__free(h, r->name);
+    patio__free(h, r);
+}
+
+static int patio__tcp_grow_ptrs(const patio_hooks *h, void ***arr, size_t *cap, size_t need)
+{
+    size_t n = *cap ? *cap * 2 : 4;
+    void **p;
+    if (need <= *cap) return PATIO_OK;
+    while (n < need) n *= 2;
+    p = (void **)patio__realloc(h, *arr, n * sizeof *p);
+    if (!p) return PATIO_ERR_NOMEM;
+    *arr = p;
+    *cap = n;
+    return PATIO_OK;
+}
+
+/* Reads the names of a DISCOVER_RESPONSE into c->routes (duplicates once). */
+static int patio__tcp_routes_learn(patio__tcp_conn *c, const patio__frame *f)
+{
+    patio__tcp_broker *tb = c->tb;
+    const patio_hooks *h = patio__tcp_hooks(tb);
+    patio_reader r;
+    uint32_t n, i;
+    size_t k;
+    int rc = PATIO_OK;
+    patio_reader_init(&r, f->payload, f->size);
+    if (patio_read_array(&r, &n) != PATIO_OK) {
+        patio__tcp_protocol_error(c, "DISCOVER_RESPONSE is not an array");
+        return PATIO_ERR_PROTOCOL;
+    }
+    for (i = 0; i < n && rc == PATIO_OK; i++) {
+        const char *name;
+        size_t len;
+        patio__tcp_route *route;
+        if (patio_read_str(&r, &name, &len) != PATIO_OK) {
+            patio__tcp_protocol_error(c, "DISCOVER_RESPONSE holds something other than names");
+            return PATIO_ERR_PROTOCOL;
+        }
+        route = patio__tcp_route_get(tb, name, len);
+        if (!route ||
+            patio__tcp_grow_ptrs(h, (void ***)&c->routes, &c->routes_cap, c->nroutes + 1) != PATIO_OK) {
+            rc = PATIO_ERR_NOMEM;
+            break;
+        }
+        if (route->seen != c) {
+            route->seen = c;
+            c->routes[c->nroutes++] = route;
+        }
+    }
+    for (k = 0; k < c->nroutes; k++) c->routes[k]->seen = NULL;
+    if (rc != PATIO_OK) {
+        patio__tcp_conn_close(c, PATIO_LOG_ERROR, "out of memory for the peer's names");
+        return rc;
+    }
+    if (r.pos != r.end) {
+        patio__tcp_protocol_error(c, "trailing bytes after DISCOVER_RESPONSE");
+        return PATIO_ERR_PROTOCOL;
+    }
+    return PATIO_OK;
+}
+
+static void patio__tcp_call_to(patio__tcp_conn *c, patio_call *call);
+
+/* Sends the calls that waited for this route, in the order they came. */
+static void patio__tcp_route_wake(patio__tcp_broker *tb, patio__tcp_route *r)
+{
+    size_t i;
+    for (i = 0; i < r->nwaiting && r->nconns; i++) {
+        patio__tcp_conn *c = r->conns[r->cursor % r->nconns];
+        r->cursor = (r->cursor + 1) % r->nconns;
+        patio__tcp_call_to(c, r->waiting[i]);
+    }
+    if (i) memmove(r->waiting, r->waiting + i, (r->nwaiting - i) * sizeof *r->waiting);
+    r->nwaiting -= i;
+    PATIO__UNUSED(tb);
+}
+
+/* Discovery is complete: c joins the routes of every name its peer offers. */
+static void patio__tcp_ready(patio__tcp_conn *c)
+{
+    patio__tcp_broker *tb = c->tb;
+    size_t i, j;
+    c->state = PATIO__TC_READY;
+    if (c->hs_timer_armed) patio__timer_stop(tb->base.loop, &c->hs_timer);
+    c->hs_timer_armed = 0;
+    if (c->target) c->target->failures = 0;
+    for (i = 0; i < c->nroutes; i++) {
+        patio__tcp_route *r = c->routes[i];
+        if (patio__tcp_grow_ptrs(patio__tcp_hooks(tb), (void ***)&r->conns, &r->conns_cap, r->nconns + 1) != PATIO_OK) {
+            for (j = i; j < c->nroutes; j++) patio__tcp_route_release(tb, c->routes[j]);
+            c->nroutes = i;
+            patio__tcp_conn_close(c, PATIO_LOG_ERROR, "out of memory for routes");
+            return;
+        }
+        r->conns[r->nconns++] = c;
+    }
+    pthread_mutex_lock(&tb->mu);
+    tb->ready_peers++;
+    pthread_cond_broadcast(&tb->cv);
+    pthread_mutex_unlock(&tb->mu);
+    patio__log(patio__tcp_hooks(tb), PATIO_LOG_INFO, "patio tcp: connection %s %s ready, %lu names offered",
+               c->is_server ? "from" : "to", c->peer, (unsigned long)c->nroutes);
+    for (i = 0; i < c->nroutes && c->state == PATIO__TC_READY; i++)
+        if (c->routes[i]->nwaiting) patio__tcp_route_wake(tb, c->routes[i]);
+}
+
+/* c closes: it leaves every route; emptied routes go. */
+static void patio__tcp_routes_drop(patio__tcp_conn *c)
+{
+    patio__tcp_broker *tb = c->tb;
+    size_t i, k;
+    for (i = 0; i < c->nroutes; i++) {
+        patio__tcp_route *r = c->routes[i];
+        r->seen = NULL;
+        for (k = 0; k < r->nconns && r->conns[k] != c; k++) {}
+        if (k < r->nconns) {
+            memmove(r->conns + k, r->conns + k + 1, (r->nconns - k - 1) * sizeof *r->conns);
+            r->nconns--;
+            if (k < r->cursor) r->cursor--;
+            if (r->cursor >= r->nconns) r->cursor = 0;
+        }
+        patio__tcp_route_release(tb, r);
+    }
+    c->nroutes = 0;
+}
+
+/* Routes one call (its reference comes along): to the next connection
+ * offering the name, or into the wait list of the name. */
+static void patio__tcp_route_call(patio__tcp_broker *tb, patio_call *call)
+{
+    const char *name = patio_call_name(call);
+    size_t len = strlen(name);
+    patio__tcp_route *r;
+    if (patio__load(&call->state) != PATIO__CALL_PENDING) {
+        patio__call_release(call);
+        return;
+    }
+    if (tb->closing) {
+        patio_call_fail_with(call, PATIO_ERR_CLOSED, "RuntimeError", "broker closed");
+        patio__call_release(call);
+        return;
+    }
+    r = patio__tcp_route_get(tb, name, len);
+    if (r && r->nconns) {
+        patio__tcp_conn *c = r->conns[r->cursor % r->nconns];
+        r->cursor = (r->cursor + 1) % r->nconns;
+        patio__tcp_call_to(c, call);
+        return;
+    }
+    if (!r || patio__tcp_grow_ptrs(patio__tcp_hooks(tb), (void ***)&r->waiting, &r->waiting_cap, r->nwaiting + 1) != PATIO_OK) {
+        patio_call_fail_with(call, PATIO_ERR_NOMEM, "MemoryError", "out of memory");
+        patio__call_release(call);
+        if (r) patio__tcp_route_release(tb, r);
+        return;
+    }
+    r->waiting[r->nwaiting++] = call;
+}
+
+/* ---- caller side: REQUEST out, RESPONSE / ERROR in ----------------------- */
+
+static void patio__tcp_call_to(patio__tcp_conn *c, patio_call *call)
+{
+    patio__tcp_broker *tb = c->tb;
+    const char *name = patio_call_name(call);
+    const void *args = NULL, *kwargs = NULL;
+    size_t args_len = 0, kwargs_len = 0, mark;
+    double timeout = patio_call_timeout(call);
+    uint32_t serial = patio__tcp_next_serial(c);
+    int rc;
+    patio_call_args(call, &args, &args_len, &kwargs, &kwargs_len);
+    mark = patio__frame_begin(&c->out);
+    patio__write_call_request(&c->out, name, strlen(name), args, args_len, kwargs, kwargs_len, timeout >= 0, timeout);
+    rc = patio__frame_end(&c->out, mark, PATIO__PKT_REQUEST, serial, tb->cfg.max_frame_size);
+    if (rc == PATIO_OK) rc = patio__tcp_map_put(patio__tcp_hooks(tb), &c->pending, serial, call);
+    if (rc != PATIO_OK) {
+        if (!c->out.err) c->out.len = mark;
+        PATIO__TCP_COUNT(tb, call_errors, 1);
+        if (rc == PATIO_ERR_OVERFLOW)
+            patio_call_fail_with(call, rc, "OverflowError", "request above the frame size limit");
+        else
+            patio_call_fail_with(call, rc, "MemoryError", "out of memory");
+        patio__call_release(call);
+    } else {
+        PATIO__TCP_COUNT(tb, calls_sent, 1);
+    }
+    patio__tcp_mark_dirty(c);
+}
+
+/* Like patio_call_succeed, but a small result is copied into the call
+ * object itself (the call's task part is unused by this broker), so a
+ * call costs no allocation. Only the loop thread finishes pending TCP
+ * calls while they have a connection, so nobody else touches it. */
+static void patio__tcp_call_succeed(patio_call *call, const uint8_t *value, size_t len)
+{
+    patio_writer *w = &call->task.result;
+    if (patio__load(&call->state) != PATIO__CALL_PENDING) return;
+    patio_writer_free(w);
+    patio__writer_init_small(w, call->hooks, call->result_inline, sizeof call->result_inline);
+    if (patio_write_raw(w, value, len) != PATIO_OK) {
+        patio_call_fail_with(call, w->err, "MemoryError", "out of memory");
+        return;
+    }
+    patio__call_finish(call, PATIO_OK, w, NULL, NULL);
+}
+
+static void patio__tcp_on_response(patio__tcp_conn *c, const patio__frame *f)
+{
+    patio__tcp_broker *tb = c->tb;
+    patio_call *call = (patio_call *)patio__tcp_map_del(&c->pending, f->serial);
+    if (!call) {
+        patio__tcp_protocol_error(c, "RESPONSE for serial %lu, which is not pending", (unsigned long)f->serial);
+        return;
+    }
+    if (patio_msgpack_check_all(f->payload, f->size, tb->cfg.max_depth) != PATIO_OK) {
+        if (patio_call_fail_with(call, PATIO_ERR_DECODE, "patio_msgpack.SerializationError",
+                                 "the result does not decode") == PATIO_OK)
+            PATIO__TCP_COUNT(tb, call_errors, 1);
+    } else {
+        patio__tcp_call_succeed(call, f->payload, f->size);
+    }
+    patio__call_release(call);
+}
+
+static int patio__tcp_is_timeout(const char *t, size_t n)
+{
+    return (n == 12 && memcmp(t, "TimeoutError", 12) == 0) ||
+           (n == 31 && memcmp(t, "asyncio.exceptions.TimeoutError", 31) == 0);
+}
+
+static void patio__tcp_on_error(patio__tcp_conn *c, const patio__frame *f)
+{
+    patio__tcp_broker *tb = c->tb;
+    patio_call *call = (patio_call *)patio__tcp_map_del(&c->pending, f->serial);
+    const char *type, *msg;
+    size_t type_len, msg_len;
+    patio_writer w;
+    int status;
+    if (!call) {
+        patio__tcp_protocol_error(c, "ERROR for serial %lu, which is not pending", (unsigned long)f->serial);
+        return;
+    }
+    if (patio__decode_exception(f->payload, f->size, &type, &type_len, &msg, &msg_len) != PATIO_OK) {
+        if (patio_call_fail_with(call, PATIO_ERR_PROTOCOL, "ConnectionError", "malformed ERROR from the peer") == PATIO_OK)
+            PATIO__TCP_COUNT(tb, call_errors, 1);
+        patio__call_release(call);
+        patio__tcp_protocol_error(c, "ERROR payload is not an exception");
+        return;
+    }
+    status = patio__tcp_is_timeout(type, type_len) ? PATIO_ERR_TIMEOUT : PATIO_ERR_REMOTE;
+    memset(&w, 0, sizeof w);
+    w.data = (uint8_t *)(uintptr_t)f->payload;
+    w.len = f->size;
+    w.fixed = 1;
+    if (patio__call_finish(call, status, &w, NULL, NULL) == PATIO_OK) {
+        if (status == PATIO_ERR_TIMEOUT) PATIO__TCP_COUNT(tb, timeouts, 1);
+        else PATIO__TCP_COUNT(tb, call_errors, 1);
+    }
+    patio__call_release(call);
+}
+
+/* ---- callee side: REQUEST in, RESPONSE / ERROR out ----------------------- */
+
+static void patio__tcp_req_expired(patio__timer *t);
+
+static patio__tcp_req *patio__tcp_req_get(patio__tcp_broker *tb)
+{
+    patio__tcp_req *req = tb->pool;
+    if (req) {
+        tb->pool = req->next;
+        tb->pool_len--;
+    } else {
+        const patio_hooks *h = patio__tcp_hooks(tb);
+        req = (patio__tcp_req *)patio__calloc(h, sizeof *req);
+        if (!req) return NULL;
+        req->tb = tb;
+        req->timer.fn = patio__tcp_req_expired;
+        patio__writer_init_small(&req->in, h, req->in_inline, sizeof req->in_inline);
+        patio__writer_init_small(&req->task.result, h, req->out_inline, sizeof req->out_inline);
+    }
+    req->next = NULL;
+    req->conn = NULL;
+    req->running = 0;
+    req->timer_armed = 0;
+    return req;
+}
+
+static void patio__tcp_req_free(patio__tcp_broker *tb, patio__tcp_req *req)
+{
+    patio_writer_free(&req->in);
+    patio_writer_free(&req->task.result);
+    patio__free(patio__tcp_hooks(tb), req);
+}
+
+/* Back to the pool; buffers that grew large are released first. */
+static void patio__tcp_req_put(patio__tcp_broker *tb, patio__tcp_req *req)
+{
+    const patio_hooks *h = patio__tcp_hooks(tb);
+    if (tb->pool_len >= PATIO__TCP_POOL_MAX) {
+        patio__tcp_req_free(tb, req);
+        return;
+    }
+    if (req->in.cap > PATIO__TCP_KEEP_BUF) {
+        patio_writer_free(&req->in);
+        patio__writer_init_small(&req->in, h, req->in_inline, sizeof req->in_inline);
+    }
+    if (req->task.result.cap > PATIO__TCP_KEEP_BUF) {
+        patio_writer_free(&req->task.result);
+        patio__writer_init_small(&req->task.result, h, req->out_inline, sizeof req->out_inline);
+    }
+    req->next = tb->pool;
+    tb->pool = req;
+    tb->pool_len++;
+}
+
+/* Runs on the task's thread: hands the request back to the loop. */
+static void patio__tcp_task_done(patio_task *t)
+{
+    patio__tcp_req *req = (patio__tcp_req *)t->owner;
+    patio__tcp_broker *tb = req->tb;
+    int post;
+    pthread_mutex_lock(&tb->mu);
+    req->next = NULL;
+    if (tb->done_tail) tb->done_tail->next = req; else tb->done_head = req;
+    tb->done_tail = req;
+    post = !tb->work_posted;
+    tb->work_posted = 1;
+    pthread_mutex_unlock(&tb->mu);
+    if (post) patio__loop_post(tb->base.loop, &tb->work_post);
+    patio__broker_task_ended(&tb->base);
+}
+
+static int patio__tcp_submit(patio__tcp_req *req)
+{
+    patio__tcp_broker *tb = req->tb;
+    patio__broker_core *core = patio__core(&tb->base);
+    int rc;
+    pthread_mutex_lock(&core->mu);
+    core->tasks_running++;
+    pthread_mutex_unlock(&core->mu);
+    req->running = 1;
+    rc = tb->base.executor->vt->submit(tb->base.executor, &req->task);
+    if (rc != PATIO_OK) {
+        req->running = 0;
+        patio__broker_task_ended(&tb->base);
+    }
+    return rc;
+}
+
+/* Reading goes on when no reason to pause is left. */
+static void patio__tcp_conn_recheck(patio__tcp_conn *c)
+{
+    if (c->state == PATIO__TC_CLOSED) return;
+    if (!c->stalled) patio__tcp_set_pause(c, PATIO__TC_PAUSE_STALLED, 0);
+    if (c->state != PATIO__TC_CLOSED && c->inflight.count < (size_t)c->tb->cfg.max_inflight)
+        patio__tcp_set_pause(c, PATIO__TC_PAUSE_INFLIGHT, 0);
+}
+
+/* The request is answered (or given up): it leaves its connection. */
+static void patio__tcp_req_detach(patio__tcp_req *req)
+{
+    patio__tcp_conn *c = req->conn;
+    patio__tcp_broker *tb = req->tb;
+    patio__tcp_map_del(&c->inflight, req->serial);
+    if (req->timer_armed) patio__timer_stop(tb->base.loop, &req->timer);
+    req->timer_armed = 0;
+    req->conn = NULL;
+    if (c->stalled == req) {
+        c->stalled = NULL;
+        tb->nstalled--;
+    }
+    PATIO__TCP_COUNT(tb, calls_served, 1);
+}
+
+static void patio__tcp_req_answer(patio__tcp_req *req)
+{
+    patio__tcp_conn *c = req->conn;
+    patio_task *t = &req->task;
+    uint32_t serial = req->serial;
+    patio__tcp_req_detach(req);
+    if (t->status == PATIO_OK) {
+        if (patio__tcp_send(c, PATIO__PKT_RESPONSE, serial, t->result.data, t->result.len) == PATIO_ERR_OVERFLOW)
+            patio__tcp_send_exception(c, serial, "OverflowError", "result above the frame size limit", 33);
+    } else if (t->result.len && !t->result.err) {
+        if (patio__tcp_send(c, PATIO__PKT_ERROR, serial, t->result.data, t->result.len) == PATIO_ERR_OVERFLOW)
+            patio__tcp_send_exception(c, serial, "OverflowError", "error above the frame size limit", 32);
+    } else {
+        const char *m = patio_strerror(t->status);
+        patio__tcp_send_exception(c, serial, "RuntimeError", m, strlen(m));
+    }
+    patio__tcp_conn_recheck(c);
+}
+
+/* A task finished (on the loop now). */
+static void patio__tcp_req_finished(patio__tcp_req *req)
+{
+    req->running = 0;
+    if (req->conn) patio__tcp_req_answer(req);
+    patio__tcp_req_put(req->tb, req);
+}
+
+static void patio__tcp_req_expired(patio__timer *t)
+{
+    patio__tcp_req *req = PATIO__CONTAINER(t, patio__tcp_req, timer);
+    patio__tcp_broker *tb = req->tb;
+    patio__tcp_conn *c = req->conn;
+    req->timer_armed = 0;
+    if (c) {
+        uint32_t serial = req->serial;
+        patio__tcp_req_detach(req);
+        PATIO__TCP_COUNT(tb, timeouts, 1);
+        patio__tcp_send_exception(c, serial, "TimeoutError", "", 0);
+        patio__tcp_conn_recheck(c);
+    }
+    if (!req->running) patio__tcp_req_put(tb, req);
+    patio__tcp_tail(tb);
+}
+
+static void patio__tcp_retry_fire(patio__timer *t);
+
+static void patio__tcp_retry_arm(patio__tcp_broker *tb)
+{
+    if (tb->retry_armed || !tb->nstalled) return;
+    tb->retry_armed = 1;
+    patio__timer_start(tb->base.loop, &tb->retry_timer, patio__now_ns() + PATIO__TCP_RETRY_NS);
+}
+
+/* Submits requests that found the executor full, oldest connection first. */
+static void patio__tcp_retry_stalled(patio__tcp_broker *tb)
+{
+    patio__tcp_conn *c, *next;
+    for (c = tb->conns; c && tb->nstalled; c = next) {
+        patio__tcp_req *req = c->stalled;
+        int rc;
+        next = c->next;
+        if (!req) continue;
+        rc = patio__tcp_submit(req);
+        if (rc == PATIO_ERR_FULL) break;
+        c->stalled = NULL;
+        tb->nstalled--;
+        if (rc != PATIO_OK) patio__tcp_req_finished(req);
+        patio__tcp_conn_recheck(c);
+    }
+    patio__tcp_retry_arm(tb);
+}
+
+static void patio__tcp_retry_fire(patio__timer *t)
+{
+    patio__tcp_broker *tb = PATIO__CONTAINER(t, patio__tcp_broker, retry_timer);
+    tb->retry_armed = 0;
+    patio__tcp_retry_stalled(tb);
+    patio__tcp_tail(tb);
+}
+
+/* Copies the arguments out of the read buffer and prepares the task. */
+static int patio__tcp_req_prepare(patio__tcp_req *req, const patio__entry *e, const patio__call_request *cr)
+{
+    patio__tcp_broker *tb = req->tb;
+    patio_writer keep;
+    double timeout = cr->has_timeout && cr->timeout < 1e9 ? cr->timeout : -1;
+    patio_writer_reset(&req->in);
+    patio_write_raw(&req->in, cr->args, cr->args_len);
+    if (cr->kwargc) patio_write_raw(&req->in, cr->kwargs, cr->kwargs_len);
+    if (req->in.err) return req->in.err;
+    keep = req->task.result;
+    patio__task_init(&req->task, e, patio__tcp_hooks(tb), req->in.data, cr->args_len,
+                     cr->kwargc ? req->in.data + cr->args_len : NULL, cr->kwargc ? cr->kwargs_len : 0);
+    req->task.result = keep;
+    patio_writer_reset(&req->task.result);
+    req->task.result.max_len = tb->cfg.max_frame_size;
+    req->task.broker = &tb->base;
+    req->task.owner = req;
+    req->task.on_done = patio__tcp_task_done;
+    req->task.timeout = timeout;
+    if (timeout >= 0) {
+        req->timer_armed = 1;
+        patio__timer_start(tb->base.loop, &req->timer, patio__deadline_after(timeout));
+    }
+    return PATIO_OK;
+}
+
+/* Answers a REQUEST at once, without running anything. */
+static void patio__tcp_reject(patio__tcp_conn *c, uint32_t serial, const char *type, const char *msg, size_t len)
+{
+    PATIO__TCP_COUNT(c->tb, calls_served, 1);
+    patio__tcp_send_exception(c, serial, type, msg, len);
+}
+
+static void patio__tcp_on_request(patio__tcp_conn *c, const patio__frame *f)
+{
+    patio__tcp_broker *tb = c->tb;
+    patio__call_request cr;
+    const patio__entry *e;
+    patio__tcp_req *req;
+    int rc;
+    if (patio__tcp_map_get(&c->inflight, f->serial)) {
+        patio__tcp_protocol_error(c, "REQUEST serial %lu is already executing", (unsigned long)f->serial);
+        return;
+    }
+    if (patio__decode_call_request(f->payload, f->size, tb->cfg.max_depth, &cr) != PATIO_OK) {
+        patio__tcp_reject(c, f->serial, "patio_msgpack.SerializationError", "REQUEST payload is not a CallRequest", 36);
+        return;
+    }
+    e = patio__registry_find(tb->base.registry, cr.func, cr.func_len);
+    if (!e) {
+        patio__tcp_reject(c, f->serial, "KeyError", cr.func, cr.func_len);
+        return;
+    }
+    if (cr.has_timeout && !(cr.timeout > 0)) {
+        PATIO__TCP_COUNT(tb, timeouts, 1);
+        patio__tcp_reject(c, f->serial, "TimeoutError", "", 0);
+        return;
+    }
+    req = patio__tcp_req_get(tb);
+    if (!req || patio__tcp_map_put(patio__tcp_hooks(tb), &c->inflight, f->serial, req) != PATIO_OK) {
+        if (req) patio__tcp_req_put(tb, req);
+        patio__tcp_reject(c, f->serial, "MemoryError", "out of memory", 13);
+        return;
+    }
+    req->conn = c;
+    req->serial = f->serial;
+    if (patio__tcp_req_prepare(req, e, &cr) != PATIO_OK) {
+        patio__tcp_req_detach(req);
+        patio__tcp_req_put(tb, req);
+        patio__tcp_send_exception(c, f->serial, "MemoryError", "out of memory", 13);
+        return;
+    }
+    rc = patio__tcp_submit(req);
+    if (rc == PATIO_ERR_FULL) {
+        c->stalled = req;
+        tb->nstalled++;
+        patio__tcp_set_pause(c, PATIO__TC_PAUSE_STALLED, 1);
+        patio__tcp_retry_arm(tb);
+    } else if (rc != PATIO_OK) {
+        req->task.status = rc;
+        patio__tcp_req_finished(req);
+    }
+    if (c->state != PATIO__TC_CLOSED && c->inflight.count >= (size_t)tb->cfg.max_inflight)
+        patio__tcp_set_pause(c, PATIO__TC_PAUSE_INFLIGHT, 1);
+}
+
+static void patio__tcp_ready_frame(patio__tcp_conn *c, const patio__frame *f)
+{
+    switch (f->type) {
+    case PATIO__PKT_REQUEST: patio__tcp_on_request(c, f); break;
+    case PATIO__PKT_RESPONSE: patio__tcp_on_response(c, f); break;
+    case PATIO__PKT_ERROR: patio__tcp_on_error(c, f); break;
+    case PATIO__PKT_DISCOVER_REQUEST: patio__tcp_answer_discover(c, f->serial); break;
+    default:
+        patio__tcp_protocol_error(c, "unexpected frame type %d (serial %lu)", f->type, (unsigned long)f->serial);
+    }
+}
+
+static void patio__tcp_expect(patio__tcp_conn *c, const patio__frame *f, int type, const char *what,
+                              void (*fn)(patio__tcp_conn *, const patio__frame *))
+{
+    if (f->type == type) fn(c, f);
+    else patio__tcp_protocol_error(c, "expected %s, got frame type %d", what, f->type);
+}
+
+static void patio__tcp_on_frame(patio__tcp_conn *c, const patio__frame *f)
+{
+    if (f->serial == 0) {
+        patio__tcp_protocol_error(c, "frame type %d with serial 0", f->type);
+        return;
+    }
+    switch (c->state) {
+    case PATIO__TC_WAIT_AREQ:
+        patio__tcp_expect(c, f, PATIO__PKT_AUTH_REQUEST, "AUTH_REQUEST", patio__tcp_on_auth_request);
+        break;
+    case PATIO__TC_WAIT_DIGEST:
+        patio__tcp_expect(c, f, PATIO__PKT_AUTH_DIGEST, "AUTH_DIGEST", patio__tcp_on_auth_digest);
+        break;
+    case PATIO__TC_WAIT_OK:
+        patio__tcp_expect(c, f, PATIO__PKT_AUTH_OK, "AUTH_OK", patio__tcp_on_auth_ok);
+        break;
+    case PATIO__TC_DISCOVERY: patio__tcp_discovery_frame(c, f); break;
+    case PATIO__TC_READY: patio__tcp_ready_frame(c, f); break;
+    default: break;
+    }
+}
+
+/* ---- the broker's doors from other threads ------------------------------- */
+
+/* The work post: finished tasks first (they free slots), then new calls. */
+static void patio__tcp_work(patio__post *p)
+{
+    patio__tcp_broker *tb = PATIO__CONTAINER(p, patio__tcp_broker, work_post);
+    patio__tcp_req *done, *next;
+    patio_call **calls;
+    size_t n, cap, i;
+    pthread_mutex_lock(&tb->mu);
+    calls = tb->inbox;
+    cap = tb->inbox_cap;
+    n = tb->inbox_len;
+    tb->inbox = tb->batch;
+    tb->inbox_cap = tb->batch_cap;
+    tb->inbox_len = 0;
+    tb->batch = calls;
+    tb->batch_cap = cap;
+    done = tb->done_head;
+    tb->done_head = tb->done_tail = NULL;
+    tb->work_posted = 0;
+    pthread_mutex_unlock(&tb->mu);
+    for (; done; done = next) {
+        next = done->next;
+        patio__tcp_req_finished(done);
+    }
+    if (tb->nstalled) patio__tcp_retry_stalled(tb);
+    for (i = 0; i < n; i++) patio__tcp_route_call(tb, calls[i]);
+    patio__tcp_tail(tb);
+}
+
+/* Makes sure the work post runs soon (it ends with patio__tcp_tail). */
+static void patio__tcp_kick(patio__tcp_broker *tb)
+{
+    int post;
+    pthread_mutex_lock(&tb->mu);
+    post = !tb->work_posted;
+    tb->work_posted = 1;
+    pthread_mutex_unlock(&tb->mu);
+    if (post) patio__loop_post(tb->base.loop, &tb->work_post);
+}
+
+/* vt->send, any thread: the call joins the inbox. */
+static void patio__tcp_vt_send(patio_broker *b, patio_call *call)
+{
+    patio__tcp_broker *tb = (patio__tcp_broker *)b;
+    int post, rc;
+    patio__fetch_add(&call->refs, 1);
+    pthread_mutex_lock(&tb->mu);
+    rc = patio__tcp_grow_ptrs(patio__tcp_hooks(tb), (void ***)&tb->inbox, &tb->inbox_cap, tb->inbox_len + 1);
+    if (rc == PATIO_OK) tb->inbox[tb->inbox_len++] = call;
+    post = rc == PATIO_OK && !tb->work_posted;
+    if (post) tb->work_posted = 1;
+    pthread_mutex_unlock(&tb->mu);
+    if (rc != PATIO_OK) {
+        patio_call_fail_with(call, PATIO_ERR_NOMEM, "MemoryError", "out of memory");
+        patio__call_release(call);
+    } else if (post) {
+        patio__loop_post(b->loop, &tb->work_post);
+    }
+}
+
+typedef struct patio__tcp_sync {
+    patio__post post;
+    patio__tcp_broker *tb;
+    void (*fn)(patio__tcp_broker *, void *);
+    void *arg;
+    int done;
+} patio__tcp_sync;
+
+static void patio__tcp_sync_run(patio__post *p)
+{
+    patio__tcp_sync *s = PATIO__CONTAINER(p, patio__tcp_sync, post);
+    patio__tcp_broker *tb = s->tb;
+    s->fn(tb, s->arg);
+    patio__tcp_tail(tb);
+    pthread_mutex_lock(&tb->mu);
+    s->done = 1;
+    pthread_cond_broadcast(&tb->cv);
+    pthread_mutex_unlock(&tb->mu);
+}
+
+/* Runs fn on the loop thread and waits for it (pumping a host-driven loop).
+ * On the loop thread itself fn runs at once; the flush follows soon. */
+static void patio__tcp_run_sync(patio__tcp_broker *tb, void (*fn)(patio__tcp_broker *, void *), void *arg)
+{
+    patio__tcp_sync s;
+    int pump;
+    if (patio_loop_in_loop_thread(tb->base.loop)) {
+        fn(tb, arg);
+        patio__tcp_kick(tb);
+        return;
+    }
+    memset(&s, 0, sizeof s);
+    s.post.fn = patio__tcp_sync_run;
+    s.tb = tb;
+    s.fn = fn;
+    s.arg = arg;
+    pump = patio__must_pump(tb->base.loop);
+    patio__loop_post(tb->base.loop, &s.post);
+    pthread_mutex_lock(&tb->mu);
+    while (!s.done) {
+        if (pump) {
+            pthread_mutex_unlock(&tb->mu);
+            patio_loop_run_once(tb->base.loop, 10);
+            pthread_mutex_lock(&tb->mu);
+        } else {
+            pthread_cond_wait(&tb->cv, &tb->mu);
+        }
+    }
+    pthread_mutex_unlock(&tb->mu);
+}
+
+/* ---- close and destroy --------------------------------------------------- */
+
+static void patio__tcp_close_on_loop(patio__tcp_broker *tb, void *arg)
+{
+    patio__tcp_listener *l;
+    patio__tcp_target *t;
+    size_t i;
+    PATIO__UNUSED(arg);
+    if (tb->closing) return;
+    patio__store(&tb->closing, 1);
+    while ((l = tb->listeners) != NULL) {
+        tb->listeners = l->next;
+        patio__io_stop(tb->base.loop, &l->io);
+        close(l->fd);
+        patio__free(patio__tcp_hooks(tb), l);
+    }
+    for (t = tb->targets; t; t = t->next)
+        if (t->timer_armed) {
+            patio__timer_stop(tb->base.loop, &t->timer);
+            t->timer_armed = 0;
+        }
+    while (tb->conns) patio__tcp_conn_close(tb->conns, PATIO_LOG_DEBUG, "broker closed");
+    for (i = 0; i < tb->route_cap; i++) {
+        patio__tcp_route *r = tb->routes[i], *next;
+        for (; r; r = next) {
+            size_t k;
+            next = r->next;
+            for (k = 0; k < r->nwaiting; k++) {
+                patio_call_fail_with(r->waiting[k], PATIO_ERR_CLOSED, "RuntimeError", "broker closed");
+                patio__call_release(r->waiting[k]);
+            }
+            r->nwaiting = 0;
+            patio__tcp_route_release(tb, r);
+        }
+    }
+    if (tb->retry_armed) patio__timer_stop(tb->base.loop, &tb->retry_timer);
+    tb->retry_armed = 0;
+    pthread_mutex_lock(&tb->mu);
+    pthread_cond_broadcast(&tb->cv);
+    pthread_mutex_unlock(&tb->mu);
+}
+
+static void patio__tcp_vt_close(patio_broker *b)
+{
+    patio__tcp_run_sync((patio__tcp_broker *)b, patio__tcp_close_on_loop, NULL);
+}
+
+/* vt->cancel: only a call still waiting for a route can be taken back, and
+ * only on the loop thread (where the timeouts fire). */
+static int patio__tcp_vt_cancel(patio_broker *b, patio_call *call)
+{
+    patio__tcp_broker *tb = (patio__tcp_broker *)b;
+    const char *name = patio_call_name(call);
+    size_t len = strlen(name), i;
+    patio__tcp_route *r;
+    if (!patio_loop_in_loop_thread(b->loop)) return PATIO_ERR_STARTED;
+    if (!tb->closing && call->timeout >= 0) PATIO__TCP_COUNT(tb, timeouts, 1);
+    r = patio__tcp_route_find(tb, name, len, patio__tcp_hash(name, len));
+    if (!r) return PATIO_ERR_STARTED;
+    for (i = 0; i < r->nwaiting && r->waiting[i] != call; i++) {}
+    if (i == r->nwaiting) return PATIO_ERR_STARTED;
+    memmove(r->waiting + i, r->waiting + i + 1, (r->nwaiting - i - 1) * sizeof *r->waiting);
+    r->nwaiting--;
+    patio__call_release(call);
+    patio__tcp_route_release(tb, r);
+    return PATIO_OK;
+}
+
+static void patio__tcp_vt_destroy(patio_broker *b)
+{
+    patio__tcp_broker *tb = (patio__tcp_broker *)b;
+    const patio_hooks *h = patio__tcp_hooks(tb);
+    patio__tcp_req *req;
+    patio__tcp_target *t;
+    size_t i;
+    while ((req = tb->pool) != NULL) {
+        tb->pool = req->next;
+        patio__tcp_req_free(tb, req);
+    }
+    while ((req = tb->done_head) != NULL) {
+        tb->done_head = req->next;
+        patio__tcp_req_free(tb, req);
+    }
+    while ((t = tb->targets) != NULL) {
+        tb->targets = t->next;
+        patio__free(h, t->host);
+        patio__free(h, t->addrs);
+        patio__free(h, t);
+    }
+    for (i = 0; i < tb->inbox_len; i++) {
+        patio_call_fail_with(tb->inbox[i], PATIO_ERR_CLOSED, "RuntimeError", "broker closed");
+        patio__call_release(tb->inbox[i]);
+    }
+    patio__free(h, tb->inbox);
+    patio__free(h, tb->batch);
+    patio__free(h, tb->routes);
+    patio_writer_free(&tb->names);
+    pthread_mutex_destroy(&tb->mu);
+    pthread_cond_destroy(&tb->cv);
+    patio__free(h, tb);
+}
+
+static const patio_broker_vtable patio__tcp_vt = {
+    "tcp", patio__tcp_vt_send, patio__tcp_vt_cancel, patio__tcp_vt_close, patio__tcp_vt_destroy
+};
+
+/* ---- listening ----------------------------------------------------------- */
+
+static void patio__tcp_accept_io(patio__io *io, unsigned ev)
+{
+    patio__tcp_listener *l = PATIO__CONTAINER(io, patio__tcp_listener, io);
+    patio__tcp_broker *tb = l->tb;
+    int i;
+    PATIO__UNUSED(ev);
+    for (i = 0; i < 64; i++) {
+        struct sockaddr_storage ss;
+        socklen_t sl = sizeof ss;
+        patio__tcp_conn *c;
+        int fd = accept(l->fd, (struct sockaddr *)&ss, &sl);
+        if (fd < 0) {
+            if (errno == EINTR || errno == ECONNABORTED) continue;
+            if (errno != EAGAIN && errno != EWOULDBLOCK)
+                patio__log(patio__tcp_hooks(tb), PATIO_LOG_WARN, "patio tcp: accept failed: %s", strerror(errno));
+            break;
+        }
+        if (tb->nopen >= (size_t)tb->cfg.max_connections) {
+            char peer[64];
+            patio__tcp_addr_text((struct sockaddr *)&ss, peer, sizeof peer);
+            patio__log(patio__tcp_hooks(tb), PATIO_LOG_WARN,
+                       "patio tcp: connection from %s refused: %d connections open", peer, tb->cfg.max_connections);
+            close(fd);
+            continue;
+        }
+        c = patio__tcp_nonblock(fd) == PATIO_OK ? patio__tcp_conn_new(tb, fd, 1, (struct sockaddr *)&ss) : NULL;
+        if (!c) {
+            close(fd);
+            continue;
+        }
+        PATIO__TCP_COUNT(tb, connections_accepted, 1);
+        patio__tcp_conn_up(c, NULL);
+    }
+    patio__tcp_tail(tb);
+}
+
+typedef struct patio__tcp_listen_job {
+    patio__tcp_listener *list;
+    int rc;
+} patio__tcp_listen_job;
+
+static void patio__tcp_listen_on_loop(patio__tcp_broker *tb, void *arg)
+{
+    patio__tcp_listen_job *job = (patio__tcp_listen_job *)arg;
+    patio__tcp_listener *l, *next;
+    for (l = job->list; l; l = next) {
+        next = l->next;
+        if (tb->closing || patio__io_start(tb->base.loop, &l->io, l->fd, PATIO__READ, patio__tcp_accept_io) != PATIO_OK) {
+            job->rc = tb->closing ? PATIO_ERR_CLOSED : PATIO_ERR_IO;
+            close(l->fd);
+            patio__free(patio__tcp_hooks(tb), l);
+            continue;
+        }
+        l->next = tb->listeners;
+        tb->listeners = l;
+    }
+}
+
+/* One listening socket for ai; port 0 takes *port when another socket of
+ * this call already got one. */
+static patio__tcp_listener *patio__tcp_bind(patio__tcp_broker *tb, const struct addrinfo *ai, int *port)
+{
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof ss;
+    patio__tcp_listener *l;
+    char where[80];
+    int one = 1, fd;
+    if (ai->ai_addrlen > sizeof ss) return NULL;
+    memcpy(&ss, ai->ai_addr, ai->ai_addrlen);
+    if (*port && ss.ss_family == AF_INET) ((struct sockaddr_in *)(void *)&ss)->sin_port = htons((uint16_t)*port);
+    if (*port && ss.ss_family == AF_INET6) ((struct sockaddr_in6 *)(void *)&ss)->sin6_port = htons((uint16_t)*port);
+    patio__tcp_addr_text((struct sockaddr *)&ss, where, sizeof where);
+    fd = socket(ai->ai_family, SOCK_STREAM, 0);
+    if (fd < 0) return NULL;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+#ifdef IPV6_V6ONLY
+    if (ai->ai_family == AF_INET6) setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one);
+#endif
+    if (bind(fd, (struct sockaddr *)&ss, (socklen_t)ai->ai_addrlen) != 0 || listen(fd, SOMAXCONN) != 0 ||
+        patio__tcp_nonblock(fd) != PATIO_OK || getsockname(fd, (struct sockaddr *)&ss, &sl) != 0) {
+        patio__log(patio__tcp_hooks(tb), PATIO_LOG_WARN, "patio tcp: cannot listen on %s: %s", where, strerror(errno));
+        close(fd);
+        return NULL;
+    }
+    l = (patio__tcp_listener *)patio__calloc(patio__tcp_hooks(tb), sizeof *l);
+    if (!l) {
+        close(fd);
+        return NULL;
+    }
+    l->tb = tb;
+    l->fd = fd;
+    l->port = ss.ss_family == AF_INET6 ? ntohs(((struct sockaddr_in6 *)(void *)&ss)->sin6_port)
+                                       : ntohs(((struct sockaddr_in *)(void *)&ss)->sin_port);
+    *port = l->port;
+    patio__log(patio__tcp_hooks(tb), PATIO_LOG_INFO, "patio tcp: listening on %s (port %d)", where, l->port);
+    return l;
+}
+
+PATIO_API int patio_tcp_listen(patio_broker *b, const char *host, int port, int *bound_port)
+{
+    patio__tcp_broker *tb = patio__tcp_of(b);
+    struct addrinfo hints, *res = NULL, *ai;
+    patio__tcp_listen_job job;
+    char service[16];
+    int got = 0, expected;
+    if (bound_port) *bound_port = 0;
+    if (!tb || port < 0 || port > 65535) return PATIO_ERR_INVALID;
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_PASSIVE;
+    snprintf(service, sizeof service, "%d", port);
+    if (getaddrinfo(host, service, &hints, &res) != 0 || !res) {
+        patio__log(b->hooks, PATIO_LOG_ERROR, "patio tcp: cannot resolve %s", host ? host : "(any)");
+        return PATIO_ERR_INVALID;
+    }
+    memset(&job, 0, sizeof job);
+    for (ai = res; ai; ai = ai->ai_next) {
+        patio__tcp_listener *l = patio__tcp_bind(tb, ai, &got);
+        if (!l) continue;
+        l->next = job.list;
+        job.list = l;
+    }
+    freeaddrinfo(res);
+    if (!job.list) return PATIO_ERR_IO;
+    patio__tcp_run_sync(tb, patio__tcp_listen_on_loop, &job);
+    if (job.rc != PATIO_OK) return job.rc;
+    expected = -1;
+    __atomic_compare_exchange_n(&tb->listen_port, &expected, got, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+    if (bound_port) *bound_port = got;
+    return PATIO_OK;
+}
+
+PATIO_API int patio_tcp_listen_port(patio_broker *b)
+{
+    patio__tcp_broker *tb = patio__tcp_of(b);
+    return tb ? patio__load(&tb->listen_port) : -1;
+}
+
+/* ---- connecting, with backoff --------------------------------------------- */
+
+static void patio__tcp_target_try(patio__tcp_target *t);
+
+static void patio__tcp_target_attempt(patio__tcp_target *t)
+{
+    patio__tcp_broker *tb = t->tb;
+    if (tb->closing || t->conn) return;
+    if (t->attempts++) PATIO__TCP_COUNT(tb, reconnects, 1);
+    t->tried = 0;
+    patio__tcp_target_try(t);
+}
+
+static void patio__tcp_target_fire(patio__timer *timer)
+{
+    patio__tcp_target *t = PATIO__CONTAINER(timer, patio__tcp_target, timer);
+    t->timer_armed = 0;
+    patio__tcp_target_attempt(t);
+    patio__tcp_tail(t->tb);
+}
+
+/* The connection of t is gone: retry after the reconnect delay, doubled for
+ * each failure in a row (PROTOCOL.md §9). */
+static void patio__tcp_target_lost(patio__tcp_target *t, int was_ready)
+{
+    patio__tcp_broker *tb = t->tb;
+    double delay = tb->cfg.reconnect_delay;
+    unsigned i;
+    t->conn = NULL;
+    if (tb->closing) return;
+    if (was_ready) t->failures = 0;
+    for (i = 0; i < t->failures && delay < tb->cfg.reconnect_max_delay; i++) delay *= 2;
+    if (delay > tb->cfg.reconnect_max_delay) delay = tb->cfg.reconnect_max_delay;
+    if (t->failures < 64) t->failures++;
+    patio__log(patio__tcp_hooks(tb), PATIO_LOG_INFO, "patio tcp: reconnecting to %s in %g s", t->host, delay);
+    t->timer_armed = 1;
+    patio__timer_start(tb->base.loop, &t->timer, patio__deadline_after(delay));
+}
+
+/* Drops a connection attempt that failed before TCP was up; the next
+ * address of t is tried at once. */
+static void patio__tcp_target_next(patio__tcp_conn *c, int err)
+{
+    patio__tcp_target *t = c->target;
+    c->target = NULL;
+    t->conn = NULL;
+    patio__tcp_conn_close(c, PATIO_LOG_INFO, "connect failed: %s", strerror(err));
+    t->addr_pos = (t->addr_pos + 1) % t->naddrs;
+    patio__tcp_target_try(t);
+}
+
+static void patio__tcp_connect_done(patio__tcp_conn *c)
+{
+    int err = 0;
+    socklen_t len = sizeof err;
+    if (getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0) err = errno;
+    if (err) {
+        patio__tcp_target_next(c, err);
+        return;
+    }
+    patio__tcp_conn_up(c, c->target->host);
+}
+
+static void patio__tcp_target_try(patio__tcp_target *t)
+{
+    patio__tcp_broker *tb = t->tb;
+    while (t->tried < t->naddrs) {
+        patio__tcp_addr *a = &t->addrs[t->addr_pos];
+        patio__tcp_conn *c;
+        int fd = socket(a->ss.ss_family, SOCK_STREAM, 0);
+        t->tried++;
+        if (fd < 0 || patio__tcp_nonblock(fd) != PATIO_OK) {
+            if (fd >= 0) close(fd);
+            t->addr_pos = (t->addr_pos + 1) % t->naddrs;
+            continue;
+        }
+        c = patio__tcp_conn_new(tb, fd, 0, (struct sockaddr *)&a->ss);
+        if (!c) {
+            close(fd);
+            break;
+        }
+        c->target = t;
+        t->conn = c;
+        if (connect(fd, (struct sockaddr *)&a->ss, a->len) == 0) patio__tcp_conn_up(c, t->host);
+        else if (errno != EINPROGRESS && errno != EINTR) patio__tcp_target_next(c, errno);
+        return;
+    }
+    patio__log(patio__tcp_hooks(tb), PATIO_LOG_WARN, "patio tcp: cannot connect to %s", t->host);
+    patio__tcp_target_lost(t, 0);
+}
+
+static void patio__tcp_target_start(patio__post *p)
+{
+    patio__tcp_target *t = PATIO__CONTAINER(p, patio__tcp_target, post);
+    patio__tcp_broker *tb = t->tb;
+    t->next = tb->targets;
+    tb->targets = t;
+    patio__tcp_target_attempt(t);
+    patio__tcp_tail(tb);
+}
+
+PATIO_API int patio_tcp_connect(patio_broker *b, const char *host, int port)
+{
+    patio__tcp_broker *tb = patio__tcp_of(b);
+    const patio_hooks *h;
+    struct addrinfo hints, *res = NULL, *ai;
+    patio__tcp_target *t;
+    char service[16];
+    size_t n = 0, len;
+    if (!tb || port < 0 || port > 65535) return PATIO_ERR_INVALID;
+    h = patio__tcp_hooks(tb);
+    if (!host) host = "localhost";
+    if (!port) port = PATIO_TCP_DEFAULT_PORT;
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    snprintf(service, sizeof service, "%d", port);
+    if (getaddrinfo(host, service, &hints, &res) != 0 || !res) {
+        patio__log(h, PATIO_LOG_ERROR, "patio tcp: cannot resolve %s", host);
+        return PATIO_ERR_INVALID;
+    }
+    for (ai = res; ai; ai = ai->ai_next) n++;
+    t = (patio__tcp_target *)patio__calloc(h, sizeof *t);
+    len = strlen(host);
+    if (t) t->host = (char *)patio__malloc(h, len + 8);
+    if (t) t->addrs = (patio__tcp_addr *)patio__calloc(h, n * sizeof *t->addrs);
+    if (!t || !t->host || !t->addrs) {
+        freeaddrinfo(res);
+        if (t) {
+            patio__free(h, t->host);
+            patio__free(h, t->addrs);
+            patio__free(h, t);
+        }
+        return PATIO_ERR_NOMEM;
+    }
+    memcpy(t->host, host, len + 1);
+    for (ai = res; ai; ai = ai->ai_next) {
+        if (ai->ai_addrlen > sizeof t->addrs[0].ss) continue;
+        memcpy(&t->addrs[t->naddrs].ss, ai->ai_addr, ai->ai_addrlen);
+        t->addrs[t->naddrs++].len = (socklen_t)ai->ai_addrlen;
+    }
+    freeaddrinfo(res);
+    t->tb = tb;
+    t->timer.fn = patio__tcp_target_fire;
+    t->post.fn = patio__tcp_target_start;
+    if (!t->naddrs) {
+        patio__free(h, t->host);
+        patio__free(h, t->addrs);
+        patio__free(h, t);
+        return PATIO_ERR_INVALID;
+    }
+    patio__loop_post(b->loop, &t->post);
+    return PATIO_OK;
+}
+
+/* ---- creation and the rest of the API ------------------------------------- */
+
+static int patio__tcp_config_fill(patio_tcp_config *out, const patio_tcp_config *in)
+{
+    if (in) *out = *in;
+    else memset(out, 0, sizeof *out);
+    if (out->key_len > 32 || (out->key_len && !out->key)) return PATIO_ERR_INVALID;
+    if (!out->max_frame_size) out->max_frame_size = 16777216u;
+    if (out->max_frame_size < 64) return PATIO_ERR_INVALID;
+    if (!(out->handshake_timeout > 0)) out->handshake_timeout = 10;
+    if (out->max_connections <= 0) out->max_connections = 1024;
+    if (out->max_inflight <= 0) out->max_inflight = 1024;
+    if (!(out->reconnect_delay > 0)) out->reconnect_delay = 1;
+    if (!(out->reconnect_max_delay > 0)) out->reconnect_max_delay = 30;
+    if (out->reconnect_max_delay < out->reconnect_delay) out->reconnect_max_delay = out->reconnect_delay;
+    if (out->max_depth <= 0) out->max_depth = PATIO_MAX_DEPTH;
+    if (!out->transport) out->transport = &patio__plain_transport;
+    if (!out->transport->create || !out->transport->read || !out->transport->write || !out->transport->close ||
+        !out->transport->error)
+        return PATIO_ERR_INVALID;
+    return PATIO_OK;
+}
+
+/* The DISCOVER_RESPONSE payload: every registered name, in order. */
+static int patio__tcp_names_build(patio__tcp_broker *tb)
+{
+    const patio_registry *r = tb->base.registry;
+    size_t i;
+    patio_writer_init(&tb->names, patio__tcp_hooks(tb));
+    patio_write_array(&tb->names, (uint32_t)r->count);
+    for (i = 0; i < r->count; i++) patio_write_strn(&tb->names, r->entries[i].name, r->entries[i].name_len);
+    if (tb->names.err) return tb->names.err;
+    return tb->names.len > tb->cfg.max_frame_size ? PATIO_ERR_OVERFLOW : PATIO_OK;
+}
+
+PATIO_API patio_broker *patio_tcp_broker_new(patio_executor *ex, const patio_tcp_config *cfg)
+{
+    patio__tcp_broker *tb;
+    patio_tcp_config c;
+    if (!ex) return NULL;
+    if (patio__tcp_config_fill(&c, cfg) != PATIO_OK) {
+        patio__log(ex->hooks, PATIO_LOG_ERROR, "patio tcp: invalid configuration (key over 32 bytes?)");
+        return NULL;
+    }
+    tb = (patio__tcp_broker *)patio__calloc(ex->hooks, sizeof *tb);
+    if (!tb) return NULL;
+    if (c.key_len) memcpy(tb->key, c.key, c.key_len);
+    c.key = tb->key;
+    tb->cfg = c;
+    tb->tr = c.transport;
+    tb->listen_port = -1;
+    tb->work_post.fn = patio__tcp_work;
+    tb->retry_timer.fn = patio__tcp_retry_fire;
+    pthread_mutex_init(&tb->mu, NULL);
+    patio__cond_init(&tb->cv);
+    if (patio_broker_init(&tb->base, &patio__tcp_vt, ex, &c.base) != PATIO_OK) {
+        pthread_mutex_destroy(&tb->mu);
+        pthread_cond_destroy(&tb->cv);
+        patio__free(ex->hooks, tb);
+        return NULL;
+    }
+    if (patio__tcp_names_build(tb) != PATIO_OK) {
+        patio__log(ex->hooks, PATIO_LOG_ERROR, "patio tcp: the registered names do not fit in a frame");
+        patio_broker_free(&tb->base);
+        return NULL;
+    }
+    if (!c.key_len)
+        patio__log(ex->hooks, PATIO_LOG_WARN, "patio tcp: no key configured, connections are not authenticated");
+    return &tb->base;
+}
+
+PATIO_API patio_broker *patio_tcp_server_new(patio_executor *ex, const patio_tcp_config *cfg, const char *host, int port)
+{
+    patio_broker *b = patio_tcp_broker_new(ex, cfg);
+    if (b && patio_tcp_listen(b, host, port, NULL) != PATIO_OK) {
+        patio_broker_free(b);
+        b = NULL;
+    }
+    return b;
+}
+
+PATIO_API patio_broker *patio_tcp_client_new(patio_executor *ex, const patio_tcp_config *cfg, const char *host, int port)
+{
+    patio_broker *b = patio_tcp_broker_new(ex, cfg);
+    if (b && patio_tcp_connect(b, host, port) != PATIO_OK) {
+        patio_broker_free(b);
+        b = NULL;
+    }
+    return b;
+}
+
+PATIO_API int patio_tcp_wait_peers(patio_broker *b, int n, double timeout)
+{
+    patio__tcp_broker *tb = patio__tcp_of(b);
+    uint64_t deadline;
+    int pump, rc;
+    if (!tb || patio_loop_in_loop_thread(b->loop)) return PATIO_ERR_INVALID;
+    deadline = timeout < 0 ? UINT64_MAX : patio__deadline_after(timeout);
+    pump = patio__must_pump(b->loop);
+    pthread_mutex_lock(&tb->mu);
+    for (;;) {
+        uint64_t now = patio__now_ns(), until;
+        if (tb->ready_peers >= n) { rc = PATIO_OK; break; }
+        if (patio__load(&tb->closing)) { rc = PATIO_ERR_CLOSED; break; }
+        if (now >= deadline) { rc = PATIO_ERR_TIMEOUT; break; }
+        until = deadline - now > 100000000u ? now + 100000000u : deadline;
+        if (pump) {
+            pthread_mutex_unlock(&tb->mu);
+            patio_loop_run_once(b->loop, (int)((until - now + 999999u) / 1000000u));
+            pthread_mutex_lock(&tb->mu);
+        } else {
+            patio__cond_wait_until(&tb->cv, &tb->mu, until);
+        }
+    }
+    pthread_mutex_unlock(&tb->mu);
+    return rc;
+}
+
+PATIO_API int patio_tcp_stats_get(patio_broker *b, patio_tcp_stats *out)
+{
+    patio__tcp_broker *tb = patio__tcp_of(b);
+    if (!tb || !out) return PATIO_ERR_INVALID;
+    out->calls_sent = __atomic_load_n(&tb->stats.calls_sent, __ATOMIC_RELAXED);
+    out->calls_served = __atomic_load_n(&tb->stats.calls_served, __ATOMIC_RELAXED);
+    out->call_errors = __atomic_load_n(&tb->stats.call_errors, __ATOMIC_RELAXED);
+    out->timeouts = __atomic_load_n(&tb->stats.timeouts, __ATOMIC_RELAXED);
+    out->reconnects = __atomic_load_n(&tb->stats.reconnects, __ATOMIC_RELAXED);
+    out->bytes_in = __atomic_load_n(&tb->stats.bytes_in, __ATOMIC_RELAXED);
+    out->bytes_out = __atomic_load_n(&tb->stats.bytes_out, __ATOMIC_RELAXED);
+    out->connections_open = __atomic_load_n(&tb->stats.connections_open, __ATOMIC_RELAXED);
+    out->connections_accepted = __atomic_load_n(&tb->stats.connections_accepted, __ATOMIC_RELAXED);
+    out->protocol_errors = __atomic_load_n(&tb->stats.protocol_errors, __ATOMIC_RELAXED);
+    out->auth_failures = __atomic_load_n(&tb->stats.auth_failures, __ATOMIC_RELAXED);
+    return PATIO_OK;
+}
+
+/* ---- test hook ------------------------------------------------------------ */
+
+typedef struct patio__tcp_serial_job {
+    uint32_t set, last;
+} patio__tcp_serial_job;
+
+static void patio__tcp_serial_on_loop(patio__tcp_broker *tb, void *arg)
+{
+    patio__tcp_serial_job *job = (patio__tcp_serial_job *)arg;
+    patio__tcp_conn *c;
+    for (c = tb->conns; c; c = c->next) {
+        if (job->set) c->serial = job->set;
+        if (c->state == PATIO__TC_READY) job->last = c->serial;
+    }
+}
+
+/* For tests: with set != 0, the serial counter of every connection (and
+ * of later ones) continues after set. Returns the last serial taken on a
+ * ready connection. */
+PATIO__MAYBE_UNUSED static uint32_t patio__tcp_test_serial(patio_broker *b, uint32_t set)
+{
+    patio__tcp_broker *tb = patio__tcp_of(b);
+    patio__tcp_serial_job job;
+    if (!tb) return 0;
+    if (set) patio__store(&tb->test_serial, set);
+    job.set = set;
+    job.last = 0;
+    patio__tcp_run_sync(tb, patio__tcp_serial_on_loop, &job);
+    return job.last;
+}
 #endif /* PATIO_IMPLEMENTATION */
 
 /*

@@ -1,0 +1,1299 @@
+/* TCP broker: calls both ways, mixed mode and a mesh with round robin,
+ * errors, timeouts, routes that are missing or appear later, serial
+ * wrap-around, discovery bytes, reconnect, lost peers, limits, and bad
+ * input from raw sockets (a Python-like peer written here).
+ *
+ * Every case runs against each transport setup of `setups` (plain TCP
+ * here; another transport adds a row). Cases that speak the wire format
+ * through raw sockets only run where the bytes on the socket are the plain
+ * protocol. Loopback only, ephemeral ports; every wait has a deadline. */
+#define PATIO_IMPLEMENTATION
+#include "patio.h"
+#include "harness.h"
+#include <stdlib.h>
+#include <poll.h>
+#include <signal.h>
+#include "common.h"
+
+/* ---- transport setups ---------------------------------------------------- */
+
+typedef struct setup {
+    const char *name;
+    void (*configure)(patio_tcp_config *cfg, int server); /* NULL = plain TCP */
+    int raw;                                              /* the wire is plain: raw-socket cases apply */
+} setup;
+
+static const setup setups[] = {
+    { "plain", NULL, 1 },
+};
+
+static const setup *g_setup;
+
+#define KEY "secret-key"
+
+/* A configuration for a broker of the current setup. */
+static patio_tcp_config cfg_for(int server)
+{
+    patio_tcp_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.key = KEY;
+    cfg.key_len = strlen(KEY);
+    cfg.reconnect_delay = 0.05;
+    cfg.reconnect_max_delay = 0.2;
+    cfg.handshake_timeout = 3;
+    if (g_setup->configure) g_setup->configure(&cfg, server);
+    return cfg;
+}
+
+/* ---- functions served by test nodes -------------------------------------- */
+
+static gate g_gate;
+
+static int div_(patio_task *t)
+{
+    double a, b;
+    if (patio_args(t, "dd", &a, &b) != PATIO_OK) return PATIO_ERR_TYPE;
+    if (b == 0) return patio_fail(t, "ZeroDivisionError", "division by zero");
+    return patio_return_double(t, a / b);
+}
+
+static int gated(patio_task *t)
+{
+    gate_pass(&g_gate);
+    return patio_return_str(t, "late");
+}
+
+typedef struct node {
+    patio_registry *rpc;
+    patio_executor *ex;
+    patio_broker *b;
+    int port;
+    const char *id;
+    int hits;   /* atomic: whoami calls served */
+} node;
+
+static int whoami(patio_task *t)
+{
+    node *n = (node *)patio_task_user(t);
+    if (!n) return patio_fail(t, "RuntimeError", "no node");
+    __atomic_fetch_add(&n->hits, 1, __ATOMIC_SEQ_CST);
+    return patio_return_str(t, n->id);
+}
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* A node with mul, div, gated, whoami (and `extra`, if given, as "late"). */
+static int node_start_ex(node *n, const char *id, const patio_tcp_config *cfg, int listen_port, int extra,
+                         size_t max_queue, int workers)
+{
+    patio_thread_pool_config pc;
+    memset(n, 0, sizeof *n);
+    n->id = id;
+    n->rpc = patio_registry_new(NULL);
+    patio_register(n->rpc, "mul", mul, NULL);
+    patio_register(n->rpc, "div", div_, NULL);
+    patio_register(n->rpc, "gated", gated, NULL);
+    patio_register(n->rpc, "whoami", whoami, n);
+    if (extra) patio_register(n->rpc, "late", mul, NULL);
+    memset(&pc, 0, sizeof pc);
+    pc.max_workers = workers;
+    pc.max_queue = max_queue;
+    n->ex = patio_thread_pool_new_ex(n->rpc, &pc);
+    n->b = patio_tcp_broker_new(n->ex, cfg);
+    if (!n->b) return -1;
+    if (listen_port >= 0 && patio_tcp_listen(n->b, "127.0.0.1", listen_port, &n->port) != PATIO_OK) return -1;
+    return 0;
+}
+
+static int node_start(node *n, const char *id, int listen)
+{
+    patio_tcp_config cfg = cfg_for(listen);
+    return node_start_ex(n, id, &cfg, listen ? 0 : -1, 0, 0, 4);
+}
+
+static void node_free(node *n)
+{
+    patio_broker_free(n->b);
+    patio_executor_free(n->ex);
+    patio_registry_free(n->rpc);
+    memset(n, 0, sizeof *n);
+}
+
+static patio_tcp_stats stats_of(patio_broker *b)
+{
+    patio_tcp_stats s;
+    memset(&s, 0, sizeof s);
+    patio_tcp_stats_get(b, &s);
+    return s;
+}
+
+/* mul(a, b) through b with a 5 s timeout; the product, or -1000 - status. */
+static int64_t call_mul(patio_broker *b, int x, int y)
+{
+    patio_call *c = patio_call_sync(b, 5.0, "mul", "ii", x, y);
+    int64_t r = patio_call_status(c) == PATIO_OK ? patio_result_int(c) : -1000 + patio_call_status(c);
+    patio_call_free(c);
+    return r;
+}
+
+/* Waits until cond(b) holds (at most seconds). */
+static int wait_until(int (*cond)(void *), void *arg, double seconds)
+{
+    double end = now_s() + seconds;
+    struct timespec ts;
+    ts.tv_sec = 0;
+    ts.tv_nsec = 2000000;
+    while (!cond(arg)) {
+        if (now_s() > end) return 0;
+        nanosleep(&ts, NULL);
+    }
+    return 1;
+}
+
+/* ---- raw sockets: a peer written from PROTOCOL.md ------------------------- */
+
+static int raw_connect_to(const char *ip, int port)
+{
+    struct sockaddr_in sa;
+    struct timeval tv;
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (fd < 0) return -1;
+    memset(&sa, 0, sizeof sa);
+    sa.sin_family = AF_INET;
+    sa.sin_port = htons((uint16_t)port);
+    inet_pton(AF_INET, ip, &sa.sin_addr);
+    tv.tv_sec = 3;
+    tv.tv_usec = 0;
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    if (connect(fd, (struct sockaddr *)&sa, sizeof sa) != 0) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+static int raw_write(int fd, const void *p, size_t n)
+{
+    const uint8_t *b = (const uint8_t *)p;
+    while (n) {
+        ssize_t w = send(fd, b, n, MSG_NOSIGNAL);
+        if (w <= 0) return -1;
+        b += w;
+        n -= (size_t)w;
+    }
+    return 0;
+}
+
+static int raw_send(int fd, int type, uint32_t serial, const void *payload, size_t n)
+{
+    uint8_t h[9];
+    patio__frame_header_put(h, type, (uint32_t)n, serial);
+    if (raw_write(fd, h, 9) != 0) return -1;
+    return n ? raw_write(fd, payload, n) : 0;
+}
+
+/* Reads exactly n bytes: 1, 0 on end of stream, -1 on error or timeout. */
+static int raw_read_exact(int fd, uint8_t *p, size_t n)
+{
+    while (n) {
+        ssize_t r = recv(fd, p, n, 0);
+        if (r == 0) return 0;
+        if (r < 0) return -1;
+        p += r;
+        n -= (size_t)r;
+    }
+    return 1;
+}
+
+typedef struct raw_frame {
+    int type;
+    uint32_t serial;
+    size_t size;
+    uint8_t payload[4096];
+} raw_frame;
+
+static int raw_recv(int fd, raw_frame *f)
+{
+    uint8_t h[9];
+    int rc = raw_read_exact(fd, h, 9);
+    if (rc != 1) return rc;
+    f->type = (int)(int8_t)h[0];
+    f->size = (size_t)patio__get_be(h + 1, 4);
+    f->serial = (uint32_t)patio__get_be(h + 5, 4);
+    if (f->size > sizeof f->payload) return -1;
+    return f->size ? raw_read_exact(fd, f->payload, f->size) : 1;
+}
+
+/* 1 if the peer closes fd within 3 s (frames before the end are skipped). */
+static int raw_closed(int fd)
+{
+    uint8_t buf[4096];
+    double end = now_s() + 3;
+    while (now_s() < end) {
+        ssize_t r = recv(fd, buf, sizeof buf, 0);
+        if (r == 0) return 1;
+        if (r < 0) return errno == ECONNRESET;
+    }
+    return 0;
+}
+
+static void salt8_of(uint8_t s8[8], const uint8_t *salt)
+{
+    memcpy(s8, salt, 4);
+    memset(s8 + 4, 0, 4);
+}
+
+/* The 61-byte AUTH_REQUEST payload answering P (18 bytes) with key. */
+static void make_auth_request(uint8_t out[61], const uint8_t *p, const char *key)
+{
+    static const uint8_t salt[4] = { 0xde, 0xad, 0xbe, 0xef };
+    uint8_t s8[8];
+    salt8_of(s8, salt);
+    out[0] = 0x93;
+    out[1] = 0xc4;
+    out[2] = 4;
+    memcpy(out + 3, salt, 4);
+    out[7] = 0xc4;
+    out[8] = 32;
+    patio__blake2s(out + 9, 32, key, strlen(key), s8, NULL, p, 18);
+    out[41] = 0xc4;
+    out[42] = 18;
+    memcpy(out + 43, p, 18);
+}
+
+/* Client handshake of a Python-like peer offering `names`; the server's
+ * DISCOVER_RESPONSE lands in *names_out. 0 on success. */
+static int raw_handshake(int fd, const char *key, const uint8_t *names, size_t names_len, raw_frame *names_out)
+{
+    static const uint8_t nil = 0xc0;
+    static const uint8_t person[8] = { 'p', 'a', 't', 'i', 'o', '-', 'o', 'k' };
+    raw_frame f;
+    uint8_t areq[61], s8[8], proof[32];
+    uint32_t their_disc;
+    if (raw_recv(fd, &f) != 1 || f.type != 0 || f.serial != 1 || f.size != 18) return -1;
+    make_auth_request(areq, f.payload, key);
+    if (raw_send(fd, 1, 1, areq, 61) != 0) return -2;
+    if (raw_recv(fd, &f) != 1 || f.type != 3 || f.serial != 2 || f.size != 34) return -3;
+    salt8_of(s8, areq + 3);
+    patio__blake2s(proof, 32, key, strlen(key), s8, person, areq, 61);
+    if (memcmp(f.payload + 2, proof, 32) != 0) return -4;
+    if (raw_recv(fd, &f) != 1 || f.type != 5 || f.serial != 3) return -5;
+    their_disc = f.serial;
+    if (raw_send(fd, 5, 2, &nil, 1) != 0) return -6;
+    if (raw_send(fd, 6, their_disc, names, names_len) != 0) return -7;
+    if (raw_recv(fd, names_out) != 1 || names_out->type != 6 || names_out->serial != 2) return -8;
+    return 0;
+}
+
+static const uint8_t no_names[1] = { 0x90 };
+
+/* A raw client through the handshake against n; -1 on failure. */
+static int raw_ready_client(node *n)
+{
+    raw_frame f;
+    int fd = raw_connect_to("127.0.0.1", n->port);
+    if (fd < 0) return -1;
+    if (raw_handshake(fd, KEY, no_names, 1, &f) != 0) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+/* ---- cases ---------------------------------------------------------------- */
+
+static void test_client_calls_server(void)
+{
+    node s, c;
+    patio_call *call;
+    CHECK(node_start(&s, "server", 1) == 0);
+    CHECK(node_start(&c, "client", 0) == 0);
+    CHECK(patio_tcp_listen_port(s.b) == s.port);
+    CHECK_EQ_INT(patio_tcp_listen_port(c.b), -1);
+    CHECK_EQ_INT(patio_tcp_connect(c.b, "127.0.0.1", s.port), PATIO_OK);
+    CHECK_EQ_INT(patio_tcp_wait_peers(c.b, 1, 5.0), PATIO_OK);
+    call = patio_call_sync(c.b, 5.0, "mul", "iii", 1, 2, 3);
+    CHECK_EQ_INT(patio_call_status(call), PATIO_OK);
+    CHECK_EQ_INT(patio_result_int(call), 6);
+    patio_call_free(call);
+    CHECK_EQ_INT(stats_of(c.b).calls_sent, 1);
+    CHECK_EQ_INT(stats_of(s.b).calls_served, 1);
+    CHECK_EQ_INT(stats_of(s.b).connections_accepted, 1);
+    CHECK_EQ_INT(stats_of(s.b).connections_open, 1);
+    CHECK(stats_of(c.b).bytes_out > 0 && stats_of(c.b).bytes_in > 0);
+    node_free(&c);
+    node_free(&s);
+}
+
+static void test_server_calls_client(void)
+{
+    node s, c;
+    CHECK(node_start(&s, "server", 1) == 0);
+    CHECK(node_start(&c, "client", 0) == 0);
+    CHECK_EQ_INT(patio_tcp_connect(c.b, "127.0.0.1", s.port), PATIO_OK);
+    CHECK_EQ_INT(patio_tcp_wait_peers(s.b, 1, 5.0), PATIO_OK);
+    CHECK_EQ_INT(call_mul(s.b, 6, 7), 42);
+    {
+        patio_call *call = patio_call_sync(s.b, 5.0, "whoami", "");
+        CHECK_EQ_STR(patio_call_error_type(call), "");
+        patio_call_free(call);
+    }
+    CHECK_EQ_INT(__atomic_load_n(&c.hits, __ATOMIC_SEQ_CST), 1);
+    CHECK_EQ_INT(__atomic_load_n(&s.hits, __ATOMIC_SEQ_CST), 0);
+    node_free(&c);
+    node_free(&s);
+}
+
+/* b listens and connects: a is its client, it is c's client. */
+static void test_mixed_mode(void)
+{
+    node a, b, c;
+    int i;
+    CHECK(node_start(&a, "a", 0) == 0);
+    CHECK(node_start(&b, "b", 1) == 0);
+    CHECK(node_start(&c, "c", 1) == 0);
+    CHECK_EQ_INT(patio_tcp_connect(a.b, "127.0.0.1", b.port), PATIO_OK);
+    CHECK_EQ_INT(patio_tcp_connect(b.b, "127.0.0.1", c.port), PATIO_OK);
+    CHECK_EQ_INT(patio_tcp_wait_peers(b.b, 2, 5.0), PATIO_OK);
+    CHECK_EQ_INT(patio_tcp_wait_peers(a.b, 1, 5.0), PATIO_OK);
+    CHECK_EQ_INT(patio_tcp_wait_peers(c.b, 1, 5.0), PATIO_OK);
+    for (i = 0; i < 4; i++) {
+        patio_call *call = patio_call_sync(b.b, 5.0, "whoami", "");
+        CHECK_EQ_INT(patio_call_status(call), PATIO_OK);
+        patio_call_free(call);
+    }
+    CHECK_EQ_INT(__atomic_load_n(&a.hits, __ATOMIC_SEQ_CST), 2);
+    CHECK_EQ_INT(__atomic_load_n(&c.hits, __ATOMIC_SEQ_CST), 2);
+    CHECK_EQ_INT(call_mul(a.b, 2, 3), 6);
+    CHECK_EQ_INT(call_mul(c.b, 3, 3), 9);
+    node_free(&a);
+    node_free(&b);
+    node_free(&c);
+}
+
+static void test_mesh_round_robin(void)
+{
+    node n[3];
+    int i, j;
+    char prev[16] = "";
+    for (i = 0; i < 3; i++) CHECK(node_start(&n[i], i == 0 ? "n0" : i == 1 ? "n1" : "n2", 1) == 0);
+    for (i = 0; i < 3; i++)
+        for (j = i + 1; j < 3; j++) CHECK_EQ_INT(patio_tcp_connect(n[i].b, "127.0.0.1", n[j].port), PATIO_OK);
+    for (i = 0; i < 3; i++) CHECK_EQ_INT(patio_tcp_wait_peers(n[i].b, 2, 5.0), PATIO_OK);
+    for (i = 0; i < 20; i++) {
+        patio_call *call = patio_call_sync(n[0].b, 5.0, "whoami", "");
+        const char *s = NULL;
+        size_t len = 0;
+        patio_reader r;
+        CHECK_EQ_INT(patio_call_status(call), PATIO_OK);
+        if (patio_call_reader(call, &r) == PATIO_OK && patio_read_str(&r, &s, &len) == PATIO_OK && len < sizeof prev) {
+            CHECK(len != strlen(prev) || memcmp(prev, s, len) != 0); /* never the same peer twice in a row */
+            memcpy(prev, s, len);
+            prev[len] = 0;
+        }
+        patio_call_free(call);
+    }
+    CHECK_EQ_INT(__atomic_load_n(&n[0].hits, __ATOMIC_SEQ_CST), 0);
+    CHECK_EQ_INT(__atomic_load_n(&n[1].hits, __ATOMIC_SEQ_CST), 10);
+    CHECK_EQ_INT(__atomic_load_n(&n[2].hits, __ATOMIC_SEQ_CST), 10);
+    for (i = 0; i < 3; i++) node_free(&n[i]);
+}
+
+static void test_remote_error(void)
+{
+    node s, c;
+    patio_call *call;
+    CHECK(node_start(&s, "server", 1) == 0);
+    CHECK(node_start(&c, "client", 0) == 0);
+    patio_tcp_connect(c.b, "127.0.0.1", s.port);
+    CHECK_EQ_INT(patio_tcp_wait_peers(c.b, 1, 5.0), PATIO_OK);
+    call = patio_call_sync(c.b, 5.0, "div", "ii", 1, 0);
+    CHECK_EQ_INT(patio_call_status(call), PATIO_ERR_REMOTE);
+    CHECK_EQ_STR(patio_call_error_type(call), "ZeroDivisionError");
+    CHECK_EQ_STR(patio_call_error_message(call), "division by zero");
+    patio_call_free(call);
+    call = patio_call_sync(c.b, 5.0, "div", "i", 1);
+    CHECK_EQ_STR(patio_call_error_type(call), "TypeError");
+    patio_call_free(call);
+    CHECK_EQ_INT(stats_of(c.b).call_errors, 2);
+    node_free(&c);
+    node_free(&s);
+}
+
+static void test_timeout(void)
+{
+    node s, c;
+    patio_call *call;
+    double t0;
+    gate_init(&g_gate);
+    CHECK(node_start(&s, "server", 1) == 0);
+    CHECK(node_start(&c, "client", 0) == 0);
+    patio_tcp_connect(c.b, "127.0.0.1", s.port);
+    CHECK_EQ_INT(patio_tcp_wait_peers(c.b, 1, 5.0), PATIO_OK);
+    t0 = now_s();
+    call = patio_call_sync(c.b, 0.1, "gated", "");
+    CHECK_EQ_INT(patio_call_status(call), PATIO_ERR_TIMEOUT);
+    CHECK_EQ_STR(patio_call_error_type(call), "TimeoutError");
+    CHECK(now_s() - t0 < 2.0);
+    patio_call_free(call);
+    CHECK(gate_wait_arrived(&g_gate, 1));
+    /* the late answer (the callee's own TimeoutError, then nothing when the
+     * task ends) is dropped; the connection stays up */
+    gate_open(&g_gate);
+    CHECK_EQ_INT(call_mul(c.b, 3, 5), 15);
+    CHECK_EQ_INT(stats_of(c.b).protocol_errors, 0);
+    CHECK_EQ_INT(stats_of(s.b).protocol_errors, 0);
+    CHECK(stats_of(c.b).timeouts >= 1);
+    CHECK_EQ_INT(stats_of(c.b).connections_open, 1);
+    node_free(&c);
+    node_free(&s);
+    gate_destroy(&g_gate);
+}
+
+static int raw_listen(int *port);
+static int raw_accept(int lfd);
+
+/* Server side of the handshake, as a Python server does it (AUTH_OK nil),
+ * offering the names in `names` (msgpack array). 0 on success. */
+static int raw_server_handshake(int fd, const uint8_t *names, size_t names_len)
+{
+    raw_frame f;
+    uint8_t p[18];
+    int i, answered = 0, got = 0;
+    p[0] = 0xc4;
+    p[1] = 16;
+    memset(p + 2, 0x22, 16);
+    if (raw_send(fd, 0, 1, p, 18) != 0) return -1;
+    if (raw_recv(fd, &f) != 1 || f.type != 1) return -2;
+    if (raw_send(fd, 3, 2, "\xc0", 1) != 0 || raw_send(fd, 5, 3, "\xc0", 1) != 0) return -3;
+    for (i = 0; i < 2; i++) {
+        if (raw_recv(fd, &f) != 1) return -4;
+        if (f.type == 5 && raw_send(fd, 6, f.serial, names, names_len) == 0) answered = 1;
+        if (f.type == 6 && f.serial == 3) got = 1;
+    }
+    return answered && got ? 0 : -5;
+}
+
+/* A caller's abandoned serial stays reserved until its late answer comes:
+ * a raw server holds the answer back. */
+static void test_timeout_serial_reserved(void)
+{
+    static const uint8_t names[] = { 0x91, 0xa4, 's', 'l', 'o', 'w' };
+    patio_tcp_config cfg = cfg_for(0);
+    node c;
+    raw_frame f;
+    patio_call *call;
+    uint32_t late;
+    int lfd, fd, port = 0;
+    if (!g_setup->raw) return;
+    lfd = raw_listen(&port);
+    CHECK(lfd >= 0);
+    CHECK(node_start_ex(&c, "client", &cfg, -1, 0, 0, 1) == 0);
+    patio_tcp_connect(c.b, "127.0.0.1", port);
+    fd = raw_accept(lfd);
+    CHECK_EQ_INT(raw_server_handshake(fd, names, sizeof names), 0);
+    CHECK_EQ_INT(patio_tcp_wait_peers(c.b, 1, 5.0), PATIO_OK);
+    call = patio_call_sync(c.b, 0.1, "slow", "");
+    CHECK_EQ_INT(patio_call_status(call), PATIO_ERR_TIMEOUT);
+    patio_call_free(call);
+    CHECK_EQ_INT(raw_recv(fd, &f), 1);
+    CHECK_EQ_INT(f.type, 10);
+    late = f.serial;
+    CHECK_EQ_INT(patio__tcp_test_serial(c.b, 0), late);
+    patio__tcp_test_serial(c.b, late - 1); /* the next serial would be `late` */
+    call = patio_call_async(c.b, "slow", "");
+    CHECK_EQ_INT(raw_recv(fd, &f), 1);
+    CHECK_EQ_INT(f.type, 10);
+    CHECK_EQ_INT(f.serial, late + 1);
+    raw_send(fd, 20, late, "\x01", 1);     /* the late answer: dropped */
+    raw_send(fd, 20, late + 1, "\x02", 1);
+    CHECK_EQ_INT(patio_call_wait(call, 5.0), PATIO_OK);
+    CHECK_EQ_INT(patio_result_int(call), 2);
+    patio_call_free(call);
+    CHECK_EQ_INT(stats_of(c.b).protocol_errors, 0);
+    /* now `late` is free again; a stray answer for it is a protocol error */
+    raw_send(fd, 20, late, "\x01", 1);
+    CHECK(raw_closed(fd));
+    CHECK_EQ_INT(stats_of(c.b).protocol_errors, 1);
+    close(fd);
+    close(lfd);
+    node_free(&c);
+}
+
+/* The callee applies the caller's timeout too. */
+static void test_callee_timeout(void)
+{
+    node s;
+    int fd;
+    raw_frame f;
+    patio_writer w;
+    uint8_t buf[128];
+    gate_init(&g_gate);
+    if (!g_setup->raw) return;
+    CHECK(node_start(&s, "server", 1) == 0);
+    fd = raw_ready_client(&s);
+    CHECK(fd >= 0);
+    patio_writer_init_fixed(&w, buf, sizeof buf);
+    patio__write_call_request(&w, "gated", 5, NULL, 0, NULL, 0, 1, 0.05);
+    CHECK_EQ_INT(raw_send(fd, 10, 7, w.data, w.len), 0);
+    CHECK_EQ_INT(raw_recv(fd, &f), 1);
+    CHECK_EQ_INT(f.type, 30);
+    CHECK_EQ_INT(f.serial, 7);
+    {
+        static const char want[] = "c7 0f 02 92 ac 54696d656f75744572726f72 a0";
+        uint8_t wb[32];
+        size_t wl = th_hex(want, wb, sizeof wb);
+        CHECK_EQ_MEM(f.payload, f.size, wb, wl);
+    }
+    /* timeout 0: answered at once, nothing runs */
+    patio_writer_reset(&w);
+    patio__write_call_request(&w, "mul", 3, NULL, 0, NULL, 0, 1, 0.0);
+    CHECK_EQ_INT(raw_send(fd, 10, 8, w.data, w.len), 0);
+    CHECK_EQ_INT(raw_recv(fd, &f), 1);
+    CHECK(f.type == 30 && f.serial == 8);
+    /* unknown name: KeyError(name) */
+    patio_writer_reset(&w);
+    patio__write_call_request(&w, "nosuch", 6, NULL, 0, NULL, 0, 0, 0);
+    CHECK_EQ_INT(raw_send(fd, 10, 9, w.data, w.len), 0);
+    CHECK_EQ_INT(raw_recv(fd, &f), 1);
+    {
+        static const char want[] = "c7 11 02 92 a8 4b65794572726f72 a6 6e6f73756368";
+        uint8_t wb[32];
+        size_t wl = th_hex(want, wb, sizeof wb);
+        CHECK_EQ_MEM(f.payload, f.size, wb, wl);
+    }
+    gate_open(&g_gate);
+    close(fd);
+    node_free(&s);
+    gate_destroy(&g_gate);
+}
+
+static void test_no_route(void)
+{
+    node s, c;
+    patio_call_opts o;
+    patio_call *nosuch, *ok;
+    CHECK(node_start(&s, "server", 1) == 0);
+    CHECK(node_start(&c, "client", 0) == 0);
+    patio_tcp_connect(c.b, "127.0.0.1", s.port);
+    CHECK_EQ_INT(patio_tcp_wait_peers(c.b, 1, 5.0), PATIO_OK);
+    memset(&o, 0, sizeof o);
+    o.timeout = 0.3;
+    nosuch = patio_call_start(c.b, &o, "nosuch", "i", 1);
+    ok = patio_call_sync(c.b, 5.0, "mul", "ii", 4, 4);
+    CHECK_EQ_INT(patio_result_int(ok), 16);
+    CHECK_EQ_INT(patio_call_status(nosuch), PATIO_PENDING); /* still waiting for a route */
+    CHECK_EQ_INT(patio_call_wait(nosuch, 5.0), PATIO_ERR_TIMEOUT);
+    CHECK_EQ_INT(patio_call_status(nosuch), PATIO_ERR_TIMEOUT);
+    patio_call_free(nosuch);
+    patio_call_free(ok);
+    node_free(&c);
+    node_free(&s);
+}
+
+static void test_route_later(void)
+{
+    node s, c, later;
+    patio_tcp_config cfg = cfg_for(1);
+    patio_call_opts o;
+    patio_call *call;
+    CHECK(node_start(&s, "server", 1) == 0);
+    CHECK(node_start(&c, "client", 0) == 0);
+    patio_tcp_connect(c.b, "127.0.0.1", s.port);
+    CHECK_EQ_INT(patio_tcp_wait_peers(c.b, 1, 5.0), PATIO_OK);
+    memset(&o, 0, sizeof o);
+    o.timeout = 5.0;
+    call = patio_call_start(c.b, &o, "late", "ii", 3, 4);
+    CHECK(node_start_ex(&later, "later", &cfg, 0, 1, 0, 2) == 0);
+    CHECK_EQ_INT(patio_call_status(call), PATIO_PENDING);
+    patio_tcp_connect(c.b, "127.0.0.1", later.port);
+    CHECK_EQ_INT(patio_call_wait(call, 5.0), PATIO_OK);
+    CHECK_EQ_INT(patio_result_int(call), 12);
+    patio_call_free(call);
+    node_free(&c);
+    node_free(&later);
+    node_free(&s);
+}
+
+static void test_serial_wrap(void)
+{
+    node s, c;
+    patio_call *held;
+    uint32_t held_serial;
+    int i;
+    gate_init(&g_gate);
+    CHECK(node_start(&s, "server", 1) == 0);
+    CHECK(node_start(&c, "client", 0) == 0);
+    patio_tcp_connect(c.b, "127.0.0.1", s.port);
+    CHECK_EQ_INT(patio_tcp_wait_peers(c.b, 1, 5.0), PATIO_OK);
+    held = patio_call_async(c.b, "gated", "");
+    CHECK(gate_wait_arrived(&g_gate, 1));
+    held_serial = patio__tcp_test_serial(c.b, 0);
+    CHECK(held_serial >= 1 && held_serial < 100);
+    patio__tcp_test_serial(c.b, 0xfffffffdu);
+    CHECK_EQ_INT(call_mul(c.b, 1, 2), 2);
+    CHECK_EQ_INT(patio__tcp_test_serial(c.b, 0), 0xfffffffeu);
+    for (i = 1; i < (int)held_serial + 1; i++) CHECK_EQ_INT(call_mul(c.b, i, 2), 2 * i);
+    /* 1 .. held_serial - 1, then held_serial is skipped */
+    CHECK_EQ_INT(patio__tcp_test_serial(c.b, 0), held_serial + 1);
+    gate_open(&g_gate);
+    CHECK_EQ_INT(patio_call_wait(held, 5.0), PATIO_OK);
+    patio_call_free(held);
+    CHECK_EQ_INT(stats_of(s.b).protocol_errors, 0);
+    node_free(&c);
+    node_free(&s);
+    gate_destroy(&g_gate);
+}
+
+/* A Python-like client: exact handshake frames and the names in order. */
+static void test_discover_contents(void)
+{
+    node s;
+    raw_frame f;
+    uint8_t want[64], req[64];
+    size_t wl;
+    patio_writer w;
+    int fd;
+    static const uint8_t client_names[] = { 0x91, 0xa3, 'a', 'd', 'd' };
+    if (!g_setup->raw) return;
+    CHECK(node_start(&s, "server", 1) == 0);
+    fd = raw_connect_to("127.0.0.1", s.port);
+    CHECK(fd >= 0);
+    CHECK_EQ_INT(raw_handshake(fd, KEY, client_names, sizeof client_names, &f), 0);
+    wl = th_hex("94 a36d756c a3646976 a56761746564 a677686f616d69", want, sizeof want);
+    CHECK_EQ_MEM(f.payload, f.size, want, wl);
+    /* then a call, as Python sends it (frame #08 of §10) */
+    wl = th_hex("c7 0b 01 94 a36d756c 93010203 80 c0", req, sizeof req);
+    CHECK_EQ_INT(raw_send(fd, 10, 3, req, wl), 0);
+    CHECK_EQ_INT(raw_recv(fd, &f), 1);
+    CHECK(f.type == 20 && f.serial == 3 && f.size == 1 && f.payload[0] == 6);
+    /* a later DISCOVER_REQUEST is answered with the names again */
+    CHECK_EQ_INT(raw_send(fd, 5, 4, "\xc0", 1), 0);
+    CHECK_EQ_INT(raw_recv(fd, &f), 1);
+    CHECK(f.type == 6 && f.serial == 4);
+    wl = th_hex("94 a36d756c a3646976 a56761746564 a677686f616d69", want, sizeof want);
+    CHECK_EQ_MEM(f.payload, f.size, want, wl);
+    /* the server may call the raw client: it offered "add" */
+    {
+        patio_call *call = patio_call_async(s.b, "add", "ii", 1, 2);
+        CHECK_EQ_INT(raw_recv(fd, &f), 1);
+        CHECK_EQ_INT(f.type, 10);
+        patio_writer_init_fixed(&w, req, sizeof req);
+        patio__write_call_request(&w, "add", 3, "\x92\x01\x02", 3, NULL, 0, 1, PATIO_DEFAULT_TIMEOUT);
+        CHECK_EQ_MEM(f.payload, f.size, w.data, w.len);
+        CHECK(f.serial != 0);
+        CHECK_EQ_INT(raw_send(fd, 20, f.serial, "\x03", 1), 0);
+        CHECK_EQ_INT(patio_call_wait(call, 5.0), PATIO_OK);
+        CHECK_EQ_INT(patio_result_int(call), 3);
+        patio_call_free(call);
+    }
+    close(fd);
+    node_free(&s);
+}
+
+static int has_reconnected(void *arg)
+{
+    return stats_of((patio_broker *)arg).reconnects >= 1;
+}
+
+static void test_reconnect(void)
+{
+    node s, c;
+    patio_tcp_config cfg = cfg_for(1);
+    int port;
+    CHECK(node_start(&s, "server", 1) == 0);
+    CHECK(node_start(&c, "client", 0) == 0);
+    port = s.port;
+    patio_tcp_connect(c.b, "127.0.0.1", port);
+    CHECK_EQ_INT(patio_tcp_wait_peers(c.b, 1, 5.0), PATIO_OK);
+    CHECK_EQ_INT(call_mul(c.b, 2, 2), 4);
+    node_free(&s);
+    CHECK(wait_until(has_reconnected, c.b, 5.0));
+    CHECK(node_start_ex(&s, "server2", &cfg, port, 0, 0, 2) == 0);
+    CHECK_EQ_INT(s.port, port);
+    CHECK_EQ_INT(patio_tcp_wait_peers(s.b, 1, 5.0), PATIO_OK);
+    CHECK_EQ_INT(patio_tcp_wait_peers(c.b, 1, 5.0), PATIO_OK);
+    CHECK_EQ_INT(call_mul(c.b, 3, 2), 6);
+    CHECK(stats_of(c.b).reconnects >= 1);
+    node_free(&c);
+    node_free(&s);
+}
+
+static void test_peer_lost_mid_call(void)
+{
+    node s, c;
+    patio_call *call;
+    double t0;
+    gate_init(&g_gate);
+    CHECK(node_start(&s, "server", 1) == 0);
+    CHECK(node_start(&c, "client", 0) == 0);
+    patio_tcp_connect(c.b, "127.0.0.1", s.port);
+    CHECK_EQ_INT(patio_tcp_wait_peers(c.b, 1, 5.0), PATIO_OK);
+    call = patio_call_async(c.b, "gated", "");
+    CHECK(gate_wait_arrived(&g_gate, 1));
+    t0 = now_s();
+    patio_broker_close(s.b); /* closes its connections; the task still runs */
+    CHECK_EQ_INT(patio_call_wait(call, 2.0), PATIO_ERR_CONNECTION_LOST);
+    CHECK(now_s() - t0 < 0.1);
+    CHECK_EQ_STR(patio_call_error_type(call), "ConnectionError");
+    patio_call_free(call);
+    gate_open(&g_gate);
+    node_free(&c);
+    node_free(&s);
+    gate_destroy(&g_gate);
+}
+
+/* An inflight limit of 2: the third request is not read until one ends. */
+static void test_inflight_limit(void)
+{
+    node s, c;
+    patio_tcp_config cfg = cfg_for(1);
+    patio_call *calls[4];
+    int i;
+    gate_init(&g_gate);
+    cfg.max_inflight = 2;
+    CHECK(node_start_ex(&s, "server", &cfg, 0, 0, 0, 4) == 0);
+    CHECK(node_start(&c, "client", 0) == 0);
+    patio_tcp_connect(c.b, "127.0.0.1", s.port);
+    CHECK_EQ_INT(patio_tcp_wait_peers(c.b, 1, 5.0), PATIO_OK);
+    for (i = 0; i < 4; i++) calls[i] = patio_call_async(c.b, "gated", "");
+    CHECK(gate_wait_arrived(&g_gate, 2));
+    CHECK_EQ_INT(stats_of(s.b).calls_served, 0);
+    gate_open(&g_gate);
+    CHECK_EQ_INT(patio_wait_all(calls, 4, 5.0), PATIO_OK);
+    for (i = 0; i < 4; i++) {
+        CHECK_EQ_INT(patio_call_status(calls[i]), PATIO_OK);
+        patio_call_free(calls[i]);
+    }
+    CHECK_EQ_INT(__atomic_load_n(&g_gate.arrived, __ATOMIC_SEQ_CST), 4);
+    node_free(&c);
+    node_free(&s);
+    gate_destroy(&g_gate);
+}
+
+/* An executor with one worker and a queue of one: requests beyond wait in
+ * the socket until the executor has room, and all of them complete. */
+static void test_executor_full(void)
+{
+    node s, c;
+    patio_tcp_config cfg = cfg_for(1);
+    patio_call *calls[6];
+    int i;
+    gate_init(&g_gate);
+    CHECK(node_start_ex(&s, "server", &cfg, 0, 0, 1, 1) == 0);
+    CHECK(node_start(&c, "client", 0) == 0);
+    patio_tcp_connect(c.b, "127.0.0.1", s.port);
+    CHECK_EQ_INT(patio_tcp_wait_peers(c.b, 1, 5.0), PATIO_OK);
+    for (i = 0; i < 6; i++) calls[i] = patio_call_async(c.b, "gated", "");
+    CHECK(gate_wait_arrived(&g_gate, 1));
+    gate_open(&g_gate);
+    CHECK_EQ_INT(patio_wait_all(calls, 6, 5.0), PATIO_OK);
+    for (i = 0; i < 6; i++) {
+        CHECK_EQ_INT(patio_call_status(calls[i]), PATIO_OK);
+        patio_call_free(calls[i]);
+    }
+    node_free(&c);
+    node_free(&s);
+    gate_destroy(&g_gate);
+}
+
+static int closes_soon(int fd)
+{
+    int r = raw_closed(fd);
+    close(fd);
+    return r;
+}
+
+static void test_max_connections(void)
+{
+    node s, c;
+    patio_tcp_config cfg = cfg_for(1);
+    int fd;
+    raw_frame f;
+    if (!g_setup->raw) return;
+    cfg.max_connections = 1;
+    CHECK(node_start_ex(&s, "server", &cfg, 0, 0, 0, 2) == 0);
+    CHECK(node_start(&c, "client", 0) == 0);
+    patio_tcp_connect(c.b, "127.0.0.1", s.port);
+    CHECK_EQ_INT(patio_tcp_wait_peers(c.b, 1, 5.0), PATIO_OK);
+    fd = raw_connect_to("127.0.0.1", s.port);
+    CHECK(fd >= 0);
+    CHECK(raw_recv(fd, &f) != 1); /* no AUTH_DIGEST: closed at once */
+    close(fd);
+    CHECK_EQ_INT(call_mul(c.b, 5, 5), 25);
+    node_free(&c);
+    node_free(&s);
+}
+
+/* ---- bad input: the connection closes, a good client keeps working ------- */
+
+typedef struct bad_env {
+    node s, good;
+} bad_env;
+
+static void bad_start(bad_env *e, double hs_timeout, uint32_t max_frame)
+{
+    patio_tcp_config cfg = cfg_for(1);
+    cfg.handshake_timeout = hs_timeout;
+    cfg.max_frame_size = max_frame;
+    CHECK(node_start_ex(&e->s, "server", &cfg, 0, 0, 0, 2) == 0);
+    CHECK(node_start(&e->good, "good", 0) == 0);
+    patio_tcp_connect(e->good.b, "127.0.0.1", e->s.port);
+    CHECK_EQ_INT(patio_tcp_wait_peers(e->good.b, 1, 5.0), PATIO_OK);
+}
+
+static void bad_end(bad_env *e)
+{
+    CHECK_EQ_INT(call_mul(e->good.b, 7, 6), 42);
+    node_free(&e->good);
+    node_free(&e->s);
+}
+
+static void test_bad_oversize(void)
+{
+    bad_env e;
+    uint8_t big[5000];
+    int fd;
+    if (!g_setup->raw) return;
+    bad_start(&e, 3, 4096);
+    fd = raw_connect_to("127.0.0.1", e.s.port); /* before authentication: 1024 */
+    memset(big, 0x90, sizeof big);
+    raw_send(fd, 1, 1, big, 2000);
+    CHECK(closes_soon(fd));
+    fd = raw_ready_client(&e.s); /* after: the configured 4096 */
+    CHECK(fd >= 0);
+    raw_send(fd, 20, 1, big, 4097);
+    CHECK(closes_soon(fd));
+    CHECK_EQ_INT(stats_of(e.s.b).protocol_errors, 2);
+    bad_end(&e);
+}
+
+static void test_bad_unknown_type(void)
+{
+    bad_env e;
+    int fd;
+    if (!g_setup->raw) return;
+    bad_start(&e, 3, 0);
+    fd = raw_ready_client(&e.s);
+    CHECK(fd >= 0);
+    raw_send(fd, 7, 9, "\xc0", 1);
+    CHECK(closes_soon(fd));
+    fd = raw_ready_client(&e.s);
+    raw_send(fd, -1, 9, "\xc0", 1); /* 0xff */
+    CHECK(closes_soon(fd));
+    fd = raw_ready_client(&e.s);
+    raw_send(fd, 2, 9, "\xc0", 1); /* AUTH_RESPONSE is never valid */
+    CHECK(closes_soon(fd));
+    fd = raw_ready_client(&e.s);
+    raw_send(fd, 3, 9, "\xc0", 1); /* AUTH_OK after discovery */
+    CHECK(closes_soon(fd));
+    fd = raw_ready_client(&e.s);
+    raw_send(fd, 10, 0, "\xc7\x0b\x01\x94\xa3mul\x93\x01\x02\x03\x80\xc0", 14); /* serial 0 */
+    CHECK(closes_soon(fd));
+    CHECK_EQ_INT(stats_of(e.s.b).protocol_errors, 5);
+    bad_end(&e);
+}
+
+static void test_bad_stray_response(void)
+{
+    bad_env e;
+    int fd;
+    if (!g_setup->raw) return;
+    bad_start(&e, 3, 0);
+    fd = raw_ready_client(&e.s);
+    raw_send(fd, 20, 77, "\x06", 1);
+    CHECK(closes_soon(fd));
+    fd = raw_ready_client(&e.s);
+    raw_send(fd, 30, 78, "\xd6\x02\x92\xa1\x45\xa0", 6);
+    CHECK(closes_soon(fd));
+    bad_end(&e);
+}
+
+static void test_bad_duplicate_serial(void)
+{
+    bad_env e;
+    int fd;
+    static const char req[] = "\xc7\x0a\x01\x94\xa5gated\x90\x80\xc0";
+    gate_init(&g_gate);
+    if (!g_setup->raw) return;
+    bad_start(&e, 3, 0);
+    fd = raw_ready_client(&e.s);
+    raw_send(fd, 10, 5, req, 13);
+    CHECK(gate_wait_arrived(&g_gate, 1));
+    raw_send(fd, 10, 5, req, 13);
+    CHECK(closes_soon(fd));
+    gate_open(&g_gate);
+    bad_end(&e);
+    gate_destroy(&g_gate);
+}
+
+static void test_bad_garbage(void)
+{
+    bad_env e;
+    int fd;
+    static const char junk[] = "GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+    if (!g_setup->raw) return;
+    bad_start(&e, 3, 0);
+    fd = raw_connect_to("127.0.0.1", e.s.port);
+    raw_write(fd, junk, sizeof junk - 1);
+    CHECK(closes_soon(fd));
+    fd = raw_ready_client(&e.s); /* a REQUEST that is not a CallRequest: ERROR, not closed */
+    {
+        raw_frame f;
+        raw_send(fd, 10, 4, "\x93\x01\x02\x03", 4);
+        CHECK_EQ_INT(raw_recv(fd, &f), 1);
+        CHECK(f.type == 30 && f.serial == 4);
+        raw_send(fd, 10, 5, "\xc1", 1);
+        CHECK_EQ_INT(raw_recv(fd, &f), 1);
+        CHECK(f.type == 30 && f.serial == 5);
+        raw_write(fd, "\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff", 10);
+        CHECK(closes_soon(fd));
+    }
+    bad_end(&e);
+}
+
+static void test_bad_silent_peer(void)
+{
+    bad_env e;
+    int fd;
+    double t0;
+    if (!g_setup->raw) return;
+    bad_start(&e, 0.3, 0);
+    t0 = now_s();
+    fd = raw_connect_to("127.0.0.1", e.s.port);
+    CHECK(closes_soon(fd));
+    CHECK(now_s() - t0 >= 0.25 && now_s() - t0 < 2.5);
+    fd = raw_connect_to("127.0.0.1", e.s.port); /* authenticated, but never answers discovery */
+    {
+        raw_frame f;
+        uint8_t areq[61];
+        CHECK_EQ_INT(raw_recv(fd, &f), 1);
+        make_auth_request(areq, f.payload, KEY);
+        raw_send(fd, 1, 1, areq, 61);
+    }
+    CHECK(closes_soon(fd));
+    bad_end(&e);
+}
+
+static void test_bad_wrong_key(void)
+{
+    bad_env e;
+    node wrong;
+    patio_tcp_config cfg = cfg_for(0);
+    raw_frame f;
+    uint8_t areq[61];
+    int fd;
+    bad_start(&e, 3, 0);
+    if (g_setup->raw) {
+        fd = raw_connect_to("127.0.0.1", e.s.port);
+        CHECK_EQ_INT(raw_recv(fd, &f), 1);
+        make_auth_request(areq, f.payload, "another-key");
+        raw_send(fd, 1, 1, areq, 61);
+        CHECK(closes_soon(fd));
+        CHECK_EQ_INT(stats_of(e.s.b).auth_failures, 1);
+    }
+    cfg.key = "another-key";
+    cfg.key_len = 11;
+    CHECK(node_start_ex(&wrong, "wrong", &cfg, -1, 0, 0, 1) == 0);
+    patio_tcp_connect(wrong.b, "127.0.0.1", e.s.port);
+    CHECK_EQ_INT(patio_tcp_wait_peers(wrong.b, 1, 0.5), PATIO_ERR_TIMEOUT);
+    CHECK(stats_of(e.s.b).auth_failures >= 2);
+    CHECK(stats_of(wrong.b).reconnects >= 1); /* it backs off and retries */
+    node_free(&wrong);
+    bad_end(&e);
+}
+
+static void test_bad_replay(void)
+{
+    bad_env e;
+    raw_frame f1, f2;
+    uint8_t areq[61];
+    int fd1, fd2;
+    if (!g_setup->raw) return;
+    bad_start(&e, 3, 0);
+    fd1 = raw_connect_to("127.0.0.1", e.s.port);
+    fd2 = raw_connect_to("127.0.0.1", e.s.port);
+    CHECK_EQ_INT(raw_recv(fd1, &f1), 1);
+    CHECK_EQ_INT(raw_recv(fd2, &f2), 1);
+    CHECK(memcmp(f1.payload, f2.payload, 18) != 0); /* fresh tokens */
+    make_auth_request(areq, f1.payload, KEY);       /* valid for connection 1 only */
+    raw_send(fd2, 1, 1, areq, 61);
+    CHECK(closes_soon(fd2));
+    raw_send(fd1, 1, 1, areq, 61);
+    CHECK_EQ_INT(raw_recv(fd1, &f1), 1);
+    CHECK_EQ_INT(f1.type, 3);
+    close(fd1);
+    CHECK_EQ_INT(stats_of(e.s.b).auth_failures, 1);
+    bad_end(&e);
+}
+
+/* ---- a raw server against our client: the server proof ------------------- */
+
+static int raw_listen(int *port)
+{
+    struct sockaddr_in sa;
+    socklen_t sl = sizeof sa;
+    int fd = socket(AF_INET, SOCK_STREAM, 0), one = 1;
+    memset(&sa, 0, sizeof sa);
+    sa.sin_family = AF_INET;
+    inet_pton(AF_INET, "127.0.0.1", &sa.sin_addr);
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (bind(fd, (struct sockaddr *)&sa, sizeof sa) != 0 || listen(fd, 8) != 0) {
+        close(fd);
+        return -1;
+    }
+    getsockname(fd, (struct sockaddr *)&sa, &sl);
+    *port = ntohs(sa.sin_port);
+    return fd;
+}
+
+static int raw_accept(int lfd)
+{
+    struct pollfd p;
+    struct timeval tv;
+    int fd;
+    p.fd = lfd;
+    p.events = POLLIN;
+    if (poll(&p, 1, 3000) != 1) return -1;
+    fd = accept(lfd, NULL, NULL);
+    tv.tv_sec = 3;
+    tv.tv_usec = 0;
+    if (fd >= 0) setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    return fd;
+}
+
+enum { PROOF_NIL, PROOF_GOOD, PROOF_WRONG };
+
+/* Our client connects to a raw server answering AUTH_OK with `proof`;
+ * returns 1 if the client went on (DISCOVER_REQUEST), 0 if it closed. */
+static int proof_case(int proof, int require)
+{
+    static const uint8_t person[8] = { 'p', 'a', 't', 'i', 'o', '-', 'o', 'k' };
+    patio_tcp_config cfg = cfg_for(0);
+    node c;
+    raw_frame f;
+    uint8_t p[18], ok[34], s8[8];
+    int lfd, fd, port = 0, went_on = -1;
+    cfg.require_server_proof = require;
+    lfd = raw_listen(&port);
+    if (lfd < 0 || node_start_ex(&c, "client", &cfg, -1, 0, 0, 1) != 0) return -1;
+    patio_tcp_connect(c.b, "127.0.0.1", port);
+    fd = raw_accept(lfd);
+    p[0] = 0xc4;
+    p[1] = 16;
+    memset(p + 2, 0x11, 16);
+    raw_send(fd, 0, 1, p, 18);
+    if (raw_recv(fd, &f) == 1 && f.type == 1 && f.size == 61) {
+        salt8_of(s8, f.payload + 3);
+        ok[0] = 0xc4;
+        ok[1] = 32;
+        patio__blake2s(ok + 2, 32, proof == PROOF_WRONG ? "bad" : KEY, proof == PROOF_WRONG ? 3 : strlen(KEY),
+                       s8, person, f.payload, 61);
+        if (proof == PROOF_NIL) raw_send(fd, 3, 2, "\xc0", 1);
+        else raw_send(fd, 3, 2, ok, 34);
+        if (raw_recv(fd, &f) == 1) went_on = f.type == 5;
+        else went_on = 0;
+    }
+    close(fd);
+    close(lfd);
+    node_free(&c);
+    return went_on;
+}
+
+static void test_server_proof(void)
+{
+    if (!g_setup->raw) return;
+    CHECK_EQ_INT(proof_case(PROOF_GOOD, 1), 1);
+    CHECK_EQ_INT(proof_case(PROOF_NIL, 0), 1);  /* as Python servers send */
+    CHECK_EQ_INT(proof_case(PROOF_NIL, 1), 0);  /* refused when a proof is required */
+    CHECK_EQ_INT(proof_case(PROOF_WRONG, 0), 0);
+}
+
+static void test_ipv6(void)
+{
+    node s, c;
+    patio_tcp_config cfg = cfg_for(1);
+    struct sockaddr_in6 sa;
+    int fd = socket(AF_INET6, SOCK_STREAM, 0), port = 0;
+    memset(&sa, 0, sizeof sa);
+    sa.sin6_family = AF_INET6;
+    inet_pton(AF_INET6, "::1", &sa.sin6_addr);
+    if (fd < 0 || bind(fd, (struct sockaddr *)&sa, sizeof sa) != 0) {
+        if (fd >= 0) close(fd);
+        printf("  (skipped: no IPv6 loopback on this host)\n");
+        return;
+    }
+    close(fd);
+    CHECK(node_start_ex(&s, "server6", &cfg, -1, 0, 0, 2) == 0);
+    CHECK_EQ_INT(patio_tcp_listen(s.b, "::1", 0, &port), PATIO_OK);
+    CHECK(node_start(&c, "client6", 0) == 0);
+    CHECK_EQ_INT(patio_tcp_connect(c.b, "::1", port), PATIO_OK);
+    CHECK_EQ_INT(patio_tcp_wait_peers(c.b, 1, 5.0), PATIO_OK);
+    CHECK_EQ_INT(call_mul(c.b, 8, 8), 64);
+    node_free(&c);
+    node_free(&s);
+}
+
+static void test_listen_any_and_config(void)
+{
+    node s;
+    patio_tcp_config cfg = cfg_for(1);
+    patio_executor *ex;
+    patio_registry *rpc;
+    int port = 0;
+    CHECK(node_start_ex(&s, "server", &cfg, -1, 0, 0, 1) == 0);
+    CHECK_EQ_INT(patio_tcp_listen(s.b, NULL, 0, &port), PATIO_OK); /* every address */
+    CHECK(port > 0);
+    CHECK_EQ_INT(patio_tcp_listen(s.b, "127.0.0.1", 70000, NULL), PATIO_ERR_INVALID);
+    CHECK_EQ_INT(patio_tcp_connect(s.b, "127.0.0.1", -1), PATIO_ERR_INVALID);
+    node_free(&s);
+    rpc = patio_registry_new(NULL);
+    ex = patio_thread_pool_new(rpc, 1);
+    cfg.key = "0123456789abcdef0123456789abcdef!";
+    cfg.key_len = 33;
+    CHECK(patio_tcp_broker_new(ex, &cfg) == NULL);
+    {
+        patio_broker *mem = patio_memory_broker_new(ex);
+        patio_tcp_stats st;
+        CHECK_EQ_INT(patio_tcp_stats_get(mem, &st), PATIO_ERR_INVALID);
+        CHECK_EQ_INT(patio_tcp_listen(mem, NULL, 0, NULL), PATIO_ERR_INVALID);
+        patio_broker_free(mem);
+    }
+    patio_executor_free(ex);
+    patio_registry_free(rpc);
+}
+
+/* Many calls both ways with a counting allocator: everything is returned. */
+static void test_no_leak(void)
+{
+    alloc_count counts = { 0, 0 };
+    patio_hooks hooks = counting_hooks(&counts);
+    patio_registry_config rc;
+    patio_registry *r1, *r2;
+    patio_executor *e1, *e2;
+    patio_broker *b1, *b2;
+    patio_tcp_config cfg = cfg_for(1);
+    int port = 0, i;
+    memset(&rc, 0, sizeof rc);
+    rc.hooks = &hooks;
+    r1 = patio_registry_new(&rc);
+    r2 = patio_registry_new(&rc);
+    patio_register(r1, "mul", mul, NULL);
+    patio_register(r2, "mul", mul, NULL);
+    e1 = patio_thread_pool_new(r1, 2);
+    e2 = patio_thread_pool_new(r2, 2);
+    b1 = patio_tcp_broker_new(e1, &cfg);
+    cfg = cfg_for(0);
+    b2 = patio_tcp_broker_new(e2, &cfg);
+    CHECK_EQ_INT(patio_tcp_listen(b1, "127.0.0.1", 0, &port), PATIO_OK);
+    CHECK_EQ_INT(patio_tcp_connect(b2, "127.0.0.1", port), PATIO_OK);
+    CHECK_EQ_INT(patio_tcp_wait_peers(b2, 1, 5.0), PATIO_OK);
+    CHECK_EQ_INT(patio_tcp_wait_peers(b1, 1, 5.0), PATIO_OK);
+    for (i = 0; i < 200; i++) {
+        patio_call *a = patio_call_async(b1, "mul", "ii", i, 2);
+        patio_call *b = patio_call_async(b2, "mul", "ii", i, 3);
+        CHECK_EQ_INT(patio_call_wait(a, 5.0), PATIO_OK);
+        CHECK_EQ_INT(patio_call_wait(b, 5.0), PATIO_OK);
+        CHECK_EQ_INT(patio_result_int(a) + patio_result_int(b), 5 * i);
+        patio_call_free(a);
+        patio_call_free(b);
+    }
+    patio_broker_free(b2);
+    patio_broker_free(b1);
+    patio_executor_free(e1);
+    patio_executor_free(e2);
+    patio_registry_free(r1);
+    patio_registry_free(r2);
+    CHECK(counts.allocs > 0);
+    CHECK_EQ_INT(counts.allocs, counts.frees);
+}
+
+/* A host-driven loop: the broker runs on a loop this thread pumps. */
+static void test_host_loop(void)
+{
+    node s;
+    patio_registry *rpc = patio_registry_new(NULL);
+    patio_executor *ex;
+    patio_broker *b;
+    patio_loop *loop = patio_loop_new(NULL);
+    patio_tcp_config cfg = cfg_for(0);
+    patio_call *call;
+    CHECK(node_start(&s, "server", 1) == 0);
+    patio_register(rpc, "mul", mul, NULL);
+    ex = patio_thread_pool_new(rpc, 1);
+    cfg.base.loop = loop;
+    b = patio_tcp_broker_new(ex, &cfg);
+    CHECK(b != NULL);
+    CHECK_EQ_INT(patio_tcp_connect(b, "127.0.0.1", s.port), PATIO_OK);
+    CHECK_EQ_INT(patio_tcp_wait_peers(b, 1, 5.0), PATIO_OK);
+    call = patio_call_sync(b, 5.0, "mul", "ii", 9, 9);
+    CHECK_EQ_INT(patio_result_int(call), 81);
+    patio_call_free(call);
+    patio_broker_free(b);
+    patio_executor_free(ex);
+    patio_registry_free(rpc);
+    patio_loop_free(loop);
+    node_free(&s);
+}
+
+typedef struct tcase {
+    const char *name;
+    void (*fn)(void);
+} tcase;
+
+#define CASE(fn) { #fn, fn }
+
+static const tcase cases[] = {
+    CASE(test_client_calls_server),
+    CASE(test_server_calls_client),
+    CASE(test_mixed_mode),
+    CASE(test_mesh_round_robin),
+    CASE(test_remote_error),
+    CASE(test_timeout),
+    CASE(test_timeout_serial_reserved),
+    CASE(test_callee_timeout),
+    CASE(test_no_route),
+    CASE(test_route_later),
+    CASE(test_serial_wrap),
+    CASE(test_discover_contents),
+    CASE(test_reconnect),
+    CASE(test_peer_lost_mid_call),
+    CASE(test_inflight_limit),
+    CASE(test_executor_full),
+    CASE(test_max_connections),
+    CASE(test_bad_oversize),
+    CASE(test_bad_unknown_type),
+    CASE(test_bad_stray_response),
+    CASE(test_bad_duplicate_serial),
+    CASE(test_bad_garbage),
+    CASE(test_bad_silent_peer),
+    CASE(test_bad_wrong_key),
+    CASE(test_bad_replay),
+    CASE(test_server_proof),
+    CASE(test_ipv6),
+    CASE(test_listen_any_and_config),
+    CASE(test_no_leak),
+    CASE(test_host_loop),
+};
+
+int main(int argc, char **argv)
+{
+    static char names[sizeof setups / sizeof setups[0]][sizeof cases / sizeof cases[0]][96];
+    size_t s, i;
+    const char *only = argc > 1 ? argv[1] : NULL;
+    signal(SIGPIPE, SIG_IGN);
+    for (s = 0; s < sizeof setups / sizeof setups[0]; s++) {
+        g_setup = &setups[s];
+        for (i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+            if (only && !strstr(cases[i].name, only)) continue;
+            snprintf(names[s][i], sizeof names[s][i], "%s/%s", setups[s].name, cases[i].name);
+            th_run(names[s][i], cases[i].fn);
+        }
+    }
+    return th_summary("test_tcp");
+}
