@@ -3484,6 +3484,7 @@ typedef struct patio__timer {
 /* A hand-off to a busy loop skips the fd poll, but never more often than
  * this in a row nor for longer than this, so fds are still served. */
 #define PATIO__MAX_SKIPPED_POLLS 16
+#define PATIO__SPIN_POLL_NS 3000u   /* fd check interval while spinning */
 #define PATIO__MAX_POLL_GAP_NS 20000u
 
 struct patio_loop {
@@ -3856,19 +3857,6 @@ static void patio__loop_publish_sleep(patio_loop *l)
  * was busy within the last spin_ns: a hand-off to a spinning loop costs
  * the producer no system call, while an idle loop goes straight to sleep.
  * Returns 1 if work arrived. */
-static int patio__loop_spin(patio_loop *l, uint64_t now, uint64_t until)
-{
-    uint64_t end;
-    unsigned i;
-    if (!l->spin_ns || now - l->last_work_ns > l->spin_ns) return 0;
-    end = now + l->spin_ns < until ? now + l->spin_ns : until;
-    for (i = 1;; i++) {
-        if (patio__load_relaxed(&l->posts) || patio__load_relaxed(&l->stop)) return 1;
-        patio__cpu_relax();
-        if ((i & 31) == 0 && patio__now_ns() >= end) return 0;
-    }
-}
-
 static int patio__loop_poll(patio_loop *l, int timeout_ms)
 {
     int n = patio__poller_wait(&l->poller, l->ready, timeout_ms);
@@ -3876,6 +3864,32 @@ static int patio__loop_poll(patio_loop *l, int timeout_ms)
     l->last_poll_ns = patio__now_ns();
     l->nready = n > 0 ? n : 0;
     return n;
+}
+
+/* Busy-waits for posted work for at most spin_ns, and only when the loop
+ * was busy within the last spin_ns: a hand-off to a spinning loop costs
+ * the producer no system call, while an idle loop goes straight to sleep.
+ * Sockets are checked too, without blocking, every few microseconds, so a
+ * reply arriving on a connection is not left waiting for the spin to end.
+ * Returns 1 if posted work arrived, 2 if fds are ready (l->nready set). */
+static int patio__loop_spin(patio_loop *l, uint64_t now, uint64_t until)
+{
+    uint64_t end, next_poll = now + PATIO__SPIN_POLL_NS;
+    unsigned i;
+    if (!l->spin_ns || now - l->last_work_ns > l->spin_ns) return 0;
+    end = now + l->spin_ns < until ? now + l->spin_ns : until;
+    for (i = 1;; i++) {
+        if (patio__load_relaxed(&l->posts) || patio__load_relaxed(&l->stop)) return 1;
+        patio__cpu_relax();
+        if ((i & 31) == 0) {
+            now = patio__now_ns();
+            if (now >= end) return 0;
+            if (now >= next_poll) {
+                if (patio__loop_poll(l, 0) > 0) return 2;
+                next_poll = now + PATIO__SPIN_POLL_NS;
+            }
+        }
+    }
 }
 
 /* Work is waiting: check fds without blocking, or skip even that for a
@@ -3915,8 +3929,11 @@ static int patio__loop_wait(patio_loop *l, uint64_t host_deadline)
     if (host_deadline < until) until = host_deadline;
     if (patio__loop_has_urgent(l)) return patio__loop_poll_busy(l, now);
     if (until <= now) return patio__loop_poll(l, 0);
-    if (patio__loop_spin(l, now, until)) return patio__loop_poll_busy(l, patio__now_ns());
-    return patio__loop_sleep(l, host_deadline);
+    switch (patio__loop_spin(l, now, until)) {
+    case 1: return patio__loop_poll_busy(l, patio__now_ns());
+    case 2: return l->nready;
+    default: return patio__loop_sleep(l, host_deadline);
+    }
 }
 
 /* One round: wait, then fds, due timers, posted work. Returns the number
