@@ -1062,6 +1062,50 @@ static void patio__mutex_init_hot(pthread_mutex_t *m)
     pthread_mutex_init(m, NULL);
 }
 
+/* Adaptive spinning. Polling before sleeping pays off only when the work
+ * comes back within the spin; when it does not, the spinning thread just
+ * takes a CPU from the threads doing the work (on a 2-CPU machine, badly).
+ * So the spin budget doubles after a spin that found work, halves after
+ * one that did not, and a thread that stopped spinning probes again now
+ * and then. One owner thread updates each state. */
+#define PATIO__SPIN_MIN_NS 2000u
+#define PATIO__SPIN_PROBE_EVERY 32u
+
+typedef struct patio__spin_state {
+    uint64_t max_ns;   /* configured ceiling; 0 = never spin */
+    uint64_t cur_ns;   /* current budget */
+    unsigned idle;     /* sleeps since the budget fell to 0 */
+} patio__spin_state;
+
+static void patio__spin_init(patio__spin_state *s, uint64_t max_ns)
+{
+    s->max_ns = max_ns;
+    s->cur_ns = max_ns;
+    s->idle = 0;
+}
+
+/* How long to spin now (ns); 0 = go straight to sleep. */
+static uint64_t patio__spin_budget(patio__spin_state *s)
+{
+    if (!s->max_ns) return 0;
+    if (s->cur_ns) return s->cur_ns;
+    if (++s->idle < PATIO__SPIN_PROBE_EVERY) return 0;
+    s->idle = 0;
+    return PATIO__SPIN_MIN_NS;
+}
+
+static void patio__spin_result(patio__spin_state *s, int found_work)
+{
+    if (!s->max_ns) return;
+    if (found_work) {
+        uint64_t next = s->cur_ns * 2 + PATIO__SPIN_MIN_NS;
+        s->cur_ns = next < s->max_ns ? next : s->max_ns;
+    } else {
+        s->cur_ns /= 2;
+        if (s->cur_ns < PATIO__SPIN_MIN_NS) s->cur_ns = 0;
+    }
+}
+
 static int patio__hooks_valid(const patio_hooks *h)
 {
     int n;
@@ -3491,6 +3535,7 @@ struct patio_loop {
     patio_hooks hooks_copy;
     const patio_hooks *hooks;    /* &hooks_copy, or NULL for libc */
     uint64_t spin_ns;            /* 0 = never spin */
+    patio__spin_state spin;      /* adaptive budget within spin_ns */
     patio__poller poller;
     patio__wake wake;
     patio__io wake_io;
@@ -3853,10 +3898,6 @@ static void patio__loop_publish_sleep(patio_loop *l)
     pthread_mutex_unlock(&l->timer_mu);
 }
 
-/* Busy-waits for posted work for at most spin_ns, and only when the loop
- * was busy within the last spin_ns: a hand-off to a spinning loop costs
- * the producer no system call, while an idle loop goes straight to sleep.
- * Returns 1 if work arrived. */
 static int patio__loop_poll(patio_loop *l, int timeout_ms)
 {
     int n = patio__poller_wait(&l->poller, l->ready, timeout_ms);
@@ -3866,26 +3907,37 @@ static int patio__loop_poll(patio_loop *l, int timeout_ms)
     return n;
 }
 
-/* Busy-waits for posted work for at most spin_ns, and only when the loop
- * was busy within the last spin_ns: a hand-off to a spinning loop costs
- * the producer no system call, while an idle loop goes straight to sleep.
- * Sockets are checked too, without blocking, every few microseconds, so a
+/* Busy-waits for posted work for at most the adaptive budget (at most
+ * spin_ns), and only when the loop was busy within the last spin_ns: a
+ * hand-off to a spinning loop costs the producer no system call, while an
+ * idle loop goes straight to sleep. Sockets are checked too, without blocking, every few microseconds, so a
  * reply arriving on a connection is not left waiting for the spin to end.
  * Returns 1 if posted work arrived, 2 if fds are ready (l->nready set). */
 static int patio__loop_spin(patio_loop *l, uint64_t now, uint64_t until)
 {
-    uint64_t end, next_poll = now + PATIO__SPIN_POLL_NS;
+    uint64_t end, budget, next_poll = now + PATIO__SPIN_POLL_NS;
     unsigned i;
     if (!l->spin_ns || now - l->last_work_ns > l->spin_ns) return 0;
-    end = now + l->spin_ns < until ? now + l->spin_ns : until;
+    budget = patio__spin_budget(&l->spin);
+    if (!budget) return 0;
+    end = now + budget < until ? now + budget : until;
     for (i = 1;; i++) {
-        if (patio__load_relaxed(&l->posts) || patio__load_relaxed(&l->stop)) return 1;
+        if (patio__load_relaxed(&l->posts) || patio__load_relaxed(&l->stop)) {
+            patio__spin_result(&l->spin, 1);
+            return 1;
+        }
         patio__cpu_relax();
         if ((i & 31) == 0) {
             now = patio__now_ns();
-            if (now >= end) return 0;
+            if (now >= end) {
+                patio__spin_result(&l->spin, 0);
+                return 0;
+            }
             if (now >= next_poll) {
-                if (patio__loop_poll(l, 0) > 0) return 2;
+                if (patio__loop_poll(l, 0) > 0) {
+                    patio__spin_result(&l->spin, 1);
+                    return 2;
+                }
                 next_poll = now + PATIO__SPIN_POLL_NS;
             }
         }
@@ -4135,6 +4187,7 @@ PATIO_API patio_loop *patio_loop_new(const patio_loop_config *cfg)
     }
     if (spin_us == 0) spin_us = PATIO_SPIN_US;
     l->spin_ns = spin_us > 0 ? (uint64_t)spin_us * 1000u : 0;
+    patio__spin_init(&l->spin, l->spin_ns);
     l->wake.rfd = l->wake.wfd = -1;
     l->next_due = UINT64_MAX;
     l->sleep_until = UINT64_MAX;
@@ -4594,6 +4647,7 @@ typedef struct patio__pool {
     int spinner;           /* 1 while one idle worker polls (only one does, to spare the CPUs) */
     int closing;
     int spin_us;
+    patio__spin_state spin;  /* updated only by the worker holding `spinner` */
     pthread_t *threads;
 } patio__pool;
 
@@ -4628,14 +4682,23 @@ static int patio__pool_cancel(patio_executor *ex, patio_task *t)
     return rc;
 }
 
-/* Polls for work without the lock for up to spin_us; 1 if work appeared. */
+/* Polls for work without the lock for up to the adaptive budget; 1 if
+ * work appeared. Only the worker holding `spinner` calls it. */
 static int patio__pool_spin(patio__pool *p)
 {
-    uint64_t until = patio__now_ns() + (uint64_t)p->spin_us * 1000u;
+    uint64_t budget = patio__spin_budget(&p->spin), until;
     unsigned i;
+    if (!budget) return 0;
+    until = patio__now_ns() + budget;
     for (i = 0;; i++) {
-        if (patio__load(&p->queued) || patio__load(&p->closing)) return 1;
-        if ((i & 63) == 63 && patio__now_ns() >= until) return 0;
+        if (patio__load(&p->queued) || patio__load(&p->closing)) {
+            patio__spin_result(&p->spin, 1);
+            return 1;
+        }
+        if ((i & 63) == 63 && patio__now_ns() >= until) {
+            patio__spin_result(&p->spin, 0);
+            return 0;
+        }
         patio__cpu_relax();
     }
 }
@@ -4776,6 +4839,7 @@ PATIO_API patio_executor *patio_thread_pool_new_ex(patio_registry *r, const pati
     patio_executor_init(&p->base, &patio__pool_vt, r);
     p->max_queue = cfg->max_queue ? cfg->max_queue : PATIO_DEFAULT_QUEUE_SIZE;
     p->spin_us = patio__spin_us(cfg->spin_us);
+    patio__spin_init(&p->spin, (uint64_t)p->spin_us * 1000u);
     patio__mutex_init_hot(&p->mu);
     pthread_cond_init(&p->cv, NULL);
     if (patio__pool_start_threads(p, workers) != PATIO_OK) {
@@ -6899,7 +6963,7 @@ static size_t patio__waiter_unregister(patio__waiter *w, patio_call *const *call
  * deadline; polls briefly first, since a sleep/wake costs far more. */
 static void patio__wait_block(patio__waiter *w, int target, uint64_t deadline, patio_loop *pump)
 {
-    uint64_t spin_until = patio__now_ns() + (uint64_t)PATIO_SPIN_US * 1000u;
+    uint64_t spin_until = patio__now_ns() + (PATIO_SPIN_US > 0 ? (uint64_t)PATIO_SPIN_US * 1000u : 0);
     unsigned i = 0;
     while (patio__load(&w->notified) < target) {
         uint64_t now;
