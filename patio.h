@@ -4627,6 +4627,31 @@ static int patio__tq_cancel(patio__task_queue *q, patio_task *t)
     return PATIO_OK;
 }
 
+/* Under the owner's lock: queues t unless the executor is closing or its
+ * queue is full (back-pressure instead of growth). */
+static int patio__tq_admit(patio__task_queue *q, size_t max_queue, int closing,
+                           patio_executor *ex, patio_task *t)
+{
+    if (closing) return PATIO_ERR_CLOSED;
+    if (q->count >= max_queue) return PATIO_ERR_FULL;
+    t->executor = ex;
+    patio__store(&t->state, PATIO__TASK_QUEUED);
+    patio__tq_push(q, t);
+    return PATIO_OK;
+}
+
+/* Cancels a queued task under mu; `mirror` (may be NULL) is the queue
+ * length kept for lock-free peeking. */
+static int patio__tq_cancel_locked(pthread_mutex_t *mu, patio__task_queue *q, size_t *mirror, patio_task *t)
+{
+    int rc;
+    pthread_mutex_lock(mu);
+    rc = patio__tq_cancel(q, t);
+    if (mirror) patio__store(mirror, q->count);
+    pthread_mutex_unlock(mu);
+    return rc;
+}
+
 static int patio__spin_us(int cfg)
 {
     if (cfg < 0) return 0;
@@ -4654,13 +4679,10 @@ typedef struct patio__pool {
 static int patio__pool_submit(patio_executor *ex, patio_task *t)
 {
     patio__pool *p = (patio__pool *)ex;
-    int wake;
+    int wake, rc;
     pthread_mutex_lock(&p->mu);
-    if (p->closing) { pthread_mutex_unlock(&p->mu); return PATIO_ERR_CLOSED; }
-    if (p->q.count >= p->max_queue) { pthread_mutex_unlock(&p->mu); return PATIO_ERR_FULL; }
-    t->executor = ex;
-    patio__store(&t->state, PATIO__TASK_QUEUED);
-    patio__tq_push(&p->q, t);
+    rc = patio__tq_admit(&p->q, p->max_queue, p->closing, ex, t);
+    if (rc != PATIO_OK) { pthread_mutex_unlock(&p->mu); return rc; }
     patio__store(&p->queued, p->q.count);
     /* A polling worker will pick the task up: wake a sleeper only when
      * nobody polls. Workers that take work and leave some behind wake the
@@ -4674,12 +4696,7 @@ static int patio__pool_submit(patio_executor *ex, patio_task *t)
 static int patio__pool_cancel(patio_executor *ex, patio_task *t)
 {
     patio__pool *p = (patio__pool *)ex;
-    int rc;
-    pthread_mutex_lock(&p->mu);
-    rc = patio__tq_cancel(&p->q, t);
-    patio__store(&p->queued, p->q.count);
-    pthread_mutex_unlock(&p->mu);
-    return rc;
+    return patio__tq_cancel_locked(&p->mu, &p->q, &p->queued, t);
 }
 
 /* Polls for work without the lock for up to the adaptive budget; 1 if
@@ -4904,26 +4921,19 @@ static int patio__async_attach(patio_executor *ex, patio_loop *loop)
 static int patio__async_submit(patio_executor *ex, patio_task *t)
 {
     patio__async *a = (patio__async *)ex;
+    int rc;
     if (!ex->loop) return PATIO_ERR_CLOSED;
     pthread_mutex_lock(&a->mu);
-    if (a->closing) { pthread_mutex_unlock(&a->mu); return PATIO_ERR_CLOSED; }
-    if (a->q.count >= a->max_queue) { pthread_mutex_unlock(&a->mu); return PATIO_ERR_FULL; }
-    t->executor = ex;
-    patio__store(&t->state, PATIO__TASK_QUEUED);
-    patio__tq_push(&a->q, t);
+    rc = patio__tq_admit(&a->q, a->max_queue, a->closing, ex, t);
     pthread_mutex_unlock(&a->mu);
-    patio__async_schedule(a);
-    return PATIO_OK;
+    if (rc == PATIO_OK) patio__async_schedule(a);
+    return rc;
 }
 
 static int patio__async_cancel(patio_executor *ex, patio_task *t)
 {
     patio__async *a = (patio__async *)ex;
-    int rc;
-    pthread_mutex_lock(&a->mu);
-    rc = patio__tq_cancel(&a->q, t);
-    pthread_mutex_unlock(&a->mu);
-    return rc;
+    return patio__tq_cancel_locked(&a->mu, &a->q, NULL, t);
 }
 
 static void patio__async_finished(patio_executor *ex, patio_task *t)
@@ -6218,14 +6228,11 @@ static void patio__pp_destroy(patio_executor *ex)
 static int patio__pp_submit(patio_executor *ex, patio_task *t)
 {
     patio__ppool *p = (patio__ppool *)ex;
-    int wake;
+    int wake, rc;
     if (!t || !t->entry) return PATIO_ERR_INVALID;
     pthread_mutex_lock(&p->mu);
-    if (p->closing) { pthread_mutex_unlock(&p->mu); return PATIO_ERR_CLOSED; }
-    if (p->q.count >= p->max_queue) { pthread_mutex_unlock(&p->mu); return PATIO_ERR_FULL; }
-    t->executor = ex;
-    patio__store(&t->state, PATIO__TASK_QUEUED);
-    patio__tq_push(&p->q, t);
+    rc = patio__tq_admit(&p->q, p->max_queue, p->closing, ex, t);
+    if (rc != PATIO_OK) { pthread_mutex_unlock(&p->mu); return rc; }
     patio__store(&p->queued, p->q.count);
     wake = p->io_sleeping && !p->woken;
     if (wake) p->woken = 1;
@@ -6239,12 +6246,7 @@ static int patio__pp_submit(patio_executor *ex, patio_task *t)
 static int patio__pp_cancel(patio_executor *ex, patio_task *t)
 {
     patio__ppool *p = (patio__ppool *)ex;
-    int rc;
-    pthread_mutex_lock(&p->mu);
-    rc = patio__tq_cancel(&p->q, t);
-    patio__store(&p->queued, p->q.count);
-    pthread_mutex_unlock(&p->mu);
-    return rc;
+    return patio__tq_cancel_locked(&p->mu, &p->q, &p->queued, t);
 }
 
 static const patio_executor_vtable patio__pp_vt = {
