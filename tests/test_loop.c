@@ -262,7 +262,13 @@ static void run_bursts(int spin_us)
     wakeups = patio__load(&l->wakeups);
     printf("  spin %d: %d posts in %d bursts: %llu wake-ups\n", spin_us, BURSTS * BURST_SIZE, BURSTS,
            (unsigned long long)wakeups);
-    CHECK(wakeups <= (uint64_t)BURSTS * BURST_SIZE / 10);
+    /* How far posts coalesce here depends on scheduling (a loaded machine
+     * or a sanitizer slows the producer down), so only the invariant is
+     * checked: a wake-up needs a post that found the loop asleep, never
+     * more than one per post. test_post_coalesces_while_asleep pins exact
+     * coalescing down deterministically. */
+    CHECK(wakeups >= 1);
+    CHECK(wakeups <= (uint64_t)BURSTS * BURST_SIZE);
     patio_loop_free(l);
     free(items);
     tcount_destroy(&done);
