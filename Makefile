@@ -55,6 +55,9 @@ endif
 WARN    := -Wall -Wextra -Wpedantic -Werror
 INC     := -I. -Itests
 LDLIBS  := -pthread -lm
+# Programs that include patio_tls.h (tests/test_tls*.c, examples/tls_*.c,
+# tests/bench/bench_tls*.c) also link mbedTLS.
+TLS_LIBS := -lmbedtls -lmbedx509 -lmbedcrypto
 
 BASE_CFLAGS := -std=c99 $(WARN) -g $(INC) -pthread
 SAN_ASAN    := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
@@ -92,7 +95,8 @@ FUZZ_SECONDS   ?= 30
 
 TEST_SRCS    := $(sort $(wildcard tests/test_*.c))
 TEST_NAMES   := $(patsubst tests/%.c,%,$(TEST_SRCS))
-TEST_HEADERS := patio.h $(wildcard tests/*.h)
+TLS_TEST_NAMES := $(filter test_tls%,$(TEST_NAMES))
+TEST_HEADERS := patio.h patio_tls.h $(wildcard tests/*.h)
 EXAMPLE_SRCS := $(sort $(wildcard examples/*.c))
 EXAMPLE_BINS := $(patsubst examples/%.c,build/examples/%,$(EXAMPLE_SRCS))
 BENCH_SRCS   := $(sort $(wildcard tests/bench/bench_*.c))
@@ -119,7 +123,9 @@ define test_variant
 $(call cmd_stamp,build/$(1),$$($(1)_CC) $$($(1)_FLAGS) $$(LDFLAGS) $$(LDLIBS))
 
 build/$(1)/test_%: tests/test_%.c $$(TEST_HEADERS) build/$(1)/.cmd
-	$$($(1)_CC) $$($(1)_FLAGS) -MMD -MP -MF $$@.d $$< -o $$@ $$(LDFLAGS) $$(LDLIBS)
+	$$($(1)_CC) $$($(1)_FLAGS) -MMD -MP -MF $$@.d $$< -o $$@ $$(LDFLAGS) $$(LDLIBS) $$(EXTRA_LIBS)
+
+$$(addprefix build/$(1)/,$$(TLS_TEST_NAMES)): EXTRA_LIBS = $$(TLS_LIBS)
 
 build/$(1)/symbols_tu.o: tests/symbols_tu.c $$(TEST_HEADERS) build/$(1)/.cmd
 	$$($(1)_CC) $$($(1)_FLAGS) -MMD -MP -MF $$@.d -c $$< -o $$@
@@ -142,12 +148,16 @@ endef
 $(foreach v,$(VARIANTS),$(eval $(call test_variant,$(v))))
 
 $(eval $(call cmd_stamp,build/examples,$(CC) $(EXAMPLE_CFLAGS) $(LDFLAGS)))
-build/examples/%: examples/%.c patio.h build/examples/.cmd
-	$(CC) $(EXAMPLE_CFLAGS) -MMD -MP -MF $@.d $< -o $@ $(LDFLAGS)
+build/examples/%: examples/%.c patio.h patio_tls.h build/examples/.cmd
+	$(CC) $(EXAMPLE_CFLAGS) -MMD -MP -MF $@.d $< -o $@ $(LDFLAGS) $(EXTRA_LIBS)
+
+$(filter build/examples/tls_%,$(EXAMPLE_BINS)): EXTRA_LIBS = $(TLS_LIBS)
 
 $(eval $(call cmd_stamp,build/bench,$(CC) $(BENCH_CFLAGS) $(LDFLAGS) $(LDLIBS)))
 build/bench/%: tests/bench/%.c $(TEST_HEADERS) build/bench/.cmd
-	$(CC) $(BENCH_CFLAGS) -MMD -MP -MF $@.d $< -o $@ $(LDFLAGS) $(LDLIBS)
+	$(CC) $(BENCH_CFLAGS) -MMD -MP -MF $@.d $< -o $@ $(LDFLAGS) $(LDLIBS) $(EXTRA_LIBS)
+
+$(filter build/bench/bench_tls%,$(BENCH_BINS)): EXTRA_LIBS = $(TLS_LIBS)
 
 $(eval $(call cmd_stamp,build/fuzz,$(FUZZ_CC) $(FUZZ_CFLAGS) $(LDFLAGS) $(LDLIBS)))
 build/fuzz/%: tests/fuzz/%.c $(TEST_HEADERS) build/fuzz/.cmd

@@ -6702,8 +6702,11 @@ static void patio__lane_fire(patio__timer *t)
     uint64_t now = patio__now_ns();
     pthread_mutex_lock(&core->mu);
     while ((c = lane->calls.head) != NULL && c->deadline_ns <= now) {
+        /* decide before unlinking: once off the list, a call nobody else
+         * holds may be freed by its last owner at any moment */
+        int expire = patio__load(&c->state) == PATIO__CALL_PENDING && patio__call_try_ref(c);
         patio__list_unlink(&lane->calls, c);
-        if (patio__load(&c->state) != PATIO__CALL_PENDING || !patio__call_try_ref(c)) continue;
+        if (!expire) continue;
         c->next = due;
         due = c;
     }
@@ -7116,8 +7119,11 @@ static patio_call *patio__broker_take_pending(patio__broker_core *core)
         for (i = 0; i < PATIO__LANES && !c; i++) c = core->lanes[i].calls.head;
         if (!c) c = core->other.head;
         if (!c) break;
-        patio__call_unlink_locked(core, c);
-        if (patio__call_try_ref(c)) break; /* else its last owner is freeing it */
+        if (patio__call_try_ref(c)) {
+            patio__call_unlink_locked(core, c);
+            break;
+        }
+        patio__call_unlink_locked(core, c); /* its last owner is freeing it: leave it be */
     }
     pthread_mutex_unlock(&core->mu);
     return c;
@@ -7991,6 +7997,7 @@ static void patio__tcp_read(patio__tcp_conn *c)
             c->rlen += (size_t)n;
             PATIO__TCP_COUNT(tb, bytes_in, n);
             patio__tcp_parse(c);
+            if (c->state == PATIO__TC_CLOSED) return; /* a frame closed it: the transport is gone */
             /* a short read emptied the socket: the next readiness event
              * says when there is more (saves a read that would block) */
             if ((size_t)n < room && !(tb->tr->pending && tb->tr->pending(c->th))) break;

@@ -6,7 +6,10 @@
  * Every case runs against each transport setup of `setups` (plain TCP
  * here; another transport adds a row). Cases that speak the wire format
  * through raw sockets only run where the bytes on the socket are the plain
- * protocol. Loopback only, ephemeral ports; every wait has a deadline. */
+ * protocol. Loopback only, ephemeral ports; every wait has a deadline.
+ *
+ * tests/test_tls.c includes this file with its own rows (TCP_TEST_SETUPS)
+ * and its own main (TCP_TEST_NO_MAIN). */
 #define PATIO_IMPLEMENTATION
 #include "patio.h"
 #include "harness.h"
@@ -24,7 +27,11 @@ typedef struct setup {
 } setup;
 
 static const setup setups[] = {
+#ifdef TCP_TEST_SETUPS
+    TCP_TEST_SETUPS
+#else
     { "plain", NULL, 1 },
+#endif
 };
 
 static const setup *g_setup;
@@ -1281,6 +1288,7 @@ static const tcase cases[] = {
     CASE(test_host_loop),
 };
 
+#ifndef TCP_TEST_NO_MAIN
 int main(int argc, char **argv)
 {
     static char names[sizeof setups / sizeof setups[0]][sizeof cases / sizeof cases[0]][96];
@@ -1297,3 +1305,4 @@ int main(int argc, char **argv)
     }
     return th_summary("test_tcp");
 }
+#endif

@@ -1,0 +1,636 @@
+/* TLS transport (patio_tls.h, mbedTLS): the whole TCP broker family of
+ * tests/test_tcp.c run again over TLS with server verification and over
+ * TLS with client certificates required, then the TLS cases: unknown CA,
+ * expired certificate, name mismatch (and the ways to accept a name),
+ * missing or foreign client certificate, a client that offers only
+ * TLS 1.1, bad configurations (corrupted PEM, missing file, key password),
+ * key authentication inside TLS, a plain peer against a TLS one, and the
+ * retry with backoff after a failed handshake.
+ *
+ * Certificates are made for each run by tests/tls/make_certs.sh (openssl
+ * command line) in a temporary directory. */
+#define PATIO_IMPLEMENTATION
+#include "patio.h"
+#define PATIO_TLS_IMPLEMENTATION
+#include "patio_tls.h"
+
+#include <mbedtls/net_sockets.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+static char g_dir[256];                 /* the certificates */
+static patio_tls *g_tls_srv, *g_tls_cli; /* row "tls" */
+static patio_tls *g_mtls_srv, *g_mtls_cli; /* row "tls-client-cert" */
+
+static void cfg_tls(patio_tcp_config *cfg, int server)
+{
+    patio_tls_use(cfg, server ? g_tls_srv : g_tls_cli);
+}
+
+static void cfg_mtls(patio_tcp_config *cfg, int server)
+{
+    patio_tls_use(cfg, server ? g_mtls_srv : g_mtls_cli);
+}
+
+#define TCP_TEST_SETUPS { "tls", cfg_tls, 0 }, { "tls-client-cert", cfg_mtls, 0 },
+#define TCP_TEST_NO_MAIN
+#include "test_tcp.c"
+
+/* ---- helpers --------------------------------------------------------------- */
+
+static const char *path_of(const char *name)
+{
+    static char buf[8][512];
+    static int next;
+    char *p = buf[next++ % 8];
+    snprintf(p, 512, "%s/%s", g_dir, name);
+    return p;
+}
+
+/* A patio_tls from files in g_dir (NULL names are left out). */
+static patio_tls *tls_of(const char *ca, const char *cert, const char *key, int client_auth)
+{
+    patio_tls_config tc;
+    patio_tls *t;
+    char err[256];
+    memset(&tc, 0, sizeof tc);
+    if (ca) tc.ca_file = path_of(ca);
+    if (cert) tc.cert_file = path_of(cert);
+    if (key) tc.key_file = path_of(key);
+    tc.client_auth = client_auth;
+    t = patio_tls_new(&tc, err, sizeof err);
+    if (!t) fprintf(stderr, "  patio_tls_new: %s\n", err);
+    return t;
+}
+
+/* Log lines of every broker of a case, kept to search them. */
+static pthread_mutex_t g_log_lock = PTHREAD_MUTEX_INITIALIZER;
+static char g_log[16384];
+static size_t g_log_len;
+
+static void log_hook(int level, const char *message, void *user)
+{
+    size_t n = strlen(message);
+    const char *who = (const char *)user;
+    (void)level;
+    pthread_mutex_lock(&g_log_lock);
+    if (g_log_len + n + strlen(who) + 4 < sizeof g_log) {
+        g_log_len += (size_t)snprintf(g_log + g_log_len, sizeof g_log - g_log_len, "%s: %s\n", who, message);
+    }
+    pthread_mutex_unlock(&g_log_lock);
+}
+
+static void log_clear(void)
+{
+    pthread_mutex_lock(&g_log_lock);
+    g_log_len = 0;
+    g_log[0] = '\0';
+    pthread_mutex_unlock(&g_log_lock);
+}
+
+static int log_has(const char *who, const char *text)
+{
+    char line[600];
+    int found;
+    snprintf(line, sizeof line, "%s: ", who);
+    pthread_mutex_lock(&g_log_lock);
+    {
+        const char *p = g_log;
+        found = 0;
+        while (!found && (p = strstr(p, line)) != NULL) {
+            const char *eol = strchr(p, '\n');
+            const char *hit = strstr(p, text);
+            if (hit && (!eol || hit < eol)) found = 1;
+            p = eol ? eol + 1 : p + strlen(p);
+        }
+    }
+    pthread_mutex_unlock(&g_log_lock);
+    return found;
+}
+
+typedef struct log_wait {
+    const char *who, *text;
+} log_wait;
+
+static int log_cond(void *arg)
+{
+    log_wait *w = (log_wait *)arg;
+    return log_has(w->who, w->text);
+}
+
+/* Waits up to 5 s for a log line of `who` containing text. */
+static int wait_log(const char *who, const char *text)
+{
+    log_wait w;
+    int ok;
+    w.who = who;
+    w.text = text;
+    ok = wait_until(log_cond, &w, 5.0);
+    if (!ok) {
+        pthread_mutex_lock(&g_log_lock);
+        fprintf(stderr, "  no \"%s\" from %s in the log:\n%s", text, who, g_log);
+        pthread_mutex_unlock(&g_log_lock);
+    }
+    return ok;
+}
+
+/* Large frames both ways cross many TLS records. */
+static char g_big[300000];
+
+static int big_len(patio_task *t)
+{
+    const char *p = NULL;
+    size_t n = 0;
+    if (!patio_arg_next_str(t, &p, &n)) return patio_fail(t, "TypeError", "a string");
+    return patio_return_int(t, n == sizeof g_big - 1 && memcmp(p, g_big, n) == 0 ? (int64_t)n : -1);
+}
+
+static int big_ret(patio_task *t)
+{
+    return patio_return_str(t, g_big);
+}
+
+/* A broker with a logging registry ("server" or "client" in the log). */
+typedef struct lnode {
+    patio_hooks hooks;
+    patio_registry *rpc;
+    patio_executor *ex;
+    patio_broker *b;
+    int port;
+} lnode;
+
+static int lnode_start(lnode *n, const char *who, patio_tls *tls, const char *key, int listen_port)
+{
+    patio_registry_config rc;
+    patio_tcp_config cfg;
+    memset(n, 0, sizeof *n);
+    n->hooks.log = log_hook;
+    n->hooks.log_user = (void *)who;
+    n->hooks.log_level = PATIO_LOG_INFO;
+    memset(&rc, 0, sizeof rc);
+    rc.hooks = &n->hooks;
+    n->rpc = patio_registry_new(&rc);
+    patio_register(n->rpc, "mul", mul, NULL);
+    patio_register(n->rpc, "big_len", big_len, NULL);
+    patio_register(n->rpc, "big_ret", big_ret, NULL);
+    n->ex = patio_thread_pool_new(n->rpc, 2);
+    memset(&cfg, 0, sizeof cfg);
+    cfg.key = key;
+    cfg.key_len = key ? strlen(key) : 0;
+    cfg.reconnect_delay = 0.05;
+    cfg.reconnect_max_delay = 0.2;
+    cfg.handshake_timeout = 2;
+    if (tls) patio_tls_use(&cfg, tls);
+    n->b = patio_tcp_broker_new(n->ex, &cfg);
+    if (!n->b) return -1;
+    if (listen_port >= 0 && patio_tcp_listen(n->b, "127.0.0.1", listen_port, &n->port) != PATIO_OK) return -1;
+    return 0;
+}
+
+static void lnode_free(lnode *n)
+{
+    patio_broker_free(n->b);
+    patio_executor_free(n->ex);
+    patio_registry_free(n->rpc);
+    memset(n, 0, sizeof *n);
+}
+
+/* A server with srv_tls, a client with cli_tls connecting to host; waits
+ * for the server's log line srv_text and the client's cli_text (either
+ * may be NULL), checks that no peer appeared, and that the client retried. */
+static void refused_case(patio_tls *srv_tls, patio_tls *cli_tls, const char *host, const char *srv_text,
+                         const char *cli_text)
+{
+    lnode s, c;
+    log_clear();
+    CHECK(srv_tls != NULL);
+    CHECK(cli_tls != NULL);
+    if (!srv_tls || !cli_tls) return;
+    CHECK(lnode_start(&s, "server", srv_tls, KEY, 0) == 0);
+    CHECK(lnode_start(&c, "client", cli_tls, KEY, -1) == 0);
+    CHECK_EQ_INT(patio_tcp_connect(c.b, host, s.port), PATIO_OK);
+    if (srv_text) CHECK(wait_log("server", srv_text));
+    if (cli_text) CHECK(wait_log("client", cli_text));
+    CHECK(wait_until(has_reconnected, c.b, 5.0)); /* a failed handshake is retried */
+    CHECK_EQ_INT(patio_tcp_wait_peers(c.b, 1, 0.1), PATIO_ERR_TIMEOUT);
+    CHECK(stats_of(c.b).auth_failures + stats_of(s.b).auth_failures >= 1);
+    lnode_free(&c);
+    lnode_free(&s);
+}
+
+/* A server with srv_tls and a client with cli_tls make calls. */
+static void accepted_case(patio_tls *srv_tls, patio_tls *cli_tls, const char *host)
+{
+    lnode s, c;
+    log_clear();
+    CHECK(srv_tls != NULL);
+    CHECK(cli_tls != NULL);
+    if (!srv_tls || !cli_tls) return;
+    CHECK(lnode_start(&s, "server", srv_tls, KEY, 0) == 0);
+    CHECK(lnode_start(&c, "client", cli_tls, KEY, -1) == 0);
+    CHECK_EQ_INT(patio_tcp_connect(c.b, host, s.port), PATIO_OK);
+    CHECK_EQ_INT(patio_tcp_wait_peers(c.b, 1, 5.0), PATIO_OK);
+    CHECK_EQ_INT(call_mul(c.b, 6, 7), 42);
+    lnode_free(&c);
+    lnode_free(&s);
+}
+
+/* ---- failure cases ------------------------------------------------------- */
+
+static void test_tls_unknown_ca(void)
+{
+    patio_tls *srv = tls_of(NULL, "other_server.pem", "other_server.key", 0);
+    refused_case(srv, g_tls_cli, "127.0.0.1", NULL, "server certificate rejected: unknown CA");
+    patio_tls_free(srv);
+}
+
+static void test_tls_expired(void)
+{
+    patio_tls *srv = tls_of(NULL, "expired.pem", "expired.key", 0);
+    refused_case(srv, g_tls_cli, "127.0.0.1", NULL, "server certificate rejected: expired");
+    patio_tls_free(srv);
+}
+
+static void test_tls_name_mismatch(void)
+{
+    patio_tls *srv = tls_of(NULL, "wrongname.pem", "wrongname.key", 0);
+    refused_case(srv, g_tls_cli, "127.0.0.1", NULL, "name mismatch (the certificate is not for \"127.0.0.1\")");
+    patio_tls_free(srv);
+}
+
+/* The right name by server_name, or no name check: accepted. */
+static void test_tls_name_override(void)
+{
+    patio_tls *srv = tls_of(NULL, "wrongname.pem", "wrongname.key", 0);
+    patio_tls_config tc;
+    patio_tls *cli;
+    memset(&tc, 0, sizeof tc);
+    tc.ca_file = path_of("ca.pem");
+    tc.server_name = "wrong.example";
+    cli = patio_tls_new(&tc, NULL, 0);
+    accepted_case(srv, cli, "127.0.0.1");
+    patio_tls_free(cli);
+    tc.server_name = NULL;
+    tc.no_hostname_check = 1;
+    cli = patio_tls_new(&tc, NULL, 0);
+    accepted_case(srv, cli, "127.0.0.1");
+    patio_tls_free(cli);
+    patio_tls_free(srv);
+}
+
+/* "localhost" resolves and matches the certificate's DNS name. */
+static void test_tls_localhost(void)
+{
+    accepted_case(g_tls_srv, g_tls_cli, "localhost");
+}
+
+static void test_tls_insecure_skip_verify(void)
+{
+    patio_tls *srv = tls_of(NULL, "other_server.pem", "other_server.key", 0);
+    patio_tls_config tc;
+    patio_tls *cli;
+    memset(&tc, 0, sizeof tc);
+    tc.insecure_skip_verify_DANGEROUS = 1;
+    cli = patio_tls_new(&tc, NULL, 0);
+    accepted_case(srv, cli, "127.0.0.1");
+    patio_tls_free(cli);
+    patio_tls_free(srv);
+}
+
+static void test_tls_client_cert_missing(void)
+{
+    refused_case(g_mtls_srv, g_tls_cli, "127.0.0.1", "client certificate missing", "tls handshake failed");
+}
+
+static void test_tls_client_cert_unknown_ca(void)
+{
+    patio_tls *cli = tls_of("ca.pem", "other_client.pem", "other_client.key", 0);
+    refused_case(g_mtls_srv, cli, "127.0.0.1", "client certificate rejected: unknown CA", "tls handshake failed");
+    patio_tls_free(cli);
+}
+
+/* OPTIONAL: no certificate is fine, a foreign one is not. */
+static void test_tls_client_cert_optional(void)
+{
+    patio_tls *srv = tls_of("ca.pem", "server.pem", "server.key", PATIO_TLS_CLIENT_AUTH_OPTIONAL);
+    patio_tls *foreign = tls_of("ca.pem", "other_client.pem", "other_client.key", 0);
+    accepted_case(srv, g_tls_cli, "127.0.0.1");
+    accepted_case(srv, g_mtls_cli, "127.0.0.1");
+    refused_case(srv, foreign, "127.0.0.1", "client certificate rejected: unknown CA", NULL);
+    patio_tls_free(foreign);
+    patio_tls_free(srv);
+}
+
+/* A client that offers TLS 1.1 at most, written with mbedTLS directly. */
+typedef struct old_client {
+    int port, ret;
+} old_client;
+
+static void *old_client_run(void *arg)
+{
+    old_client *o = (old_client *)arg;
+    mbedtls_ssl_context ssl;
+    mbedtls_ssl_config conf;
+    mbedtls_net_context net;
+    char port[16];
+    int r;
+    mbedtls_ssl_init(&ssl);
+    mbedtls_ssl_config_init(&conf);
+    mbedtls_net_init(&net);
+    snprintf(port, sizeof port, "%d", o->port);
+    o->ret = 1;
+    if (mbedtls_net_connect(&net, "127.0.0.1", port, MBEDTLS_NET_PROTO_TCP) != 0) goto done;
+    mbedtls_ssl_config_defaults(&conf, MBEDTLS_SSL_IS_CLIENT, MBEDTLS_SSL_TRANSPORT_STREAM, MBEDTLS_SSL_PRESET_DEFAULT);
+    mbedtls_ssl_conf_rng(&conf, patio_tls__rng, g_tls_cli);
+    mbedtls_ssl_conf_authmode(&conf, MBEDTLS_SSL_VERIFY_NONE);
+    mbedtls_ssl_conf_min_version(&conf, MBEDTLS_SSL_MAJOR_VERSION_3, MBEDTLS_SSL_MINOR_VERSION_1);
+    mbedtls_ssl_conf_max_version(&conf, MBEDTLS_SSL_MAJOR_VERSION_3, MBEDTLS_SSL_MINOR_VERSION_2);
+    if (mbedtls_ssl_setup(&ssl, &conf) != 0) goto done;
+    mbedtls_ssl_set_bio(&ssl, &net, mbedtls_net_send, mbedtls_net_recv, NULL);
+    r = mbedtls_ssl_handshake(&ssl);
+    o->ret = r;
+done:
+    mbedtls_ssl_free(&ssl);
+    mbedtls_ssl_config_free(&conf);
+    mbedtls_net_free(&net);
+    return NULL;
+}
+
+static void test_tls_version_too_low(void)
+{
+#if MBEDTLS_VERSION_NUMBER < 0x03000000 && defined(MBEDTLS_SSL_PROTO_TLS1_1)
+    lnode s;
+    old_client o;
+    pthread_t th;
+    log_clear();
+    CHECK(lnode_start(&s, "server", g_tls_srv, KEY, 0) == 0);
+    o.port = s.port;
+    o.ret = 0;
+    pthread_create(&th, NULL, old_client_run, &o);
+    pthread_join(th, NULL);
+    CHECK(o.ret != 0); /* the handshake failed */
+    CHECK(wait_log("server", "protocol version too low"));
+    lnode_free(&s);
+#else
+    printf("  (skipped: this mbedTLS cannot offer TLS 1.1; tests/interop covers it with Python)\n");
+#endif
+}
+
+/* ---- configuration errors -------------------------------------------------- */
+
+static void expect_config_error(const patio_tls_config *tc, const char *text)
+{
+    char err[256];
+    patio_tls *t;
+    err[0] = 'x';
+    err[1] = '\0';
+    t = patio_tls_new(tc, err, sizeof err);
+    CHECK(t == NULL);
+    if (!strstr(err, text)) {
+        fprintf(stderr, "  error \"%s\" lacks \"%s\"\n", err, text);
+        CHECK(!"the error message");
+    }
+    patio_tls_free(t);
+}
+
+static void test_tls_config_errors(void)
+{
+    patio_tls_config tc;
+    char err[256];
+    patio_tls *t;
+
+    memset(&tc, 0, sizeof tc);
+    tc.ca_file = path_of("corrupt.pem");
+    expect_config_error(&tc, "CA file");
+    expect_config_error(&tc, "not a valid certificate");
+
+    memset(&tc, 0, sizeof tc);
+    tc.cert_file = path_of("corrupt.pem");
+    tc.key_file = path_of("server.key");
+    expect_config_error(&tc, "certificate file");
+
+    memset(&tc, 0, sizeof tc);
+    tc.ca_pem = "-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n";
+    expect_config_error(&tc, "CA PEM: not a valid certificate");
+
+    memset(&tc, 0, sizeof tc);
+    tc.ca_file = path_of("no-such-file.pem");
+    expect_config_error(&tc, "cannot read the file");
+
+    memset(&tc, 0, sizeof tc);
+    tc.cert_file = path_of("server.pem");
+    expect_config_error(&tc, "a certificate needs its key");
+
+    memset(&tc, 0, sizeof tc);
+    tc.cert_file = path_of("server.pem");
+    tc.key_file = path_of("client.key");
+    expect_config_error(&tc, "does not go with the key");
+
+    memset(&tc, 0, sizeof tc);
+    tc.cert_file = path_of("server.pem");
+    tc.key_file = path_of("server_enc.key");
+    expect_config_error(&tc, "set key_password");
+    tc.key_password = "wrong";
+    expect_config_error(&tc, "wrong key_password");
+    tc.key_password = "hunter2";
+    t = patio_tls_new(&tc, err, sizeof err);
+    CHECK(t != NULL);
+    patio_tls_free(t);
+
+    memset(&tc, 0, sizeof tc);
+    tc.client_auth = PATIO_TLS_CLIENT_AUTH_REQUIRED;
+    expect_config_error(&tc, "client_auth needs a CA");
+    tc.client_auth = 7;
+    expect_config_error(&tc, "client_auth must be");
+
+    /* PEM buffers work like files */
+    {
+        static char ca[8192], cert[8192], key[8192];
+        FILE *f;
+        size_t n;
+        f = fopen(path_of("ca.pem"), "rb");
+        n = f ? fread(ca, 1, sizeof ca - 1, f) : 0;
+        ca[n] = '\0';
+        if (f) fclose(f);
+        f = fopen(path_of("server.pem"), "rb");
+        n = f ? fread(cert, 1, sizeof cert - 1, f) : 0;
+        cert[n] = '\0';
+        if (f) fclose(f);
+        f = fopen(path_of("server.key"), "rb");
+        n = f ? fread(key, 1, sizeof key - 1, f) : 0;
+        key[n] = '\0';
+        if (f) fclose(f);
+        memset(&tc, 0, sizeof tc);
+        tc.ca_pem = ca;
+        tc.cert_pem = cert;
+        tc.key_pem = key;
+        t = patio_tls_new(&tc, err, sizeof err);
+        CHECK(t != NULL);
+        accepted_case(t, t, "127.0.0.1");
+        patio_tls_free(t);
+    }
+}
+
+/* A client without a CA (and not insecure) and a server without a
+ * certificate: each connection fails with a message saying so. */
+static void test_tls_missing_material(void)
+{
+    patio_tls *bare = patio_tls_new(NULL, NULL, 0);
+    CHECK(bare != NULL);
+    refused_case(g_tls_srv, bare, "127.0.0.1", NULL, "no CA configured");
+    refused_case(bare, g_tls_cli, "127.0.0.1", "no certificate configured", NULL);
+    patio_tls_free(bare);
+}
+
+/* ---- key authentication inside TLS, plain against TLS ------------------- */
+
+static void test_tls_key_auth_inside(void)
+{
+    lnode s, c;
+    log_clear();
+    CHECK(lnode_start(&s, "server", g_tls_srv, KEY, 0) == 0);
+    CHECK(lnode_start(&c, "client", g_tls_cli, "another key", -1) == 0);
+    CHECK_EQ_INT(patio_tcp_connect(c.b, "127.0.0.1", s.port), PATIO_OK);
+    CHECK(wait_log("server", "authentication failed"));
+    CHECK_EQ_INT(patio_tcp_wait_peers(c.b, 1, 0.2), PATIO_ERR_TIMEOUT);
+    CHECK(stats_of(s.b).auth_failures >= 1);
+    CHECK(!log_has("server", "TLS handshake"));
+    CHECK(!log_has("client", "TLS handshake"));
+    lnode_free(&c);
+    lnode_free(&s);
+}
+
+static void test_tls_plain_peer(void)
+{
+    lnode s, c;
+    /* TLS client, plain server */
+    log_clear();
+    CHECK(lnode_start(&s, "server", NULL, KEY, 0) == 0);
+    CHECK(lnode_start(&c, "client", g_tls_cli, KEY, -1) == 0);
+    CHECK_EQ_INT(patio_tcp_connect(c.b, "127.0.0.1", s.port), PATIO_OK);
+    CHECK(wait_log("client", "tls handshake failed"));
+    CHECK_EQ_INT(patio_tcp_wait_peers(c.b, 1, 0.1), PATIO_ERR_TIMEOUT);
+    lnode_free(&c);
+    lnode_free(&s);
+    /* plain client, TLS server */
+    log_clear();
+    CHECK(lnode_start(&s, "server", g_tls_srv, KEY, 0) == 0);
+    CHECK(lnode_start(&c, "client", NULL, KEY, -1) == 0);
+    CHECK_EQ_INT(patio_tcp_connect(c.b, "127.0.0.1", s.port), PATIO_OK);
+    /* each waits for the other to speak first: the handshake deadline ends it */
+    CHECK(wait_log("client", "handshake not finished within"));
+    CHECK_EQ_INT(patio_tcp_wait_peers(c.b, 1, 0.1), PATIO_ERR_TIMEOUT);
+    lnode_free(&c);
+    lnode_free(&s);
+}
+
+static void test_tls_large_payload(void)
+{
+    lnode s, c;
+    patio_call *call;
+    size_t i;
+    for (i = 0; i < sizeof g_big - 1; i++) g_big[i] = (char)('a' + i % 26);
+    g_big[sizeof g_big - 1] = '\0';
+    CHECK(lnode_start(&s, "server", g_tls_srv, KEY, 0) == 0);
+    CHECK(lnode_start(&c, "client", g_tls_cli, KEY, -1) == 0);
+    CHECK_EQ_INT(patio_tcp_connect(c.b, "127.0.0.1", s.port), PATIO_OK);
+    CHECK_EQ_INT(patio_tcp_wait_peers(c.b, 1, 5.0), PATIO_OK);
+    for (i = 0; i < 3; i++) {
+        call = patio_call_sync(c.b, 10.0, "big_len", "s", g_big);
+        CHECK_EQ_INT(patio_call_status(call), PATIO_OK);
+        CHECK_EQ_INT(patio_result_int(call), sizeof g_big - 1);
+        patio_call_free(call);
+        call = patio_call_sync(c.b, 10.0, "big_ret", "");
+        CHECK_EQ_INT(patio_call_status(call), PATIO_OK);
+        patio_call_free(call);
+    }
+    CHECK(stats_of(c.b).bytes_in >= 3 * (sizeof g_big - 1));
+    lnode_free(&c);
+    lnode_free(&s);
+}
+
+static const tcase tls_cases[] = {
+    CASE(test_tls_unknown_ca),
+    CASE(test_tls_expired),
+    CASE(test_tls_name_mismatch),
+    CASE(test_tls_name_override),
+    CASE(test_tls_localhost),
+    CASE(test_tls_insecure_skip_verify),
+    CASE(test_tls_client_cert_missing),
+    CASE(test_tls_client_cert_unknown_ca),
+    CASE(test_tls_client_cert_optional),
+    CASE(test_tls_version_too_low),
+    CASE(test_tls_config_errors),
+    CASE(test_tls_missing_material),
+    CASE(test_tls_key_auth_inside),
+    CASE(test_tls_plain_peer),
+    CASE(test_tls_large_payload),
+};
+
+/* Makes the certificates with tests/tls/make_certs.sh (found next to this
+ * source file) in a fresh temporary directory. */
+static int make_certs(void)
+{
+    char script[512], cmd[1200];
+    const char *src = __FILE__, *slash = strrchr(src, '/');
+    const char *tmp = getenv("TMPDIR");
+    int dl = slash ? (int)(slash - src) : 1;
+    snprintf(g_dir, sizeof g_dir, "%s/patio-tls.XXXXXX", tmp && *tmp ? tmp : "/tmp");
+    if (!mkdtemp(g_dir)) {
+        perror("mkdtemp");
+        return -1;
+    }
+    snprintf(script, sizeof script, "%.*s/tls/make_certs.sh", dl, slash ? src : ".");
+    snprintf(cmd, sizeof cmd, "sh '%s' '%s' > '%s/make_certs.log' 2>&1", script, g_dir, g_dir);
+    if (system(cmd) != 0) {
+        snprintf(cmd, sizeof cmd, "cat '%s/make_certs.log' >&2", g_dir);
+        if (system(cmd) != 0) { /* nothing more to say */
+        }
+        fprintf(stderr, "test_tls: %s failed (openssl missing?)\n", script);
+        return -1;
+    }
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    static char names[sizeof setups / sizeof setups[0]][sizeof cases / sizeof cases[0]][96];
+    size_t s, i;
+    const char *only = argc > 1 ? argv[1] : NULL;
+    char cmd[600];
+    signal(SIGPIPE, SIG_IGN);
+    if (make_certs() != 0) {
+        th_failed++;
+        return th_summary("test_tls");
+    }
+    printf("# mbedTLS %s, certificates in %s\n", patio_tls_library_version(), g_dir);
+    g_tls_srv = tls_of("ca.pem", "server.pem", "server.key", PATIO_TLS_CLIENT_AUTH_NONE);
+    g_tls_cli = tls_of("ca.pem", NULL, NULL, 0);
+    g_mtls_srv = tls_of("ca.pem", "server.pem", "server.key", PATIO_TLS_CLIENT_AUTH_REQUIRED);
+    g_mtls_cli = tls_of("ca.pem", "client.pem", "client.key", 0);
+    if (!g_tls_srv || !g_tls_cli || !g_mtls_srv || !g_mtls_cli) {
+        th_failed++;
+        return th_summary("test_tls");
+    }
+    for (s = 0; s < sizeof setups / sizeof setups[0]; s++) {
+        g_setup = &setups[s];
+        for (i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+            if (only && !strstr(cases[i].name, only)) continue;
+            snprintf(names[s][i], sizeof names[s][i], "%s/%s", setups[s].name, cases[i].name);
+            th_run(names[s][i], cases[i].fn);
+        }
+    }
+    g_setup = &setups[0];
+    for (i = 0; i < sizeof tls_cases / sizeof tls_cases[0]; i++) {
+        if (only && !strstr(tls_cases[i].name, only)) continue;
+        th_run(tls_cases[i].name, tls_cases[i].fn);
+    }
+    patio_tls_free(g_tls_srv);
+    patio_tls_free(g_tls_cli);
+    patio_tls_free(g_mtls_srv);
+    patio_tls_free(g_mtls_cli);
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", g_dir);
+    if (system(cmd) != 0) fprintf(stderr, "test_tls: could not remove %s\n", g_dir);
+    return th_summary("test_tls");
+}
