@@ -64,6 +64,25 @@ for name in $examples; do
     i=$((i + 1))
 done
 
+# ---- the TLS examples (mbedTLS) and the test certificates
+for name in tls_server tls_client; do
+    rm -f "$out/$name"
+    if ! "$cc" -std=c99 -Wall -Wextra -pthread "$root/examples/$name.c" -o "$out/$name" \
+            -lmbedtls -lmbedx509 -lmbedcrypto > "$out/$name.log" 2>&1; then
+        echo "FAIL build $name:"
+        sed 's/^/    | /' "$out/$name.log" | head -n 40
+        build_failed=$((build_failed + 1))
+    fi
+done
+certs=$out/certs
+rm -rf "$certs"
+if ! sh "$root/tests/tls/make_certs.sh" "$certs" > "$out/certs.log" 2>&1; then
+    echo "FAIL making test certificates:"
+    sed 's/^/    | /' "$out/certs.log" | head -n 40
+    build_failed=$((build_failed + 1))
+fi
+export INTEROP_CERTS=$certs
+
 # ---- run the Python side; it stops every process it starts
 log=$out/test_interop.out
 pid_file=$out/children.pids

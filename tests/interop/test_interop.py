@@ -16,6 +16,7 @@ import math
 import os
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -202,11 +203,13 @@ class PyServer:
     """A listening socket on an ephemeral port; each accepted connection is
     given to `handler(conn)` on a thread of its own."""
 
-    def __init__(self, handler: Callable[[Conn], None], first_serial: int = 1):
+    def __init__(self, handler: Callable[[Conn], None], first_serial: int = 1, tls=None):
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(16)
+        if tls is not None:  # an ssl.SSLContext: accept() then does the TLS handshake
+            self.sock = tls.wrap_socket(self.sock, server_side=True)
         self.port = self.sock.getsockname()[1]
         self.handler = handler
         self.first_serial = first_serial
@@ -647,7 +650,7 @@ def _():
 # ---- the C client against a Python server --------------------------------------
 
 def py_server(names: List[str], handlers: Dict[str, Callable], proof: str = "nil",
-              after=None, first_serial: int = 1, key: bytes = KEY) -> PyServer:
+              after=None, first_serial: int = 1, key: bytes = KEY, tls=None) -> PyServer:
     state: Dict[str, Any] = {"handshakes": [], "sessions": []}
 
     def handle(conn: Conn) -> None:
@@ -663,7 +666,7 @@ def py_server(names: List[str], handlers: Dict[str, Callable], proof: str = "nil
                     sess.pump(30)
                 except (Closed, TimeoutError):
                     return
-    srv = PyServer(handle, first_serial=first_serial)
+    srv = PyServer(handle, first_serial=first_serial, tls=tls)
     srv.state = state
     return srv
 
@@ -676,6 +679,60 @@ def mul_handler(*xs):
 
 def div_handler(a, b):
     return a / b
+
+def certs(name: str) -> str:
+    return os.path.join(os.environ.get("INTEROP_CERTS", ""), name)
+
+def tls_server_context() -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(certs("server.pem"), certs("server.key"))
+    return ctx
+
+@case("python_ssl_client_calls_c_tls_server", needs=("tls_server",))
+def _():
+    proc, port = start_listening(
+        "tls_server", "--key", KEY.decode(), "--cert", certs("server.pem"),
+        "--key-file", certs("server.key"),
+    )
+    try:
+        ctx = ssl.create_default_context(cafile=certs("ca.pem"))
+        raw = socket.create_connection(("127.0.0.1", port), timeout=5.0)
+        tls = ctx.wrap_socket(raw, server_hostname="localhost")
+        check(tls.version() in ("TLSv1.2", "TLSv1.3"), f"negotiated {tls.version()}")
+        conn = Conn(tls)
+        try:
+            # the patio handshake (key auth, discovery) runs inside TLS
+            client_handshake(conn, KEY, [])
+            good_connection_works(Session(conn, {}), "through Python's ssl module")
+        finally:
+            conn.close()
+        # a client that does not trust the server's CA is refused by TLS
+        bad = ssl.create_default_context(cafile=certs("other_ca.pem"))
+        raw = socket.create_connection(("127.0.0.1", port), timeout=5.0)
+        try:
+            bad.wrap_socket(raw, server_hostname="localhost")
+            raise Failure("a server certificate from an untrusted CA was accepted")
+        except ssl.SSLCertVerificationError:
+            pass
+        finally:
+            raw.close()
+    finally:
+        proc.stop(2.0)
+
+@case("c_tls_client_calls_python_ssl_server", needs=("tls_client",))
+def _():
+    srv = py_server(NAMES, {"mul": mul_handler, "div": div_handler}, tls=tls_server_context())
+    try:
+        p = run("tls_client", "--port", str(srv.port), "--key", KEY.decode(),
+                "--ca", certs("ca.pem"), "--server-name", "localhost", "mul", "1", "2", "3")
+        equal((p.p.returncode, p.out), (0, ["6"]), f"tls_client mul: {p.describe()}")
+        p = run("tls_client", "--port", str(srv.port), "--key", KEY.decode(),
+                "--ca", certs("other_ca.pem"), "--server-name", "localhost", "--timeout", "2",
+                "mul", "1", "2", "3")
+        check(p.p.returncode != 0, f"tls_client trusted a server of another CA: {p.describe()}")
+    finally:
+        srv.close()
 
 @case("c_client_calls_python_server", needs=("tcp_client",))
 def _():
