@@ -24,12 +24,7 @@
 #define ROUNDS 5
 #define MAX_WINDOW 1024
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
+#include "bench_util.h"
 
 static void die(const char *what)
 {
@@ -158,18 +153,6 @@ static void side_close(side *s)
     patio_broker_free(s->b);
     patio_executor_free(s->ex);
     patio_registry_free(s->rpc);
-}
-
-static int cmp_d(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-
-static double median(double *v, int n)
-{
-    qsort(v, (size_t)n, sizeof *v, cmp_d);
-    return v[n / 2];
 }
 
 static patio_tls *tls_from(const char *dir, const char *ca, const char *cert, const char *key)
