@@ -622,8 +622,10 @@ typedef struct patio_process_pool_config {
     int max_workers;          /* worker processes; 0 = PATIO_DEFAULT_MAX_WORKERS (4) */
     size_t max_queue;         /* calls waiting in the parent before submit says
                                  PATIO_ERR_FULL; 0 = PATIO_DEFAULT_QUEUE_SIZE */
-    int max_calls_per_worker; /* calls sent to one worker and not answered yet
-                                 (the rest wait in the parent); 0 = 16 */
+    int max_calls_per_worker; /* most calls sent to one worker and not answered
+                                 yet (the rest wait in the parent); the pool
+                                 sends fewer, about 1 ms of work at the
+                                 worker's recent pace; 0 = 256 */
     int kill_on_timeout;      /* a call still running when its timeout expires
                                  gets its worker killed and replaced:
                                  0 or 1 = yes (default), -1 = no, let it finish */
@@ -5054,7 +5056,8 @@ PATIO_API patio_executor *patio_null_executor_new(patio_registry *r)
 
 /* Shape: the parent keeps a bounded queue of submitted tasks and one I/O
  * thread. That thread gives each queued task to the live worker with the
- * fewest calls in flight, up to max_calls_per_worker each, and encodes it
+ * fewest calls in flight, up to about 1 ms of work at that worker's pace
+ * (capped by max_calls_per_worker), and encodes it
  * into that worker's output buffer. A worker gets its buffered calls in one
  * write when it is idle, when its answers come back, or once a good batch
  * waits; a worker whose current call has run for a while (PATIO__PP_BUSY_NS)
@@ -5076,7 +5079,9 @@ PATIO_API patio_executor *patio_null_executor_new(patio_registry *r)
 #include <sys/syscall.h>
 #endif
 
-#define PATIO__PP_DEFAULT_CALLS 16
+#define PATIO__PP_DEFAULT_CALLS 256
+/* How many calls a new worker is sent at once, before its pace is known. */
+#define PATIO__PP_START_DEPTH 16
 #define PATIO__PP_DEFAULT_FRAME (16u * 1024u * 1024u + 64u * 1024u)
 #define PATIO__PP_MAX_WORKERS 1024
 /* A worker writes its answers when its input runs dry, or before starting a
@@ -5488,6 +5493,7 @@ typedef struct patio__pp_worker {
     unsigned head, count;
     uint32_t serial;
     uint64_t head_since;  /* when ring[head] became the call the worker runs */
+    uint64_t call_ns;     /* moving average of the time between its answers */
     patio_writer out;     /* request frames not yet written */
     size_t out_off;
     unsigned unsent;      /* calls whose frames are (partly) in out */
@@ -5572,6 +5578,7 @@ static int patio__pp_spawn(patio__ppool *p, patio__pp_worker *w)
     close(sv[1]);
     w->fd = sv[0];
     w->head = w->count = w->unsent = 0;
+    w->call_ns = PATIO__PP_BUSY_NS / PATIO__PP_START_DEPTH;
     w->in_len = 0;
     patio_writer_reset(&w->out);
     w->out_off = 0;
@@ -5624,6 +5631,15 @@ static void patio__pp_fail_held(patio__ppool *p, patio__pp_worker *w, const char
     }
 }
 
+/* Answers come in batches: the first of a batch brings the time the
+ * whole batch took, the others nothing; the average (weight 1/8) evens
+ * that out into the time one call takes. */
+static void patio__pp_learn_pace(patio__pp_worker *w, uint64_t sample)
+{
+    if (sample > 1000u * PATIO__PP_BUSY_NS) sample = 1000u * PATIO__PP_BUSY_NS;
+    w->call_ns = w->call_ns - w->call_ns / 8 + sample / 8;
+}
+
 /* One answer: it belongs to the oldest call, since a worker runs its calls
  * in order. Anything else means the worker is broken. */
 static int patio__pp_answer(patio__ppool *p, patio__pp_worker *w, const patio__frame *f, uint64_t now)
@@ -5632,6 +5648,7 @@ static int patio__pp_answer(patio__ppool *p, patio__pp_worker *w, const patio__f
     if (!w->count || w->ring[w->head].serial != f->serial) return PATIO_ERR_PROTOCOL;
     if (f->type != PATIO__PKT_RESPONSE && f->type != PATIO__PKT_ERROR) return PATIO_ERR_PROTOCOL;
     s = patio__pp_pop(p, w);
+    patio__pp_learn_pace(w, now - w->head_since);
     w->head_since = now;
     w->answered = 1;
     if (f->type == PATIO__PKT_RESPONSE) patio__pp_succeed(s.task, f);
@@ -5810,14 +5827,28 @@ static void patio__pp_read(patio__ppool *p, patio__pp_worker *w)
 
 /* ---- the parent: sending calls ----------------------------------------- */
 
+/* How many calls a worker may hold: about PATIO__PP_BUSY_NS of work at
+ * its recent pace (so tiny calls travel in deep batches while a call
+ * that turns out long holds up little behind it), at least 2 (the next
+ * call is there when one ends), at most max_calls_per_worker. */
+static unsigned patio__pp_depth(const patio__ppool *p, const patio__pp_worker *w)
+{
+    uint64_t depth = PATIO__PP_BUSY_NS / (w->call_ns ? w->call_ns : 1);
+    if (depth < 2) depth = 2;
+    if (depth > (uint64_t)p->max_calls) depth = (uint64_t)p->max_calls;
+    return (unsigned)depth;
+}
+
 /* Calls a worker can take now. A worker whose current call has run for
  * PATIO__PP_BUSY_NS gets no more until it answers: what is queued waits in
  * the parent for whichever worker frees up first, instead of behind it. */
 static unsigned patio__pp_room(const patio__ppool *p, const patio__pp_worker *w, uint64_t now)
 {
+    unsigned depth;
     if (w->state != PATIO__PW_ALIVE) return 0;
     if (w->count && now - w->head_since >= PATIO__PP_BUSY_NS) return 0;
-    return (unsigned)p->max_calls - w->count;
+    depth = patio__pp_depth(p, w);
+    return w->count < depth ? depth - w->count : 0;
 }
 
 static unsigned patio__pp_free_slots(const patio__ppool *p, uint64_t now)
@@ -6429,6 +6460,15 @@ typedef struct patio__lane {
     patio__timer timer;
 } patio__lane;
 
+/* Tasks in flight are counted as started minus ended, each counter on a
+ * cache line of its own: the submitting thread and the workers that end
+ * tasks then never write the same line, and neither takes a lock. */
+typedef struct patio__task_counter {
+    size_t n;                 /* atomic */
+    int closing;              /* atomic mirror of core->closing, read by enders */
+    char pad[64 - sizeof(size_t) - sizeof(int)];
+} patio__task_counter;
+
 /* Broker-private bookkeeping behind patio_broker.internal. */
 typedef struct patio__broker_core {
     pthread_mutex_t mu;
@@ -6436,8 +6476,10 @@ typedef struct patio__broker_core {
     patio_broker *broker;
     patio__call_list other;   /* pending calls not in a lane */
     patio__lane lanes[PATIO__LANES];
-    size_t tasks_running;     /* tasks submitted by this broker, not finished */
     int closing;
+    char pad[64];
+    patio__task_counter tasks_started;
+    patio__task_counter tasks_ended;
 } patio__broker_core;
 
 static patio__broker_core *patio__core(const patio_broker *b) { return (patio__broker_core *)b->internal; }
@@ -7137,6 +7179,7 @@ PATIO_API void patio_broker_close(patio_broker *b)
     core = patio__core(b);
     pthread_mutex_lock(&core->mu);
     core->closing = 1;
+    __atomic_store_n(&core->tasks_ended.closing, 1, __ATOMIC_SEQ_CST);
     b->closed = 1;
     pthread_cond_broadcast(&core->cv); /* wakes patio_broker_join */
     pthread_mutex_unlock(&core->mu);
@@ -7189,13 +7232,19 @@ static void patio__loop_flush(patio_loop *loop)
     pthread_cond_destroy(&br.cv);
 }
 
+static size_t patio__broker_tasks_running(patio__broker_core *core)
+{
+    size_t ended = __atomic_load_n(&core->tasks_ended.n, __ATOMIC_SEQ_CST);
+    return __atomic_load_n(&core->tasks_started.n, __ATOMIC_SEQ_CST) - ended;
+}
+
 /* Waits for tasks this broker submitted and that are still running. */
 static void patio__broker_wait_tasks(patio_broker *b)
 {
     patio__broker_core *core = patio__core(b);
     int pump = patio__must_pump(b->loop);
     pthread_mutex_lock(&core->mu);
-    while (core->tasks_running) {
+    while (patio__broker_tasks_running(core)) {
         if (pump) {
             pthread_mutex_unlock(&core->mu);
             patio_loop_run_once(b->loop, 1);
@@ -7271,12 +7320,24 @@ PATIO_API patio_executor *patio_broker_executor(const patio_broker *b) { return 
 
 /* ---- running a call's task on the broker's executor ------------------- */
 
+static void patio__broker_task_started(patio_broker *b)
+{
+    __atomic_add_fetch(&patio__core(b)->tasks_started.n, 1, __ATOMIC_SEQ_CST);
+}
+
+/* Lock-free unless the broker is closing: then the closer, which waits in
+ * patio__broker_wait_tasks, is woken. The increment and the `closing`
+ * load pair with the closer's store and count load (both sequentially
+ * consistent), so one of the two sides always sees the other. */
 static void patio__broker_task_ended(patio_broker *b)
 {
     patio__broker_core *core = patio__core(b);
-    pthread_mutex_lock(&core->mu);
-    if (--core->tasks_running == 0 && core->closing) pthread_cond_broadcast(&core->cv);
-    pthread_mutex_unlock(&core->mu);
+    __atomic_add_fetch(&core->tasks_ended.n, 1, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&core->tasks_ended.closing, __ATOMIC_SEQ_CST)) {
+        pthread_mutex_lock(&core->mu);
+        pthread_cond_broadcast(&core->cv);
+        pthread_mutex_unlock(&core->mu);
+    }
 }
 
 static void patio__memory_task_done(patio_task *t)
@@ -7291,7 +7352,6 @@ static void patio__memory_task_done(patio_task *t)
 static void patio__memory_send(patio_broker *b, patio_call *c)
 {
     const patio__entry *e = patio__registry_find(b->registry, c->name, strlen(c->name));
-    patio__broker_core *core = patio__core(b);
     int rc;
     if (!e) {
         patio__call_finish(c, PATIO_ERR_NOT_FOUND, NULL, "KeyError", c->name);
@@ -7306,9 +7366,7 @@ static void patio__memory_send(patio_broker *b, patio_call *c)
     c->task.owner = c;
     c->task.on_done = patio__memory_task_done;
     patio__fetch_add(&c->refs, 1);
-    pthread_mutex_lock(&core->mu);
-    core->tasks_running++;
-    pthread_mutex_unlock(&core->mu);
+    patio__broker_task_started(b);
     rc = b->executor->vt->submit(b->executor, &c->task);
     if (rc != PATIO_OK) {
         patio__broker_task_ended(b);
@@ -8732,11 +8790,8 @@ static void patio__tcp_task_done(patio_task *t)
 static int patio__tcp_submit(patio__tcp_req *req)
 {
     patio__tcp_broker *tb = req->tb;
-    patio__broker_core *core = patio__core(&tb->base);
     int rc;
-    pthread_mutex_lock(&core->mu);
-    core->tasks_running++;
-    pthread_mutex_unlock(&core->mu);
+    patio__broker_task_started(&tb->base);
     req->running = 1;
     rc = tb->base.executor->vt->submit(tb->base.executor, &req->task);
     if (rc != PATIO_OK) {

@@ -288,7 +288,7 @@ int main(void)
     double blat[ROUNDS], brate[ROUNDS];
     patio_process_pool_config cfg[NCONF];
     const char *names[NCONF] = {
-        "pool, defaults (4 workers, 16 calls each)",
+        "pool, defaults (4 workers, adaptive depth)",
         "pool, 1 worker, 1024 calls/worker",
         "pool, 2 workers, 256 calls/worker",
     };
