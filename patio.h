@@ -1003,6 +1003,21 @@ static uint64_t patio__deadline_after(double seconds)
     return patio__now_ns() + (uint64_t)ns;
 }
 
+/* Like patio__deadline_after for long timeouts (>= 1 s), where a few ms
+ * do not matter, from the coarse clock where there is one: reading it
+ * costs a fraction of a precise read, and calls are started at high
+ * rates. The coarse clock lags by at most one tick; adding 10 ms (the tick
+ * at HZ=100) keeps the deadline from ever coming early. */
+static uint64_t patio__deadline_after_long(double seconds)
+{
+#if defined(CLOCK_MONOTONIC_COARSE)
+    struct timespec ts;
+    if (seconds >= 1.0 && seconds * 1e9 < 1.8e19 && clock_gettime(CLOCK_MONOTONIC_COARSE, &ts) == 0)
+        return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec + 10000000u + (uint64_t)(seconds * 1e9);
+#endif
+    return patio__deadline_after(seconds);
+}
+
 /* CLOCK_MONOTONIC-based absolute timespec for pthread_cond_timedwait. */
 static void patio__abs_timespec(struct timespec *ts, uint64_t deadline_ns)
 {
@@ -6717,7 +6732,7 @@ static int patio__call_enlist(patio_broker *b, patio_call *c, int *in_lane)
     c->lane = lane;
     if (lane) {
         /* read under the lock, so deadlines in a lane never decrease */
-        c->deadline_ns = patio__deadline_after(c->timeout);
+        c->deadline_ns = patio__deadline_after_long(c->timeout);
         patio__list_append(&lane->calls, c);
         if (lane->calls.head == c) patio__timer_start(b->loop, &lane->timer, c->deadline_ns);
     } else {
@@ -7250,7 +7265,7 @@ static void patio__broker_wait_tasks(patio_broker *b)
             patio_loop_run_once(b->loop, 1);
             pthread_mutex_lock(&core->mu);
         } else {
-            patio__cond_wait_until(&core->cv, &core->mu, patio__now_ns() + 100000000u);
+            patio__cond_wait_until(&core->cv, &core->mu, patio__now_ns() + 1000000u);
         }
     }
     pthread_mutex_unlock(&core->mu);
@@ -7325,19 +7340,23 @@ static void patio__broker_task_started(patio_broker *b)
     __atomic_add_fetch(&patio__core(b)->tasks_started.n, 1, __ATOMIC_SEQ_CST);
 }
 
-/* Lock-free unless the broker is closing: then the closer, which waits in
- * patio__broker_wait_tasks, is woken. The increment and the `closing`
- * load pair with the closer's store and count load (both sequentially
- * consistent), so one of the two sides always sees the other. */
+/* Lock-free unless the broker is closing. The increment must be the last
+ * thing an ender touches: once the count adds up, the closer may free the
+ * broker. So `closing` is read first, and a closing broker gets its count
+ * under the mutex, with a broadcast the closer cannot miss. An ender that
+ * read `closing` just before it was set increments without waking the
+ * closer, which therefore re-checks every millisecond. */
 static void patio__broker_task_ended(patio_broker *b)
 {
     patio__broker_core *core = patio__core(b);
-    __atomic_add_fetch(&core->tasks_ended.n, 1, __ATOMIC_SEQ_CST);
-    if (__atomic_load_n(&core->tasks_ended.closing, __ATOMIC_SEQ_CST)) {
-        pthread_mutex_lock(&core->mu);
-        pthread_cond_broadcast(&core->cv);
-        pthread_mutex_unlock(&core->mu);
+    if (!__atomic_load_n(&core->tasks_ended.closing, __ATOMIC_SEQ_CST)) {
+        __atomic_add_fetch(&core->tasks_ended.n, 1, __ATOMIC_SEQ_CST);
+        return;
     }
+    pthread_mutex_lock(&core->mu);
+    __atomic_add_fetch(&core->tasks_ended.n, 1, __ATOMIC_SEQ_CST);
+    pthread_cond_broadcast(&core->cv);
+    pthread_mutex_unlock(&core->mu);
 }
 
 static void patio__memory_task_done(patio_task *t)
