@@ -725,6 +725,34 @@ static void test_pending_task_fails(void)
     env_free(&e);
 }
 
+/* How many calls the parent lets a worker hold follows the pace of its
+ * answers: 16 before any answer, about 1 ms of work after, at least 2,
+ * at most max_calls_per_worker. */
+static void test_depth_follows_pace(void)
+{
+    patio__ppool p;
+    patio__pp_worker w;
+    int i;
+    memset(&p, 0, sizeof p);
+    memset(&w, 0, sizeof w);
+    p.max_calls = 256;
+    w.call_ns = PATIO__PP_BUSY_NS / PATIO__PP_START_DEPTH;
+    CHECK_EQ_INT((int)patio__pp_depth(&p, &w), 16);
+    /* tiny calls (1 us each, answered in batches of 50: one sample brings
+     * the batch's time, the others none) earn deep batches, up to the cap */
+    for (i = 0; i < 2000; i++) patio__pp_learn_pace(&w, i % 50 == 0 ? 50000u : 0u);
+    CHECK_EQ_INT((int)patio__pp_depth(&p, &w), 256);
+    /* one slow call (5 ms) brings it down to the floor at once */
+    patio__pp_learn_pace(&w, 5000000u);
+    CHECK_EQ_INT((int)patio__pp_depth(&p, &w), 2);
+    /* 100 us calls: about 10 of them make 1 ms */
+    for (i = 0; i < 200; i++) patio__pp_learn_pace(&w, 100000u);
+    CHECK(patio__pp_depth(&p, &w) >= 9 && patio__pp_depth(&p, &w) <= 11);
+    /* a configured cap below the floor wins */
+    p.max_calls = 1;
+    CHECK_EQ_INT((int)patio__pp_depth(&p, &w), 1);
+}
+
 static void test_bad_config_and_api(void)
 {
     patio_registry *r = patio_registry_new(NULL);
@@ -770,6 +798,7 @@ int main(void)
 #ifdef PATIO_TCP_DEFAULT_PORT
     RUN(test_tcp_broker);
 #endif
+    RUN(test_depth_follows_pace);
     RUN(test_bad_config_and_api);
     return th_summary("test_process_pool");
 }
