@@ -2899,7 +2899,8 @@ typedef struct patio__call_request {
 } patio__call_request;
 
 static int patio__check_value(patio_reader *r, int depth_left);
-static int patio__parse_call_body(const uint8_t *p, size_t len, int depth_left, patio__call_request *out);
+static int patio__parse_call_body(const uint8_t *p, size_t len, int depth_left, int check,
+                                  patio__call_request *out);
 static int patio__parse_exception_body(const uint8_t *p, size_t len, int depth_left, const char **type,
                                        size_t *type_len, const char **msg, size_t *msg_len);
 
@@ -2929,7 +2930,7 @@ static int patio__check_ext(patio_reader *r, const patio_value *v, int depth_lef
     size_t tl, ml;
     int rc;
     if (v->v.ext.type == 1)
-        rc = patio__parse_call_body(v->v.ext.ptr, v->v.ext.len, depth_left, &call);
+        rc = patio__parse_call_body(v->v.ext.ptr, v->v.ext.len, depth_left, 1, &call);
     else if (v->v.ext.type == 2)
         rc = patio__parse_exception_body(v->v.ext.ptr, v->v.ext.len, depth_left, &t, &tl, &m, &ml);
     else
@@ -2970,9 +2971,38 @@ static int patio__check_raw(patio_reader *r, int depth_left, const uint8_t **ptr
     return PATIO_OK;
 }
 
+/* Steps over `count` complete objects without checking them: each is
+ * walked header by header (no recursion), within the reader's bounds. */
+static int patio__skip_values(patio_reader *r, uint64_t count)
+{
+    patio_value v;
+    while (count) {
+        if (patio_read(r, &v) != PATIO_OK) return r->err;
+        count--;
+        if (v.type == PATIO_ARRAY) count += v.v.count;
+        else if (v.type == PATIO_MAP) count += 2 * (uint64_t)v.v.count;
+    }
+    return PATIO_OK;
+}
+
+/* Finds the bytes of one object (checked with `check`, else only walked). */
+static int patio__take_raw(patio_reader *r, int depth_left, int check, const uint8_t **ptr, size_t *len)
+{
+    const uint8_t *start = r->pos;
+    if (check) return patio__check_raw(r, depth_left, ptr, len);
+    if (patio__skip_values(r, 1) != PATIO_OK) return r->err;
+    *ptr = start;
+    *len = (size_t)(r->pos - start);
+    return PATIO_OK;
+}
+
 /* A CallRequest body: exactly one [func: str, args: array, kwargs: map with
- * str keys, timeout: nil | int | float], nothing after it. */
-static int patio__parse_call_body(const uint8_t *p, size_t len, int depth_left, patio__call_request *out)
+ * str keys, timeout: nil | int | float], nothing after it. With check = 0
+ * (bytes this process's own parent wrote) args and kwargs are only walked
+ * to find their ends, not checked value by value; everything from a peer
+ * is checked. */
+static int patio__parse_call_body(const uint8_t *p, size_t len, int depth_left, int check,
+                                  patio__call_request *out)
 {
     patio_reader r;
     patio_value v;
@@ -2985,11 +3015,12 @@ static int patio__parse_call_body(const uint8_t *p, size_t len, int depth_left, 
 
     if (patio_peek(&r, &v) != PATIO_OK || v.type != PATIO_ARRAY) return PATIO_ERR_DECODE;
     out->argc = v.v.count;
-    if (patio__check_raw(&r, depth_left - 1, &out->args, &out->args_len) != PATIO_OK) return PATIO_ERR_DECODE;
+    if (patio__take_raw(&r, depth_left - 1, check, &out->args, &out->args_len) != PATIO_OK) return PATIO_ERR_DECODE;
 
     out->kwargs = r.pos;
     if (patio_read_map(&r, &out->kwargc) != PATIO_OK || depth_left - 1 <= 0) return PATIO_ERR_DECODE;
-    if (patio__check_map_items(&r, out->kwargc, depth_left - 2, 1) != PATIO_OK) return PATIO_ERR_DECODE;
+    if (check ? patio__check_map_items(&r, out->kwargc, depth_left - 2, 1)
+              : patio__skip_values(&r, 2 * (uint64_t)out->kwargc)) return PATIO_ERR_DECODE;
     out->kwargs_len = (size_t)(r.pos - out->kwargs);
 
     if (patio_read(&r, &v) != PATIO_OK) return PATIO_ERR_DECODE;
@@ -3085,7 +3116,8 @@ PATIO__MAYBE_UNUSED static int patio__write_call_request(patio_writer *w, const 
 
 /* Decodes a REQUEST payload: exactly one ext-1 object, validated as
  * patio_msgpack_check does. PATIO_OK or PATIO_ERR_DECODE. */
-PATIO__MAYBE_UNUSED static int patio__decode_call_request(const uint8_t *p, size_t len, int max_depth, patio__call_request *out)
+PATIO__MAYBE_UNUSED static int patio__decode_call_request(const uint8_t *p, size_t len, int max_depth, int check,
+                                                          patio__call_request *out)
 {
     patio_reader r;
     patio_value v;
@@ -3093,7 +3125,7 @@ PATIO__MAYBE_UNUSED static int patio__decode_call_request(const uint8_t *p, size
     patio_reader_init(&r, p, len);
     if (patio_read(&r, &v) != PATIO_OK || v.type != PATIO_EXT || v.v.ext.type != 1 || r.pos != r.end)
         return PATIO_ERR_DECODE;
-    return patio__parse_call_body(v.v.ext.ptr, v.v.ext.len, patio__depth_limit(max_depth), out);
+    return patio__parse_call_body(v.v.ext.ptr, v.v.ext.len, patio__depth_limit(max_depth), check, out);
 }
 
 /* Writes ext 2 over [type, message]. */
@@ -5388,7 +5420,7 @@ static void patio__pw_call(patio__pw *w, const patio__frame *f, uint64_t receive
         start = patio__now_ns(); /* a slow write must not count against the next batch */
     }
     if (!w->out.len) w->oldest = start;
-    if (patio__decode_call_request(f->payload, f->size, 0, &req) != PATIO_OK) {
+    if (patio__decode_call_request(f->payload, f->size, 0, 0, &req) != PATIO_OK) {
         patio__pw_fail(w, f->serial, "RuntimeError", "malformed call request");
         return;
     }
@@ -8970,7 +9002,7 @@ static void patio__tcp_on_request(patio__tcp_conn *c, const patio__frame *f)
         patio__tcp_protocol_error(c, "REQUEST serial %lu is already executing", (unsigned long)f->serial);
         return;
     }
-    if (patio__decode_call_request(f->payload, f->size, tb->cfg.max_depth, &cr) != PATIO_OK) {
+    if (patio__decode_call_request(f->payload, f->size, tb->cfg.max_depth, 1, &cr) != PATIO_OK) {
         patio__tcp_reject(c, f->serial, "patio_msgpack.SerializationError", "REQUEST payload is not a CallRequest", 36);
         return;
     }

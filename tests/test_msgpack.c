@@ -133,7 +133,7 @@ static void check_call_golden(const char *func, const char *args_hex, const char
     CHECK_WRITER_HEX(&w, golden);
 
     copy = copy_alloc(w.data, w.len);
-    CHECK_EQ_INT(patio__decode_call_request(copy, w.len, 0, &cr), PATIO_OK);
+    CHECK_EQ_INT(patio__decode_call_request(copy, w.len, 0, 1, &cr), PATIO_OK);
     CHECK_EQ_MEM(cr.func, cr.func_len, func, strlen(func));
     CHECK_EQ_INT(cr.argc, argc);
     CHECK_EQ_INT(cr.kwargc, kwargc);
@@ -171,6 +171,38 @@ static void test_golden_call_with_written_args(void)
     patio_write_int(&kwargs, 1);
     patio__write_call_request(&w, "sleep", 5, args.data, args.len, kwargs.data, kwargs.len, 1, 0.1);
     CHECK_WRITER_HEX(&w, "c7 1e 01 94 a5736c656570 91 cb3fe0000000000000 81 a178 01 cb3fb999999999999a");
+    patio_writer_free(&args);
+    patio_writer_free(&kwargs);
+    patio_writer_free(&w);
+}
+
+/* A worker's decoder walks args and kwargs instead of checking them: on
+ * valid input it finds the same bytes as the checking one; it lets
+ * through what only a check would refuse (an unknown ext type inside the
+ * args), which a task's bounds-checked readers then handle. */
+static void test_walk_only_call_decoding(void)
+{
+    patio_writer args, kwargs, w;
+    patio__call_request checked, walked;
+    patio_writer_init(&args, NULL);
+    patio_writer_init(&kwargs, NULL);
+    patio_writer_init(&w, NULL);
+    patio_pack(&args, "[I[s{sy}]d]", (int64_t)1, "two", "k", "xy", (size_t)2, 3.5);
+    patio_pack(&kwargs, "{s[ii]sn}", "a", 1, 2, "b");
+    CHECK_EQ_INT(args.err, PATIO_OK);
+    CHECK_EQ_INT(kwargs.err, PATIO_OK);
+    patio__write_call_request(&w, "f", 1, args.data, args.len, kwargs.data, kwargs.len, 0, 0);
+    CHECK_EQ_INT(patio__decode_call_request(w.data, w.len, 0, 1, &checked), PATIO_OK);
+    CHECK_EQ_INT(patio__decode_call_request(w.data, w.len, 0, 0, &walked), PATIO_OK);
+    CHECK_EQ_MEM(walked.args, walked.args_len, args.data, args.len);
+    CHECK_EQ_MEM(walked.kwargs, walked.kwargs_len, kwargs.data, kwargs.len);
+    CHECK(walked.args == checked.args && walked.kwargs == checked.kwargs);
+    CHECK_EQ_INT((int)walked.argc, 3);
+    CHECK_EQ_INT((int)walked.kwargc, 2);
+    patio_writer_reset(&w);
+    patio__write_call_request(&w, "f", 1, "\x91\xd4\x05\x00", 4, "\x80", 1, 0, 0);
+    CHECK_EQ_INT(patio__decode_call_request(w.data, w.len, 0, 1, &checked), PATIO_ERR_DECODE);
+    CHECK_EQ_INT(patio__decode_call_request(w.data, w.len, 0, 0, &walked), PATIO_OK);
     patio_writer_free(&args);
     patio_writer_free(&kwargs);
     patio_writer_free(&w);
@@ -252,7 +284,7 @@ static void test_frame08_request(void)
     patio_reader args;
     int64_t a = 0, b = 0, c = 0;
     CHECK_EQ_INT(n, 0x0e);
-    CHECK_EQ_INT(patio__decode_call_request(p, n, 0, &cr), PATIO_OK);
+    CHECK_EQ_INT(patio__decode_call_request(p, n, 0, 1, &cr), PATIO_OK);
     CHECK_EQ_MEM(cr.func, cr.func_len, "mul", 3);
     CHECK_EQ_INT(cr.argc, 3);
     CHECK_EQ_INT(cr.kwargc, 0);
@@ -633,7 +665,8 @@ static void test_truncated_call_and_exception(void)
     for (i = 0; i < w.len; i++) {
         uint8_t *p = copy_alloc(w.data, i);
         patio__call_request cr;
-        if (patio__decode_call_request(p, i, 0, &cr) != PATIO_ERR_DECODE) wrong++;
+        if (patio__decode_call_request(p, i, 0, 1, &cr) != PATIO_ERR_DECODE) wrong++;
+        if (patio__decode_call_request(p, i, 0, 0, &cr) != PATIO_ERR_DECODE) wrong++; /* walked only */
         free(p);
     }
     patio_writer_reset(&w);
@@ -809,7 +842,7 @@ static int decode_call_body(const char *body_hex, patio__call_request *cr)
     patio_writer_init(&w, NULL);
     patio_write_ext(&w, 1, body, n);
     copy = copy_alloc(w.data, w.len);
-    rc = patio__decode_call_request(copy, w.len, 0, cr);
+    rc = patio__decode_call_request(copy, w.len, 0, 1, cr);
     free(copy);
     patio_writer_free(&w);
     return rc;
@@ -886,12 +919,12 @@ static void test_call_request_shape(void)
     {
         size_t n = 0;
         uint8_t *p = hex_alloc("c7 06 01 94 a1 66 90 80 c0 c0", &n);
-        CHECK_EQ_INT(patio__decode_call_request(p, n, 0, &cr), PATIO_ERR_DECODE);
-        CHECK_EQ_INT(patio__decode_call_request(p, n - 1, 0, &cr), PATIO_OK);
+        CHECK_EQ_INT(patio__decode_call_request(p, n, 0, 1, &cr), PATIO_ERR_DECODE);
+        CHECK_EQ_INT(patio__decode_call_request(p, n - 1, 0, 1, &cr), PATIO_OK);
         free(p);
     }
-    CHECK_EQ_INT(patio__decode_call_request((const uint8_t *)"\x90", 1, 0, &cr), PATIO_ERR_DECODE);
-    CHECK_EQ_INT(patio__decode_call_request((const uint8_t *)"\xd6\x02\x92\xa1\x45\xa0", 6, 0, &cr),
+    CHECK_EQ_INT(patio__decode_call_request((const uint8_t *)"\x90", 1, 0, 1, &cr), PATIO_ERR_DECODE);
+    CHECK_EQ_INT(patio__decode_call_request((const uint8_t *)"\xd6\x02\x92\xa1\x45\xa0", 6, 0, 1, &cr),
                  PATIO_ERR_DECODE);
 }
 
@@ -905,7 +938,7 @@ static void test_call_request_ext16(void)
     patio_writer_init(&w, NULL);
     patio__write_call_request(&w, func, sizeof func, NULL, 0, NULL, 0, 1, 2.5);
     CHECK_HEX(w.data, 4, "c8 013b 01");  /* body: 1 + 3 + 300 + 1 + 1 + 9 = 315 */
-    CHECK_EQ_INT(patio__decode_call_request(w.data, w.len, 0, &cr), PATIO_OK);
+    CHECK_EQ_INT(patio__decode_call_request(w.data, w.len, 0, 1, &cr), PATIO_OK);
     CHECK_EQ_MEM(cr.func, cr.func_len, func, sizeof func);
     CHECK(cr.has_timeout && cr.timeout == 2.5);
     patio_writer_free(&w);
@@ -938,11 +971,11 @@ static void test_nested_ext_checked(void)
         patio_write_array(&args, 1);
         patio_write_raw(&args, inner.data, inner.len);
         patio__write_call_request(&outer, "f", 1, args.data, args.len, NULL, 0, 0, 0);
-        CHECK_EQ_INT(patio__decode_call_request(outer.data, outer.len, 0, &cr), PATIO_OK);
+        CHECK_EQ_INT(patio__decode_call_request(outer.data, outer.len, 0, 1, &cr), PATIO_OK);
         CHECK_EQ_INT(cr.argc, 1);
         CHECK_EQ_MEM(cr.args, cr.args_len, args.data, args.len);
-        CHECK_EQ_INT(patio__decode_call_request(outer.data, outer.len, 3, &cr), PATIO_ERR_DECODE);
-        CHECK_EQ_INT(patio__decode_call_request(outer.data, outer.len, 4, &cr), PATIO_OK);
+        CHECK_EQ_INT(patio__decode_call_request(outer.data, outer.len, 3, 1, &cr), PATIO_ERR_DECODE);
+        CHECK_EQ_INT(patio__decode_call_request(outer.data, outer.len, 4, 1, &cr), PATIO_OK);
         CHECK_EQ_INT(patio_msgpack_check_all(outer.data, outer.len, 3), PATIO_ERR_DECODE);
         CHECK_EQ_INT(patio_msgpack_check_all(outer.data, outer.len, 4), PATIO_OK);
         patio_writer_free(&inner);
@@ -1467,6 +1500,7 @@ int main(void)
     RUN(test_golden_token);
     RUN(test_golden_call_requests);
     RUN(test_golden_call_with_written_args);
+    RUN(test_walk_only_call_decoding);
     RUN(test_golden_exceptions);
     RUN(test_frame01_and_02_payloads);
     RUN(test_frame08_request);

@@ -165,9 +165,7 @@ static void pump(int fd)
         size_t running;
         int ran = patio_loop_run_once(g_loop, 0);
         if (fd >= 0) drain(fd);
-        pthread_mutex_lock(&core->mu);
-        running = core->tasks_running;
-        pthread_mutex_unlock(&core->mu);
+        running = patio__broker_tasks_running(core);
         idle = ran == 0 && running == 0 ? idle + 1 : 0;
     }
 }

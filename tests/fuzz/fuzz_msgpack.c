@@ -93,7 +93,7 @@ static void reencode_call(const patio__call_request *cr)
     if (patio__write_call_request(&w, cr->func, cr->func_len, cr->args, cr->args_len, cr->kwargs,
                                   cr->kwargs_len, cr->has_timeout, cr->timeout) != PATIO_OK)
         abort();
-    if (patio__decode_call_request(w.data, w.len, 0, &again) != PATIO_OK) abort();
+    if (patio__decode_call_request(w.data, w.len, 0, 1, &again) != PATIO_OK) abort();
     if (again.func_len != cr->func_len || memcmp(again.func, cr->func, cr->func_len) != 0) abort();
     if (again.args_len != cr->args_len || memcmp(again.args, cr->args, cr->args_len) != 0) abort();
     if (again.kwargs_len != cr->kwargs_len || memcmp(again.kwargs, cr->kwargs, cr->kwargs_len) != 0) abort();
@@ -108,12 +108,28 @@ static void try_protocol_decoders(const uint8_t *data, size_t size, int check_al
     patio__call_request cr;
     const char *t, *m;
     size_t tl, ml;
-    if (patio__decode_call_request(data, size, 0, &cr) == PATIO_OK) {
+    int checked_rc = patio__decode_call_request(data, size, 0, 1, &cr);
+    if (checked_rc == PATIO_OK) {
         if (check_all_rc != PATIO_OK) abort(); /* the decoder is no laxer than the validator */
         must_be_inside(cr.func, cr.func_len, data, size);
         must_be_inside(cr.args, cr.args_len, data, size);
         must_be_inside(cr.kwargs, cr.kwargs_len, data, size);
         reencode_call(&cr);
+    }
+    /* The walk-only decoder (for a pool worker's trusted input) stays in
+     * bounds on anything, and agrees on the boundaries of what is valid. */
+    {
+        patio__call_request walked;
+        if (patio__decode_call_request(data, size, 0, 0, &walked) == PATIO_OK) {
+            must_be_inside(walked.func, walked.func_len, data, size);
+            must_be_inside(walked.args, walked.args_len, data, size);
+            must_be_inside(walked.kwargs, walked.kwargs_len, data, size);
+            if (checked_rc == PATIO_OK &&
+                (walked.args != cr.args || walked.args_len != cr.args_len || walked.kwargs_len != cr.kwargs_len))
+                abort();
+        } else if (checked_rc == PATIO_OK) {
+            abort(); /* walking is never stricter than checking */
+        }
     }
     if (patio__decode_exception(data, size, &t, &tl, &m, &ml) == PATIO_OK) {
         patio_writer w;
