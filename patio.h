@@ -4709,6 +4709,18 @@ static int patio__spin_us(int cfg)
 
 /* ---- thread pool ---------------------------------------------------- */
 
+/* Waking a sleeping worker costs tens of microseconds of latency and CPU
+ * time on both sides; with tiny tasks, one awake worker drains a burst
+ * faster than several that wake one another and share the CPUs. So a
+ * submit wakes a sleeper only when no worker is awake for the work, or
+ * when the queue holds more than PATIO__POOL_HELP_NS of work (at the
+ * measured pace) per busy worker. A task that turns out long cannot hold
+ * up the queue behind it for long: while workers are busy, one sleeper
+ * stands by with a timeout and takes over a queue that made no progress
+ * for PATIO__POOL_STANDBY_NS. */
+#define PATIO__POOL_HELP_NS 500000u
+#define PATIO__POOL_STANDBY_NS 1000000u
+
 typedef struct patio__pool {
     patio_executor base;
     pthread_mutex_t mu;
@@ -4718,12 +4730,33 @@ typedef struct patio__pool {
     size_t max_queue;
     int nthreads;
     int sleeping;          /* workers blocked on cv */
+    int busy;              /* workers running a batch */
+    int standby;           /* 1 while a sleeper waits with a timeout (see above) */
+    int want_standby;      /* a sleeper was woken to become the standby */
+    int waking;            /* a sleeper was signalled, and none has woken since */
+    uint64_t taken;        /* batches taken so far: the queue's progress */
+    uint64_t task_ns;      /* atomic: moving average of a task's run time */
     int spinner;           /* 1 while one idle worker polls (only one does, to spare the CPUs) */
     int closing;
     int spin_us;
     patio__spin_state spin;  /* updated only by the worker holding `spinner` */
     pthread_t *threads;
 } patio__pool;
+
+/* Under mu, with tasks queued: 1 if a sleeping worker should be woken,
+ * to run them or to stand by while busy workers run theirs. */
+static int patio__pool_wake_one(patio__pool *p)
+{
+    /* nobody to wake, a polling worker will take them, or one is on its way */
+    if (!p->sleeping || patio__load(&p->spinner) || p->waking) return 0;
+    if (p->busy && (uint64_t)p->q.count * patio__load(&p->task_ns) <=
+                       (uint64_t)PATIO__POOL_HELP_NS * (uint64_t)p->busy) {
+        if (p->standby || p->want_standby) return 0;
+        p->want_standby = 1;
+    }
+    p->waking = 1;
+    return 1;
+}
 
 static int patio__pool_submit(patio_executor *ex, patio_task *t)
 {
@@ -4733,10 +4766,7 @@ static int patio__pool_submit(patio_executor *ex, patio_task *t)
     rc = patio__tq_admit(&p->q, p->max_queue, p->closing, ex, t);
     if (rc != PATIO_OK) { pthread_mutex_unlock(&p->mu); return rc; }
     patio__store(&p->queued, p->q.count);
-    /* A polling worker will pick the task up: wake a sleeper only when
-     * nobody polls. Workers that take work and leave some behind wake the
-     * next one, so long tasks still spread over all workers. */
-    wake = p->sleeping > 0 && !patio__load(&p->spinner);
+    wake = patio__pool_wake_one(p);
     pthread_mutex_unlock(&p->mu);
     if (wake) pthread_cond_signal(&p->cv);
     return PATIO_OK;
@@ -4769,22 +4799,46 @@ static int patio__pool_spin(patio__pool *p)
     }
 }
 
-/* Waits (lock held) until a task is queued or the pool closes. */
+/* Sleeps (lock held) as the standby; returns 1 if it should take work:
+ * it was woken for it, or the queue made no progress while it slept. */
+static int patio__pool_stand_by(patio__pool *p)
+{
+    uint64_t seen = p->taken;
+    int timed_out;
+    p->standby = 1;
+    p->want_standby = 0; /* a request for one is met */
+    timed_out = patio__cond_wait_until(&p->cv, &p->mu, patio__now_ns() + PATIO__POOL_STANDBY_NS) == ETIMEDOUT;
+    p->standby = 0;
+    p->waking = 0;
+    return !timed_out || p->taken == seen;
+}
+
+/* Waits (lock held) until this worker should run queued tasks, or the
+ * pool closes. An awake worker takes what is queued; a sleeper takes it
+ * when woken for it, or as the standby of a stalled queue. */
 static void patio__pool_wait_for_work(patio__pool *p)
 {
-    while (!p->q.head && !p->closing) {
+    int take = 1;
+    for (;;) {
         int expected = 0;
-        if (p->spin_us && patio__cas(&p->spinner, &expected, 1)) {
-            int got;
+        if (p->closing || (p->q.head && (take || !p->busy))) return;
+        if (!p->q.head && p->spin_us && patio__cas(&p->spinner, &expected, 1)) {
             pthread_mutex_unlock(&p->mu);
-            got = patio__pool_spin(p);
+            patio__pool_spin(p);
             patio__store(&p->spinner, 0);
             pthread_mutex_lock(&p->mu);
-            if (got) continue;
+            take = 1;
+            if (p->q.head || p->closing) continue;
         }
-        if (p->q.head || p->closing) break;
         p->sleeping++;
-        pthread_cond_wait(&p->cv, &p->mu);
+        if (p->busy && !p->standby) {
+            take = patio__pool_stand_by(p);
+        } else {
+            pthread_cond_wait(&p->cv, &p->mu);
+            p->waking = 0;
+            take = !p->want_standby;
+            p->want_standby = 0; /* this one stands by now (next round) */
+        }
         p->sleeping--;
     }
 }
@@ -4813,23 +4867,33 @@ static void patio__pool_give_back(patio__pool *p, patio_task **tasks, size_t n)
 
 /* Runs a batch; if one task turns out slow, the rest go back to the queue
  * so that other workers run them instead of waiting behind it. */
-static void patio__pool_run_batch(patio__pool *p, patio_task **batch, size_t n)
+static void patio__pool_run_batch(patio__pool *p, patio_task **batch, size_t n, int measure)
 {
+    uint64_t first, start, avg;
     size_t i;
+    if (n == 1 && !measure) { patio_task_run(batch[0]); return; }
+    first = start = patio__now_ns();
     for (i = 0; i < n; i++) {
-        uint64_t start = n - i > 1 ? patio__now_ns() : 0;
+        uint64_t end;
         patio_task_run(batch[i]);
-        if (start && patio__now_ns() - start > PATIO__POOL_SLOW_NS) {
+        end = patio__now_ns();
+        if (end - start > PATIO__POOL_SLOW_NS && i + 1 < n) {
             patio__pool_give_back(p, batch + i + 1, n - i - 1);
-            return;
+            i++;
+            break;
         }
+        start = end;
     }
+    /* the pace the wake-up rule goes by (weight 1/4; races lose a sample) */
+    avg = (patio__now_ns() - first) / i;
+    patio__store(&p->task_ns, patio__load(&p->task_ns) - patio__load(&p->task_ns) / 4 + avg / 4);
 }
 
 static void *patio__pool_worker(void *arg)
 {
     patio__pool *p = (patio__pool *)arg;
     patio_task *batch[PATIO__POOL_BATCH];
+    unsigned singles = 0;
     pthread_mutex_lock(&p->mu);
     for (;;) {
         size_t n, take;
@@ -4845,10 +4909,14 @@ static void *patio__pool_worker(void *arg)
             patio__store(&batch[n]->state, PATIO__TASK_RUNNING);
         }
         patio__store(&p->queued, p->q.count);
-        if (p->q.count && p->sleeping && !patio__load(&p->spinner)) pthread_cond_signal(&p->cv);
+        p->taken++;
+        p->busy++;
+        if (p->q.count && patio__pool_wake_one(p)) pthread_cond_signal(&p->cv);
         pthread_mutex_unlock(&p->mu);
-        patio__pool_run_batch(p, batch, n);
+        /* single tasks are timed one in 8: reading the clock is not free */
+        patio__pool_run_batch(p, batch, n, n > 1 || (++singles & 7) == 0);
         pthread_mutex_lock(&p->mu);
+        p->busy--;
     }
     pthread_mutex_unlock(&p->mu);
     return NULL;
@@ -4906,8 +4974,9 @@ PATIO_API patio_executor *patio_thread_pool_new_ex(patio_registry *r, const pati
     p->max_queue = cfg->max_queue ? cfg->max_queue : PATIO_DEFAULT_QUEUE_SIZE;
     p->spin_us = patio__spin_us(cfg->spin_us);
     patio__spin_init(&p->spin, (uint64_t)p->spin_us * 1000u);
+    p->task_ns = PATIO__POOL_HELP_NS; /* until measured, tasks count as long: spread them */
     patio__mutex_init_hot(&p->mu);
-    pthread_cond_init(&p->cv, NULL);
+    patio__cond_init(&p->cv); /* timed waits (the standby) use the monotonic clock */
     if (patio__pool_start_threads(p, workers) != PATIO_OK) {
         patio_executor_free(&p->base);
         return NULL;

@@ -24,13 +24,14 @@ typedef struct env {
     patio_broker *broker;
 } env;
 
-static env env_new(const char *kind, int workers, size_t max_queue)
+static env env_new_spin(const char *kind, int workers, size_t max_queue, int spin_us)
 {
     env e;
     patio_thread_pool_config cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.max_workers = workers;
     cfg.max_queue = max_queue;
+    cfg.spin_us = spin_us;
     e.rpc = patio_registry_new(NULL);
     patio_register(e.rpc, "mul", mul, NULL);
     patio_register(e.rpc, "gated", gated, NULL);
@@ -39,6 +40,11 @@ static env env_new(const char *kind, int workers, size_t max_queue)
     else e.ex = patio_null_executor_new(e.rpc);
     e.broker = patio_memory_broker_new(e.ex);
     return e;
+}
+
+static env env_new(const char *kind, int workers, size_t max_queue)
+{
+    return env_new_spin(kind, workers, max_queue, 0);
 }
 
 static void env_free(env *e)
@@ -122,6 +128,41 @@ static void test_thread_pool_full_queue(void)
     }
     patio_call_free(running);
     patio_call_free(rejected);
+    env_free(&e);
+    gate_destroy(&g_gate);
+}
+
+/* Once the pool has seen that tasks are tiny, a submit no longer wakes a
+ * second worker while one is busy; a task that then turns out long must
+ * still not hold up the ones queued behind it: a standing-by worker takes
+ * over a queue that stopped moving. */
+static void test_thread_pool_long_task_does_not_stall_queue(void)
+{
+    env e;
+    patio_call *burst[500], *running, *behind[10];
+    int i, round, ok = 0;
+    gate_init(&g_gate);
+    e = env_new_spin("thread", 2, 0, -1); /* idle workers sleep at once: none polls the queue */
+    for (round = 0; round < 4; round++) {
+        for (i = 0; i < 500; i++) burst[i] = patio_call_async(e.broker, "mul", "ii", 2, 3);
+        CHECK_EQ_INT(patio_wait_all(burst, 500, 10.0), PATIO_OK);
+        for (i = 0; i < 500; i++) patio_call_free(burst[i]);
+    }
+    /* the premise: the pool now counts a task as far below what makes it wake a helper */
+    CHECK(patio__load(&((patio__pool *)e.ex)->task_ns) < PATIO__POOL_HELP_NS / 10);
+    running = patio_call_async(e.broker, "gated", "i", 1);
+    CHECK(gate_wait_arrived(&g_gate, 1));
+    for (i = 0; i < 10; i++) behind[i] = patio_call_async(e.broker, "mul", "ii", 2, 3);
+    CHECK_EQ_INT(patio_wait_all(behind, 10, 10.0), PATIO_OK);
+    for (i = 0; i < 10; i++) {
+        ok += patio_call_status(behind[i]) == PATIO_OK && patio_result_int(behind[i]) == 6;
+        patio_call_free(behind[i]);
+    }
+    CHECK_EQ_INT(ok, 10);
+    CHECK_EQ_INT(patio_call_status(running), PATIO_PENDING);
+    gate_open(&g_gate);
+    CHECK_EQ_INT(patio_call_wait(running, 10.0), PATIO_OK);
+    patio_call_free(running);
     env_free(&e);
     gate_destroy(&g_gate);
 }
@@ -310,6 +351,7 @@ int main(void)
     RUN(test_default_max_workers);
     RUN(test_null_executor_fails);
     RUN(test_thread_pool_full_queue);
+    RUN(test_thread_pool_long_task_does_not_stall_queue);
     RUN(test_thread_pool_shutdown_finishes_queue);
     RUN(test_cancel_queued_only);
     RUN(test_async_max_workers_and_later);
