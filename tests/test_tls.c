@@ -279,6 +279,22 @@ static void test_tls_name_override(void)
     patio_tls_free(srv);
 }
 
+/* A name too long to be checked is refused, not left unchecked. */
+static void test_tls_name_too_long(void)
+{
+    char name[300];
+    patio_tls_config tc;
+    patio_tls *cli;
+    memset(name, 'a', sizeof name - 1);
+    name[sizeof name - 1] = '\0';
+    memset(&tc, 0, sizeof tc);
+    tc.ca_file = path_of("ca.pem");
+    tc.server_name = name;
+    cli = patio_tls_new(&tc, NULL, 0);
+    refused_case(g_tls_srv, cli, "127.0.0.1", NULL, "tls handshake failed: server name too long");
+    patio_tls_free(cli);
+}
+
 /* "localhost" resolves and matches the certificate's DNS name. */
 static void test_tls_localhost(void)
 {
@@ -563,6 +579,7 @@ static const tcase tls_cases[] = {
     CASE(test_tls_expired),
     CASE(test_tls_name_mismatch),
     CASE(test_tls_name_override),
+    CASE(test_tls_name_too_long),
     CASE(test_tls_localhost),
     CASE(test_tls_insecure_skip_verify),
     CASE(test_tls_client_cert_missing),
