@@ -163,10 +163,14 @@ PATIO_TLS_API const char *patio_tls_library_version(void);
 
 static int patio_tls__rng(void *p, unsigned char *out, size_t n);
 
+/* PATIO_TLS__FIELD: a private field; PATIO_TLS__ERR_OLD_VERSION: the peer
+ * offers or chose a version below our minimum (the same code, renamed). */
 #if MBEDTLS_VERSION_NUMBER >= 0x03000000
 #define PATIO_TLS__FIELD(x) MBEDTLS_PRIVATE(x)
+#define PATIO_TLS__ERR_OLD_VERSION MBEDTLS_ERR_SSL_BAD_PROTOCOL_VERSION
 #else
 #define PATIO_TLS__FIELD(x) x
+#define PATIO_TLS__ERR_OLD_VERSION MBEDTLS_ERR_SSL_BAD_HS_PROTOCOL_VERSION
 #endif
 
 /* Once per process before the first handshake (3.x with PSA: TLS 1.3 and
@@ -618,12 +622,7 @@ static void patio_tls__fail(patio_tls__conn *c, int ret, const char *during)
         snprintf(c->err, sizeof c->err, "client certificate missing: this server requires one");
         return;
 #endif
-#if defined(MBEDTLS_ERR_SSL_BAD_HS_PROTOCOL_VERSION)
-    case MBEDTLS_ERR_SSL_BAD_HS_PROTOCOL_VERSION:
-#endif
-#if defined(MBEDTLS_ERR_SSL_BAD_PROTOCOL_VERSION)
-    case MBEDTLS_ERR_SSL_BAD_PROTOCOL_VERSION:
-#endif
+    case PATIO_TLS__ERR_OLD_VERSION:
         snprintf(c->err, sizeof c->err, "protocol version too low: the peer does not offer TLS 1.2 or later");
         return;
     default:
