@@ -8,6 +8,11 @@
 #   make test-poll     the poll() backend forced on Linux, build/poll/
 #   make test-cxx      the tests (and so the header) compiled as C++11, build/cxx/
 #   make test-symbols  every exported symbol of the implementation is patio_*
+#   make test-tls3     the TLS tests, TLS examples and TLS interop cases against
+#                      Debian 13's mbedTLS 3.6, fetched into MBEDTLS3 by
+#                      tests/tls/fetch_mbedtls3.sh (when not there yet),
+#                      build/tls3/; test-tls3-asan (ASan + UBSan, build/tls3-asan/)
+#                      and test-tls3-cxx (as C++11, build/tls3-cxx/) likewise
 #   make examples      examples/*.c with the plain flags the README promises
 #   make quickstart    builds and runs examples/quickstart.c
 #   make bench         tests/bench/bench_*.c, -O2 -DNDEBUG, run one after another
@@ -22,7 +27,11 @@
 # CFLAGS / CXXFLAGS / LDFLAGS (appended), TEST_TIMEOUT (seconds per test
 # program, default 120), TEST_FILTER (run only programs whose name contains
 # it), FUZZ_SECONDS (default 30), FUZZ_CC (default: CC if it is clang, else
-# clang).
+# clang), MBEDTLS_PREFIX (an mbedTLS to build the TLS programs of every other
+# target with instead of the system's: DIR/include and DIR/lib, as
+# tests/tls/fetch_mbedtls3.sh lays them out; e.g. `make bench
+# MBEDTLS_PREFIX=build/mbedtls3`), MBEDTLS3 (where test-tls3* find or fetch
+# mbedTLS 3.6, default build/mbedtls3).
 
 .SUFFIXES:
 .DELETE_ON_ERROR:
@@ -55,27 +64,51 @@ endif
 WARN    := -Wall -Wextra -Wpedantic -Werror
 INC     := -I. -Itests
 LDLIBS  := -pthread -lm
+
 # Programs that include patio_tls.h (tests/test_tls*.c, examples/tls_*.c,
-# tests/bench/bench_tls*.c) also link mbedTLS.
-TLS_LIBS := -lmbedtls -lmbedx509 -lmbedcrypto
+# tests/bench/bench_tls*.c) also link mbedTLS: the system's, or the one
+# under a prefix (its headers with -isystem, so they are not warned about;
+# its libraries found at run time through the rpath).
+MBEDTLS_PREFIX ?=
+MBEDTLS3       ?= build/mbedtls3
+comma     := ,
+tls_inc   = $(if $(1),-isystem $(abspath $(1))/include)
+tls_libs  = $(if $(1),-L$(abspath $(1))/lib -Wl$(comma)-rpath$(comma)$(abspath $(1))/lib) -lmbedtls -lmbedx509 -lmbedcrypto
+TLS_INC   := $(call tls_inc,$(MBEDTLS_PREFIX))
+TLS_LIBS  := $(call tls_libs,$(MBEDTLS_PREFIX))
+TLS3_INC  := $(call tls_inc,$(MBEDTLS3))
+TLS3_LIBS := $(call tls_libs,$(MBEDTLS3))
 
 BASE_CFLAGS := -std=c99 $(WARN) -g $(INC) -pthread
 SAN_ASAN    := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
 SAN_TSAN    := -fsanitize=thread
 
 # One compiler + flags pair per test variant: <variant>_CC, <variant>_FLAGS.
+# A variant with <variant>_TESTS builds only those tests; <variant>_TLS_LIBS
+# replaces TLS_LIBS.
 default_CC    := $(CC)
-default_FLAGS := $(BASE_CFLAGS) -O2 $(CFLAGS)
+default_FLAGS := $(BASE_CFLAGS) $(TLS_INC) -O2 $(CFLAGS)
 asan_CC       := $(CC)
-asan_FLAGS    := $(BASE_CFLAGS) -O1 $(SAN_ASAN) $(CFLAGS)
+asan_FLAGS    := $(BASE_CFLAGS) $(TLS_INC) -O1 $(SAN_ASAN) $(CFLAGS)
 tsan_CC       := $(CC)
-tsan_FLAGS    := $(BASE_CFLAGS) -O1 $(SAN_TSAN) $(CFLAGS)
+tsan_FLAGS    := $(BASE_CFLAGS) $(TLS_INC) -O1 $(SAN_TSAN) $(CFLAGS)
 poll_CC       := $(CC)
-poll_FLAGS    := $(BASE_CFLAGS) -O2 -DPATIO_USE_POLL $(CFLAGS)
+poll_FLAGS    := $(BASE_CFLAGS) $(TLS_INC) -O2 -DPATIO_USE_POLL $(CFLAGS)
 cxx_CC        := $(CXX)
-cxx_FLAGS     := -x c++ -std=c++11 $(WARN) -g $(INC) -pthread -O2 $(CXXFLAGS)
+cxx_FLAGS     := -x c++ -std=c++11 $(WARN) -g $(INC) $(TLS_INC) -pthread -O2 $(CXXFLAGS)
 
-VARIANTS := default asan tsan poll cxx
+# The TLS tests against mbedTLS 3.6 (MBEDTLS3).
+tls3_CC               := $(CC)
+tls3_FLAGS            := $(BASE_CFLAGS) $(TLS3_INC) -O2 $(CFLAGS)
+tls3-asan_CC          := $(CC)
+tls3-asan_FLAGS       := $(BASE_CFLAGS) $(TLS3_INC) -O1 $(SAN_ASAN) $(CFLAGS)
+tls3-cxx_CC           := $(CXX)
+tls3-cxx_FLAGS        := -x c++ -std=c++11 $(WARN) -g $(INC) $(TLS3_INC) -pthread -O2 $(CXXFLAGS)
+TLS3_VARIANTS         := tls3 tls3-asan tls3-cxx
+# each of them builds only the TLS tests, linked with TLS3_LIBS
+$(foreach v,$(TLS3_VARIANTS),$(eval $(v)_TESTS = $$(TLS_TEST_NAMES))$(eval $(v)_TLS_LIBS := $$(TLS3_LIBS)))
+
+VARIANTS := default asan tsan poll cxx $(TLS3_VARIANTS)
 
 # Environment for running each variant's programs.
 default_ENV :=
@@ -83,10 +116,13 @@ asan_ENV    := ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=halt_on_error=1:print_s
 tsan_ENV    := TSAN_OPTIONS='halt_on_error=1 second_deadlock_stack=1'
 poll_ENV    :=
 cxx_ENV     :=
+tls3_ENV      := $(default_ENV)
+tls3-asan_ENV := $(asan_ENV)
+tls3-cxx_ENV  := $(cxx_ENV)
 
 # The examples are built exactly as their header comments say, plus -Werror.
 EXAMPLE_CFLAGS := -std=c99 -Wall -Wextra -Werror -pthread
-BENCH_CFLAGS   := -std=c99 $(WARN) -g -O2 -DNDEBUG $(INC) -pthread $(CFLAGS)
+BENCH_CFLAGS   := -std=c99 $(WARN) -g -O2 -DNDEBUG $(INC) $(TLS_INC) -pthread $(CFLAGS)
 FUZZ_CFLAGS    := -std=c99 $(WARN) -g -O1 $(INC) -fsanitize=fuzzer,address,undefined \
                   -fno-omit-frame-pointer -fno-sanitize-recover=all $(CFLAGS)
 FUZZ_SECONDS   ?= 30
@@ -104,8 +140,12 @@ BENCH_BINS   := $(patsubst tests/bench/%.c,build/bench/%,$(BENCH_SRCS))
 FUZZ_SRCS    := $(sort $(wildcard tests/fuzz/fuzz_*.c))
 FUZZ_BINS    := $(patsubst tests/fuzz/%.c,build/fuzz/%,$(FUZZ_SRCS))
 
+TLS3_EXAMPLE_BINS := $(patsubst examples/%.c,build/tls3/examples/%,$(filter examples/tls_%,$(EXAMPLE_SRCS)))
+
+# tests/interop.sh builds the TLS examples with INTEROP_TLS.
+INTEROP_TLS = $(TLS_INC) $(TLS_LIBS)
 RUN_TESTS = TEST_TIMEOUT='$(TEST_TIMEOUT)' TEST_FILTER='$(TEST_FILTER)' \
-            CC='$(CC)' CXX='$(CXX)' bash tests/run.sh
+            CC='$(CC)' CXX='$(CXX)' INTEROP_TLS_FLAGS='$(INTEROP_TLS)' bash tests/run.sh
 
 # -------------------------------------------------------------------- rules
 
@@ -125,12 +165,12 @@ $(call cmd_stamp,build/$(1),$$($(1)_CC) $$($(1)_FLAGS) $$(LDFLAGS) $$(LDLIBS))
 build/$(1)/test_%: tests/test_%.c $$(TEST_HEADERS) build/$(1)/.cmd
 	$$($(1)_CC) $$($(1)_FLAGS) -MMD -MP -MF $$@.d $$< -o $$@ $$(LDFLAGS) $$(LDLIBS) $$(EXTRA_LIBS)
 
-$$(addprefix build/$(1)/,$$(TLS_TEST_NAMES)): EXTRA_LIBS = $$(TLS_LIBS)
+$$(addprefix build/$(1)/,$$(TLS_TEST_NAMES)): EXTRA_LIBS = $$(or $$($(1)_TLS_LIBS),$$(TLS_LIBS))
 
 build/$(1)/symbols_tu.o: tests/symbols_tu.c $$(TEST_HEADERS) build/$(1)/.cmd
 	$$($(1)_CC) $$($(1)_FLAGS) -MMD -MP -MF $$@.d -c $$< -o $$@
 
-$(1)_BINS := $$(addprefix build/$(1)/,$$(TEST_NAMES)) build/$(1)/symbols_tu.o
+$(1)_BINS := $$(addprefix build/$(1)/,$$(or $$($(1)_TESTS),$$(TEST_NAMES) symbols_tu.o))
 
 # tests/run.sh runs whatever is in the directory, so a program whose source
 # is gone (deleted or renamed test) is removed first.
@@ -147,11 +187,24 @@ endef
 
 $(foreach v,$(VARIANTS),$(eval $(call test_variant,$(v))))
 
-$(eval $(call cmd_stamp,build/examples,$(CC) $(EXAMPLE_CFLAGS) $(LDFLAGS)))
+$(eval $(call cmd_stamp,build/examples,$(CC) $(EXAMPLE_CFLAGS) $(TLS_INC) $(LDFLAGS)))
 build/examples/%: examples/%.c patio.h patio_tls.h build/examples/.cmd
-	$(CC) $(EXAMPLE_CFLAGS) -MMD -MP -MF $@.d $< -o $@ $(LDFLAGS) $(EXTRA_LIBS)
+	$(CC) $(EXAMPLE_CFLAGS) $(TLS_INC) -MMD -MP -MF $@.d $< -o $@ $(LDFLAGS) $(EXTRA_LIBS)
 
 $(filter build/examples/tls_%,$(EXAMPLE_BINS)): EXTRA_LIBS = $(TLS_LIBS)
+
+# The TLS examples against mbedTLS 3.6, built as the others are.
+$(eval $(call cmd_stamp,build/tls3/examples,$(CC) $(EXAMPLE_CFLAGS) $(TLS3_INC) $(LDFLAGS)))
+build/tls3/examples/%: examples/%.c patio.h patio_tls.h build/tls3/examples/.cmd
+	$(CC) $(EXAMPLE_CFLAGS) $(TLS3_INC) -MMD -MP -MF $@.d $< -o $@ $(LDFLAGS) $(TLS3_LIBS)
+
+# mbedTLS 3.6 for the tls3 variants: fetched once (an MBEDTLS3 that already
+# has the headers is used as it is).
+MBEDTLS3_HEADER := $(MBEDTLS3)/include/mbedtls/build_info.h
+$(MBEDTLS3_HEADER):
+	tests/tls/fetch_mbedtls3.sh $(MBEDTLS3)
+
+$(foreach v,$(TLS3_VARIANTS),$($(v)_BINS)) $(TLS3_EXAMPLE_BINS): | $(MBEDTLS3_HEADER)
 
 $(eval $(call cmd_stamp,build/bench,$(CC) $(BENCH_CFLAGS) $(LDFLAGS) $(LDLIBS)))
 build/bench/%: tests/bench/%.c $(TEST_HEADERS) build/bench/.cmd
@@ -163,11 +216,12 @@ $(eval $(call cmd_stamp,build/fuzz,$(FUZZ_CC) $(FUZZ_CFLAGS) $(LDFLAGS) $(LDLIBS
 build/fuzz/%: tests/fuzz/%.c $(TEST_HEADERS) build/fuzz/.cmd
 	$(FUZZ_CC) $(FUZZ_CFLAGS) -MMD -MP -MF $@.d $< -o $@ $(LDFLAGS) $(LDLIBS)
 
--include $(wildcard build/examples/*.d build/bench/*.d build/fuzz/*.d)
+-include $(wildcard build/examples/*.d build/tls3/examples/*.d build/bench/*.d build/fuzz/*.d)
 
 # ------------------------------------------------------------------ targets
 
 .PHONY: all test test-asan test-tsan test-poll test-cxx test-symbols \
+        test-tls3 test-tls3-asan test-tls3-cxx \
         examples quickstart bench fuzz fuzz-build clean FORCE \
         $(addprefix build-,$(VARIANTS))
 FORCE:
@@ -188,6 +242,19 @@ test-poll: build-poll
 
 test-cxx: build-cxx
 	@$(cxx_ENV) $(RUN_TESTS) build/cxx
+
+# The TLS tests, and the interop suite's TLS cases with the examples it
+# builds linked with the same mbedTLS; the sanitizer and C++ runs leave the
+# interop suite out.
+test-tls3: INTEROP_TLS = $(TLS3_INC) $(TLS3_LIBS)
+test-tls3: build-tls3 $(TLS3_EXAMPLE_BINS)
+	@$(tls3_ENV) TEST_SCRIPTS=interop.sh INTEROP_FILTER=tls $(RUN_TESTS) build/tls3
+
+test-tls3-asan: build-tls3-asan
+	@$(tls3-asan_ENV) TEST_SCRIPTS= $(RUN_TESTS) build/tls3-asan
+
+test-tls3-cxx: build-tls3-cxx
+	@$(tls3-cxx_ENV) TEST_SCRIPTS= $(RUN_TESTS) build/tls3-cxx
 
 test-symbols: build/default/symbols_tu.o
 	@CC='$(CC)' bash tests/check_symbols.sh build/default

@@ -38,9 +38,10 @@
  * server side (own certificate required), outgoing ones the client side.
  * It may be shared by several brokers and threads; it must outlive them.
  *
- * mbedTLS versions: 2.28 (tested: Debian 12's libmbedtls-dev 2.28.3) and
- * 3.x (the differences are gated on MBEDTLS_VERSION_NUMBER in one block
- * below). TLS 1.2 is the minimum; TLS 1.3 is used when the library has it.
+ * mbedTLS versions: 2.28 and 3.x, the differences gated on
+ * MBEDTLS_VERSION_NUMBER in one block below. Built and tested with Debian
+ * 12's 2.28.3 and Debian 13's 3.6.6 (`make test-tls3`). TLS 1.2 is the
+ * minimum; TLS 1.3 is used when the library has it (3.6 does by default).
  *
  * The header compiles as C99 and C++11 with -Wall -Wextra -Wpedantic -Werror;
  * pass a self-built mbedTLS's include directory with -isystem. */
@@ -162,18 +163,34 @@ PATIO_TLS_API const char *patio_tls_library_version(void);
 
 static int patio_tls__rng(void *p, unsigned char *out, size_t n);
 
+/* PATIO_TLS__FIELD: a private field; PATIO_TLS__ERR_OLD_VERSION: the peer
+ * offers or chose a version below our minimum (the same code, renamed). */
 #if MBEDTLS_VERSION_NUMBER >= 0x03000000
 #define PATIO_TLS__FIELD(x) MBEDTLS_PRIVATE(x)
+#define PATIO_TLS__ERR_OLD_VERSION MBEDTLS_ERR_SSL_BAD_PROTOCOL_VERSION
 #else
 #define PATIO_TLS__FIELD(x) x
+#define PATIO_TLS__ERR_OLD_VERSION MBEDTLS_ERR_SSL_BAD_HS_PROTOCOL_VERSION
 #endif
 
 /* Once per process before the first handshake (3.x with PSA: TLS 1.3 and
- * the PSA-based key handling need it). */
+ * the PSA-based key handling need it); the first patio_tls_new does it,
+ * under pthread_once since brokers on other threads may create theirs. */
+#if MBEDTLS_VERSION_NUMBER >= 0x03000000 && defined(MBEDTLS_PSA_CRYPTO_C)
+static int patio_tls__psa_status = -1;
+
+static void patio_tls__psa_init(void)
+{
+    patio_tls__psa_status = psa_crypto_init() == PSA_SUCCESS ? 0 : -1;
+}
+#endif
+
 static int patio_tls__crypto_init(void)
 {
 #if MBEDTLS_VERSION_NUMBER >= 0x03000000 && defined(MBEDTLS_PSA_CRYPTO_C)
-    return psa_crypto_init() == PSA_SUCCESS ? 0 : -1;
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, patio_tls__psa_init);
+    return patio_tls__psa_status;
 #else
     return 0;
 #endif
@@ -213,8 +230,20 @@ static void patio_tls__min_tls12(mbedtls_ssl_config *conf)
 #endif
 }
 
+/* Whether the connection runs TLS 1.3 (3.x: on by default since 3.6). */
+static int patio_tls__is_tls13(const mbedtls_ssl_context *ssl)
+{
+#if MBEDTLS_VERSION_NUMBER >= 0x03020000 && defined(MBEDTLS_SSL_PROTO_TLS1_3)
+    return mbedtls_ssl_get_version_number(ssl) == MBEDTLS_SSL_VERSION_TLS1_3;
+#else
+    (void)ssl;
+    return 0;
+#endif
+}
+
 /* The description byte of the last alert received (mbedTLS keeps the
- * record in its input buffer after reporting a fatal alert). */
+ * record in its input buffer after reporting a fatal alert; no accessor
+ * for it in 2.28 or 3.x, so 3.x needs MBEDTLS_PRIVATE). */
 static int patio_tls__last_alert(const mbedtls_ssl_context *ssl)
 {
     const unsigned char *m = ssl->PATIO_TLS__FIELD(in_msg);
@@ -252,6 +281,9 @@ typedef struct patio_tls__conn {
     mbedtls_ssl_context ssl;
     patio_tls *tls;
     int fd, is_server, sock_errno, sock_eof, hs_done;
+    int first_wait;      /* TLS 1.3 client: handshake over, the server's first record not yet in */
+    int has_held;        /* `held` is the first byte of that record, not read by the broker yet */
+    unsigned char held;
     const char *name;    /* checked name (client), points into `names` */
     char names[256];
     char err[320];
@@ -542,58 +574,76 @@ static int patio_tls__peek_alert(patio_tls__conn *c)
     return -1;
 }
 
+/* Describes a received fatal alert in c->err. */
+static void patio_tls__alert_fail(patio_tls__conn *c, int alert, const char *during)
+{
+    const char *t = patio_tls__alert_text(alert);
+    if (alert == MBEDTLS_SSL_ALERT_MSG_PROTOCOL_VERSION && !c->is_server && !c->hs_done)
+        snprintf(c->err, sizeof c->err,
+                 "protocol version too low: no TLS version in common with the server (this client requires "
+                 "TLS 1.2 or later)");
+    else if (t) snprintf(c->err, sizeof c->err, "the peer refused the %s: %s", during, t);
+    else snprintf(c->err, sizeof c->err, "the peer sent fatal alert %d during the %s", alert, during);
+}
+
+/* The peer hung up during the handshake (reason: how it looked here). A
+ * TLS 1.3 client waiting for the server's first record (first_wait) was
+ * most likely refused for its certificate: mbedTLS servers seal that
+ * alert with a key the client has already dropped, and others may hang
+ * up first. */
+static void patio_tls__hung_up(patio_tls__conn *c, const char *reason)
+{
+    if (c->first_wait)
+        snprintf(c->err, sizeof c->err,
+                 "the server closed the connection right after the TLS 1.3 handshake (%s); its log says why "
+                 "(it may require a client certificate, or refuse ours)", reason);
+    else
+        snprintf(c->err, sizeof c->err,
+                 "the %s closed the connection during the TLS handshake (%s); its log says why (%s)",
+                 c->is_server ? "client" : "server", reason,
+                 c->is_server ? "it may not trust our certificate"
+                              : "it may require a client certificate, or refuse ours");
+}
+
 /* Describes a failed mbedTLS call in c->err. */
 static void patio_tls__fail(patio_tls__conn *c, int ret, const char *during)
 {
     char e[160];
-    const char *t;
-    if (c->sock_errno) {
-        int alert = ret != MBEDTLS_ERR_SSL_FATAL_ALERT_MESSAGE && !c->hs_done
-                        ? patio_tls__peek_alert(c) : -1;
-        if (alert >= 0) {
-            t = patio_tls__alert_text(alert);
-            if (t) snprintf(c->err, sizeof c->err, "the peer refused the %s: %s", during, t);
-            else snprintf(c->err, sizeof c->err, "the peer sent fatal alert %d during the %s", alert, during);
-            return;
-        }
-        if (!c->hs_done && (c->sock_errno == EPIPE || c->sock_errno == ECONNRESET))
-            snprintf(c->err, sizeof c->err,
-                     "the peer closed the connection during the %s (%s); its log says why (it may require "
-                     "a client certificate, or refuse ours)", during, strerror(c->sock_errno));
-        else
-            snprintf(c->err, sizeof c->err, "%s: socket error: %s", during, strerror(c->sock_errno));
-        return;
-    }
+    int net, closed;
     switch (ret) {
+    case MBEDTLS_ERR_SSL_FATAL_ALERT_MESSAGE:
+        patio_tls__alert_fail(c, patio_tls__last_alert(&c->ssl), during);
+        return;
     case MBEDTLS_ERR_X509_CERT_VERIFY_FAILED:
         patio_tls__verify_text(c, mbedtls_ssl_get_verify_result(&c->ssl));
-        return;
-    case MBEDTLS_ERR_SSL_FATAL_ALERT_MESSAGE:
-        t = patio_tls__alert_text(patio_tls__last_alert(&c->ssl));
-        if (t) snprintf(c->err, sizeof c->err, "the peer refused the %s: %s", during, t);
-        else snprintf(c->err, sizeof c->err, "the peer sent fatal alert %d during the %s",
-                      patio_tls__last_alert(&c->ssl), during);
         return;
 #if defined(MBEDTLS_ERR_SSL_NO_CLIENT_CERTIFICATE)
     case MBEDTLS_ERR_SSL_NO_CLIENT_CERTIFICATE:
         snprintf(c->err, sizeof c->err, "client certificate missing: this server requires one");
         return;
 #endif
-#if defined(MBEDTLS_ERR_SSL_BAD_HS_PROTOCOL_VERSION)
-    case MBEDTLS_ERR_SSL_BAD_HS_PROTOCOL_VERSION:
-#endif
-#if defined(MBEDTLS_ERR_SSL_BAD_PROTOCOL_VERSION)
-    case MBEDTLS_ERR_SSL_BAD_PROTOCOL_VERSION:
-#endif
+    case PATIO_TLS__ERR_OLD_VERSION:
         snprintf(c->err, sizeof c->err, "protocol version too low: the peer does not offer TLS 1.2 or later");
-        return;
-    case MBEDTLS_ERR_SSL_CONN_EOF:
-        snprintf(c->err, sizeof c->err, "connection closed by the peer during the %s", during);
         return;
     default:
         break;
     }
-    if (c->sock_eof) {
+    net = c->sock_errno != 0 || ret == MBEDTLS_ERR_NET_CONN_RESET || ret == MBEDTLS_ERR_NET_SEND_FAILED ||
+          ret == MBEDTLS_ERR_NET_RECV_FAILED;
+    closed = c->sock_eof || ret == 0 || ret == MBEDTLS_ERR_SSL_CONN_EOF || ret == MBEDTLS_ERR_SSL_PEER_CLOSE_NOTIFY;
+    if (!c->hs_done) {
+        /* a peer that hangs up often said why first, in a plaintext alert */
+        int alert = net && !c->first_wait ? patio_tls__peek_alert(c) : -1;
+        if (alert >= 0) patio_tls__alert_fail(c, alert, during);
+        else if (net) patio_tls__hung_up(c, strerror(c->sock_errno ? c->sock_errno : ECONNRESET));
+        else if (closed) patio_tls__hung_up(c, "end of stream");
+        else if (ret == MBEDTLS_ERR_SSL_INVALID_MAC && patio_tls__is_tls13(&c->ssl))
+            patio_tls__hung_up(c, "a record we could not decrypt, likely its alert");
+        if (c->err[0]) return;
+    } else if (net) {
+        snprintf(c->err, sizeof c->err, "%s: socket error: %s", during, strerror(c->sock_errno ? c->sock_errno : EIO));
+        return;
+    } else if (closed) {
         snprintf(c->err, sizeof c->err, "connection closed by the peer during the %s", during);
         return;
     }
@@ -630,7 +680,11 @@ static int patio_tls__create(void *ctx, int fd, int is_server, const char *serve
     r = mbedtls_ssl_setup(&c->ssl, is_server ? &tls->srv : &tls->cli);
     if (r == 0 && !is_server) {
         const char *name = tls->server_name ? tls->server_name : server_name;
-        if (name && strlen(name) < sizeof c->names) {
+        if (name && strlen(name) >= sizeof c->names) { /* never checking it is no way out */
+            snprintf(c->err, sizeof c->err, "server name too long (%u bytes at most)", (unsigned)sizeof c->names - 1);
+            return PATIO_OK;
+        }
+        if (name) {
             memcpy(c->names, name, strlen(name) + 1);
             c->name = c->names;
             r = mbedtls_ssl_set_hostname(&c->ssl, c->name);
@@ -657,9 +711,10 @@ static int patio_tls__handshake(void *handle)
     patio_tls__conn *c = (patio_tls__conn *)handle;
     int r;
     if (!c || c->err[0]) return PATIO_TRANSPORT_ERROR; /* from create */
-    do r = mbedtls_ssl_handshake(&c->ssl);
-    while (patio_tls__again(r));
-    if (r == 0) {
+    if (!c->first_wait) {
+        do r = mbedtls_ssl_handshake(&c->ssl);
+        while (patio_tls__again(r));
+        if (r != 0) return patio_tls__map(c, r, "TLS handshake");
         /* OPTIONAL lets a client without a certificate in; one that sent a
          * certificate that does not verify is refused all the same */
         if (c->is_server && c->tls->client_auth == PATIO_TLS_CLIENT_AUTH_OPTIONAL) {
@@ -671,6 +726,21 @@ static int patio_tls__handshake(void *handle)
                 return PATIO_TRANSPORT_ERROR;
             }
         }
+        /* In TLS 1.3 the server judges the client's certificate after the
+         * client's handshake is over, and a refusal arrives as the next
+         * record. The broker's server always speaks first (PROTOCOL.md),
+         * so a client's handshake ends with the first byte of that record:
+         * a refusal stays a handshake failure, as in TLS 1.2. */
+        if (c->is_server || !patio_tls__is_tls13(&c->ssl)) {
+            c->hs_done = 1;
+            return PATIO_OK;
+        }
+        c->first_wait = 1;
+    }
+    do r = mbedtls_ssl_read(&c->ssl, &c->held, 1);
+    while (patio_tls__again(r));
+    if (r == 1) {
+        c->has_held = 1;
         c->hs_done = 1;
         return PATIO_OK;
     }
@@ -680,12 +750,20 @@ static int patio_tls__handshake(void *handle)
 static ptrdiff_t patio_tls__read(void *handle, void *buf, size_t n)
 {
     patio_tls__conn *c = (patio_tls__conn *)handle;
+    unsigned char *out = (unsigned char *)buf;
+    size_t k = 0;
     int r;
     if (!c) return PATIO_TRANSPORT_ERROR;
     if (n > 0x40000000u) n = 0x40000000u;
-    do r = mbedtls_ssl_read(&c->ssl, (unsigned char *)buf, n);
+    if (c->has_held && n > 0) { /* the byte that ended a TLS 1.3 client's handshake */
+        out[k++] = c->held;
+        c->has_held = 0;
+        if (mbedtls_ssl_get_bytes_avail(&c->ssl) == 0) return 1;
+    }
+    do r = mbedtls_ssl_read(&c->ssl, out + k, n - k);
     while (patio_tls__again(r));
-    if (r > 0) return r;
+    if (r > 0) return (ptrdiff_t)k + r;
+    if (k) return (ptrdiff_t)k; /* whatever ended the read comes again next time */
     if (r == 0 || r == MBEDTLS_ERR_SSL_PEER_CLOSE_NOTIFY || r == MBEDTLS_ERR_SSL_CONN_EOF) return 0;
     return patio_tls__map(c, r, "TLS read");
 }
@@ -707,7 +785,7 @@ static size_t patio_tls__pending(void *handle)
     patio_tls__conn *c = (patio_tls__conn *)handle;
     size_t n;
     if (!c) return 0; /* asked after the connection was closed */
-    n = mbedtls_ssl_get_bytes_avail(&c->ssl);
+    n = mbedtls_ssl_get_bytes_avail(&c->ssl) + (size_t)c->has_held;
     /* a record already read from the socket but not yet decrypted also
      * counts: the socket will not signal it again */
     if (n == 0 && mbedtls_ssl_check_pending(&c->ssl)) n = 1;

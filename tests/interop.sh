@@ -10,7 +10,9 @@
 #
 # Ends with one line "interop: N passed, M failed"; exits 1 if anything
 # failed. Environment: CC (default cc), INTEROP_TIMEOUT (seconds for the
-# Python run, default 100), INTEROP_FILTER (only cases whose name contains it).
+# Python run, default 100), INTEROP_FILTER (only cases whose name contains it),
+# INTEROP_TLS_FLAGS (compiler flags that build the TLS examples with mbedTLS,
+# default -lmbedtls -lmbedx509 -lmbedcrypto).
 
 set -u
 export LC_ALL=C
@@ -27,6 +29,7 @@ mkdir -p "$1/interop" || { echo "interop: 0 passed, 1 failed"; exit 1; }
 out=$(cd "$1/interop" && pwd)
 cc=${CC:-cc}
 py_timeout=${INTEROP_TIMEOUT:-100}
+tls_flags=${INTEROP_TLS_FLAGS:--lmbedtls -lmbedx509 -lmbedcrypto}
 
 # ---- a Python with msgpack: Debian's first (a pyenv python3 may lack it)
 python=
@@ -67,8 +70,9 @@ done
 # ---- the TLS examples (mbedTLS) and the test certificates
 for name in tls_server tls_client; do
     rm -f "$out/$name"
+    # shellcheck disable=SC2086
     if ! "$cc" -std=c99 -Wall -Wextra -pthread "$root/examples/$name.c" -o "$out/$name" \
-            -lmbedtls -lmbedx509 -lmbedcrypto > "$out/$name.log" 2>&1; then
+            $tls_flags > "$out/$name.log" 2>&1; then
         echo "FAIL build $name:"
         sed 's/^/    | /' "$out/$name.log" | head -n 40
         build_failed=$((build_failed + 1))

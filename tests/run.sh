@@ -12,6 +12,8 @@
 # Environment:
 #   TEST_TIMEOUT       seconds per program (default 120)
 #   TEST_FILTER        run only programs whose name contains this string
+#   TEST_SCRIPTS       when set (even empty): run only these tests/*.sh scripts
+#                      (names, separated by spaces) instead of every one
 #   TEST_OUTPUT_LINES  how many output lines to show for a failure (default 400)
 
 set -u
@@ -168,6 +170,9 @@ for script in "$tests_dir"/*.sh; do
     [ -f "$script" ] && [ -x "$script" ] || continue
     name=$(basename "$script")
     [ "$name" = "$self" ] && continue
+    if [ -n "${TEST_SCRIPTS+set}" ]; then
+        case " $TEST_SCRIPTS " in *" $name "*) ;; *) continue ;; esac
+    fi
     wanted "$name" || continue
     run_one "$name" bash "$script" "$build_dir"
 done

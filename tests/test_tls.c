@@ -2,8 +2,8 @@
  * tests/test_tcp.c run again over TLS with server verification and over
  * TLS with client certificates required, then the TLS cases: unknown CA,
  * expired certificate, name mismatch (and the ways to accept a name),
- * missing or foreign client certificate, a client that offers only
- * TLS 1.1, bad configurations (corrupted PEM, missing file, key password),
+ * missing or foreign client certificate, a client and a server that
+ * offer only TLS 1.1, bad configurations (corrupted PEM, missing file, key password),
  * key authentication inside TLS, a plain peer against a TLS one, and the
  * retry with backoff after a failed handshake.
  *
@@ -14,9 +14,11 @@
 #define PATIO_TLS_IMPLEMENTATION
 #include "patio_tls.h"
 
-#include <mbedtls/net_sockets.h>
+#include <poll.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdlib.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 static char g_dir[256];                 /* the certificates */
@@ -279,6 +281,22 @@ static void test_tls_name_override(void)
     patio_tls_free(srv);
 }
 
+/* A name too long to be checked is refused, not left unchecked. */
+static void test_tls_name_too_long(void)
+{
+    char name[300];
+    patio_tls_config tc;
+    patio_tls *cli;
+    memset(name, 'a', sizeof name - 1);
+    name[sizeof name - 1] = '\0';
+    memset(&tc, 0, sizeof tc);
+    tc.ca_file = path_of("ca.pem");
+    tc.server_name = name;
+    cli = patio_tls_new(&tc, NULL, 0);
+    refused_case(g_tls_srv, cli, "127.0.0.1", NULL, "tls handshake failed: server name too long");
+    patio_tls_free(cli);
+}
+
 /* "localhost" resolves and matches the certificate's DNS name. */
 static void test_tls_localhost(void)
 {
@@ -322,59 +340,161 @@ static void test_tls_client_cert_optional(void)
     patio_tls_free(srv);
 }
 
-/* A client that offers TLS 1.1 at most, written with mbedTLS directly. */
-typedef struct old_client {
-    int port, ret;
-} old_client;
+/* ---- peers that offer TLS 1.1 at most --------------------------------------
+ * tests/tls/old_tls_peer.py (Python's ssl module, loopback only) runs as a
+ * child process; its output comes through a pipe: "port N" for the server
+ * modes, then one "result: ..." line. It bounds its own waits (15 s in
+ * all); here every read waits 10 s at most, and the child is killed if it
+ * has not ended 5 s after that. */
+typedef struct old_peer {
+    pid_t pid;
+    int fd;
+    char buf[512];
+    size_t len;
+} old_peer;
 
-static void *old_client_run(void *arg)
+static int old_peer_start(old_peer *o, const char *mode, int port)
 {
-    old_client *o = (old_client *)arg;
-    mbedtls_ssl_context ssl;
-    mbedtls_ssl_config conf;
-    mbedtls_net_context net;
-    char port[16];
-    int r;
-    mbedtls_ssl_init(&ssl);
-    mbedtls_ssl_config_init(&conf);
-    mbedtls_net_init(&net);
-    snprintf(port, sizeof port, "%d", o->port);
-    o->ret = 1;
-    if (mbedtls_net_connect(&net, "127.0.0.1", port, MBEDTLS_NET_PROTO_TCP) != 0) goto done;
-    mbedtls_ssl_config_defaults(&conf, MBEDTLS_SSL_IS_CLIENT, MBEDTLS_SSL_TRANSPORT_STREAM, MBEDTLS_SSL_PRESET_DEFAULT);
-    mbedtls_ssl_conf_rng(&conf, patio_tls__rng, g_tls_cli);
-    mbedtls_ssl_conf_authmode(&conf, MBEDTLS_SSL_VERIFY_NONE);
-    mbedtls_ssl_conf_min_version(&conf, MBEDTLS_SSL_MAJOR_VERSION_3, MBEDTLS_SSL_MINOR_VERSION_1);
-    mbedtls_ssl_conf_max_version(&conf, MBEDTLS_SSL_MAJOR_VERSION_3, MBEDTLS_SSL_MINOR_VERSION_2);
-    if (mbedtls_ssl_setup(&ssl, &conf) != 0) goto done;
-    mbedtls_ssl_set_bio(&ssl, &net, mbedtls_net_send, mbedtls_net_recv, NULL);
-    r = mbedtls_ssl_handshake(&ssl);
-    o->ret = r;
-done:
-    mbedtls_ssl_free(&ssl);
-    mbedtls_ssl_config_free(&conf);
-    mbedtls_net_free(&net);
+    char script[512], portbuf[16];
+    const char *src = __FILE__, *slash = strrchr(src, '/');
+    int p[2];
+    o->pid = -1;
+    o->fd = -1;
+    o->len = 0;
+    snprintf(script, sizeof script, "%.*s/tls/old_tls_peer.py", slash ? (int)(slash - src) : 1, slash ? src : ".");
+    snprintf(portbuf, sizeof portbuf, "%d", port);
+    if (pipe(p) != 0) return -1;
+    o->pid = fork();
+    if (o->pid == 0) {
+        dup2(p[1], 1);
+        close(p[0]);
+        close(p[1]);
+        execlp("python3", "python3", script, mode, g_dir, portbuf, (char *)NULL);
+        if (write(1, "result: cannot run python3\n", 27) < 0) _exit(126); /* only async-signal-safe calls here */
+        _exit(127);
+    }
+    close(p[1]);
+    if (o->pid < 0) {
+        close(p[0]);
+        return -1;
+    }
+    o->fd = p[0];
+    return 0;
+}
+
+/* The next output line of the peer starting with prefix (the rest of it),
+ * or NULL when none came within 10 s. */
+static const char *old_peer_line(old_peer *o, const char *prefix)
+{
+    static char line[512];
+    double end = now_s() + 10.0;
+    for (;;) {
+        char *nl = (char *)memchr(o->buf, '\n', o->len);
+        struct pollfd pfd;
+        ssize_t n;
+        int left_ms = (int)((end - now_s()) * 1000);
+        if (nl) {
+            size_t k = (size_t)(nl - o->buf);
+            memcpy(line, o->buf, k);
+            line[k] = '\0';
+            o->len -= k + 1;
+            memmove(o->buf, nl + 1, o->len);
+            if (strncmp(line, prefix, strlen(prefix)) == 0) return line + strlen(prefix);
+            fprintf(stderr, "  old_tls_peer: %s\n", line);
+            continue;
+        }
+        if (left_ms <= 0 || o->len == sizeof o->buf - 1) break;
+        pfd.fd = o->fd;
+        pfd.events = POLLIN;
+        if (poll(&pfd, 1, left_ms) <= 0) break;
+        n = read(o->fd, o->buf + o->len, sizeof o->buf - 1 - o->len);
+        if (n <= 0) break;
+        o->len += (size_t)n;
+    }
+    fprintf(stderr, "  old_tls_peer: no \"%s\" line within 10 s\n", prefix);
     return NULL;
 }
 
+static void old_peer_end(old_peer *o)
+{
+    double end = now_s() + 5.0;
+    int status;
+    struct timespec ts;
+    ts.tv_sec = 0;
+    ts.tv_nsec = 5000000;
+    if (o->fd >= 0) close(o->fd);
+    if (o->pid <= 0) return;
+    while (waitpid(o->pid, &status, WNOHANG) == 0) {
+        if (now_s() > end) {
+            fprintf(stderr, "  old_tls_peer did not end: killed\n");
+            kill(o->pid, SIGKILL);
+            waitpid(o->pid, &status, 0);
+            break;
+        }
+        nanosleep(&ts, NULL);
+    }
+}
+
+/* A TLS 1.1 client against our server: the server refuses it. */
 static void test_tls_version_too_low(void)
 {
-#if MBEDTLS_VERSION_NUMBER < 0x03000000 && defined(MBEDTLS_SSL_PROTO_TLS1_1)
     lnode s;
-    old_client o;
-    pthread_t th;
+    old_peer o;
+    const char *res;
     log_clear();
     CHECK(lnode_start(&s, "server", g_tls_srv, KEY, 0) == 0);
-    o.port = s.port;
-    o.ret = 0;
-    pthread_create(&th, NULL, old_client_run, &o);
-    pthread_join(th, NULL);
-    CHECK(o.ret != 0); /* the handshake failed */
-    CHECK(wait_log("server", "protocol version too low"));
+    CHECK(old_peer_start(&o, "client", s.port) == 0);
+    res = old_peer_line(&o, "result: ");
+    CHECK(res != NULL);
+    if (res && strncmp(res, "unsupported", 11) == 0) {
+        printf("  (skipped: Python's ssl module cannot offer TLS 1.1 here: %s)\n", res);
+    } else if (res) {
+        if (strncmp(res, "refused", 7) != 0) fprintf(stderr, "  old client: %s\n", res);
+        CHECK(strncmp(res, "refused", 7) == 0);
+        CHECK(wait_log("server", "tls handshake failed: protocol version too low"));
+        CHECK(stats_of(s.b).auth_failures >= 1);
+    }
+    old_peer_end(&o);
     lnode_free(&s);
-#else
-    printf("  (skipped: this mbedTLS cannot offer TLS 1.1; tests/interop covers it with Python)\n");
-#endif
+}
+
+/* Our client against a server that offers TLS 1.1 at most: a real one
+ * (Python's ssl), then a hand-made TLS 1.1 ServerHello. The client
+ * refuses with a protocol_version alert (70) and says why. */
+static void server_too_old(const char *mode)
+{
+    lnode c;
+    old_peer o;
+    const char *res;
+    int port;
+    log_clear();
+    CHECK(old_peer_start(&o, mode, 0) == 0);
+    res = old_peer_line(&o, "port ");
+    port = res ? atoi(res) : 0;
+    CHECK(port > 0);
+    if (port > 0) {
+        CHECK(lnode_start(&c, "client", g_tls_cli, KEY, -1) == 0);
+        CHECK_EQ_INT(patio_tcp_connect(c.b, "127.0.0.1", port), PATIO_OK);
+        res = old_peer_line(&o, "result: ");
+        CHECK(res != NULL);
+        if (res && strncmp(res, "unsupported", 11) == 0) {
+            printf("  (skipped a real TLS 1.1 server: %s)\n", res);
+        } else if (res) {
+            const char *want = strcmp(mode, "hello") == 0 ? "alert 2 70" : "refused";
+            if (strncmp(res, want, strlen(want)) != 0) fprintf(stderr, "  old server: %s\n", res);
+            CHECK(strncmp(res, want, strlen(want)) == 0);
+            CHECK(wait_log("client", "tls handshake failed: protocol version too low"));
+        }
+        CHECK_EQ_INT(patio_tcp_wait_peers(c.b, 1, 0.1), PATIO_ERR_TIMEOUT);
+        lnode_free(&c);
+    }
+    old_peer_end(&o);
+}
+
+static void test_tls_server_version_too_low(void)
+{
+    server_too_old("server");
+    server_too_old("hello");
 }
 
 /* ---- configuration errors -------------------------------------------------- */
@@ -563,12 +683,14 @@ static const tcase tls_cases[] = {
     CASE(test_tls_expired),
     CASE(test_tls_name_mismatch),
     CASE(test_tls_name_override),
+    CASE(test_tls_name_too_long),
     CASE(test_tls_localhost),
     CASE(test_tls_insecure_skip_verify),
     CASE(test_tls_client_cert_missing),
     CASE(test_tls_client_cert_unknown_ca),
     CASE(test_tls_client_cert_optional),
     CASE(test_tls_version_too_low),
+    CASE(test_tls_server_version_too_low),
     CASE(test_tls_config_errors),
     CASE(test_tls_missing_material),
     CASE(test_tls_key_auth_inside),
