@@ -421,9 +421,19 @@ PATIO_TLS_API patio_tls *patio_tls_new(const patio_tls_config *cfg, char *err, s
         r = patio_tls__parse_key(&tls->key, cfg->key_pem, cfg->key_file, cfg->key_password, tls);
         if (r != 0) {
             const char *why = patio_tls__strerror(r, e, sizeof e);
-            if (r == MBEDTLS_ERR_PK_PASSWORD_REQUIRED) why = "the key is encrypted: set key_password";
-            else if (r == MBEDTLS_ERR_PK_PASSWORD_MISMATCH) why = "wrong key_password";
-            else if (r == MBEDTLS_ERR_PK_FILE_IO_ERROR) why = "cannot read the file";
+            char guess[sizeof e + 48];
+            if (r == MBEDTLS_ERR_PK_PASSWORD_REQUIRED) {
+                why = "the key is encrypted: set key_password";
+            } else if (r == MBEDTLS_ERR_PK_PASSWORD_MISMATCH) {
+                why = "wrong key_password";
+            } else if (r == MBEDTLS_ERR_PK_FILE_IO_ERROR) {
+                why = "cannot read the file";
+            } else if (cfg->key_password) {
+                /* a wrong password decrypts to garbage, which now and then
+                 * passes the padding check and fails as a malformed key */
+                snprintf(guess, sizeof guess, "wrong key_password, or a damaged key (%s)", why);
+                why = guess;
+            }
             if (err && errlen)
                 snprintf(err, errlen, "patio_tls: private key %s%s: %s", cfg->key_pem ? "PEM" : "file ",
                          cfg->key_pem ? "" : cfg->key_file, why);
