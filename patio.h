@@ -4728,7 +4728,8 @@ typedef struct patio__pool {
     patio__task_queue q;
     size_t queued;         /* mirror of q.count for lock-free peeking by spinners */
     size_t max_queue;
-    int nthreads;
+    int nthreads;          /* threads started (the starting thread's count) */
+    int size;              /* max_workers: set before any thread starts, then read-only */
     int sleeping;          /* workers blocked on cv */
     int busy;              /* workers running a batch */
     int standby;           /* 1 while a sleeper waits with a timeout (see above) */
@@ -4800,8 +4801,9 @@ static int patio__pool_spin(patio__pool *p)
 }
 
 /* Sleeps (lock held) as the standby; returns 1 if it should take work:
- * it was woken for it, or the queue made no progress while it slept. */
-static int patio__pool_stand_by(patio__pool *p)
+ * it was woken for it, or the queue made no progress while it slept.
+ * *idle counts the rounds in a row that found the pool idle. */
+static int patio__pool_stand_by(patio__pool *p, int *idle)
 {
     uint64_t seen = p->taken;
     int timed_out;
@@ -4810,7 +4812,9 @@ static int patio__pool_stand_by(patio__pool *p)
     timed_out = patio__cond_wait_until(&p->cv, &p->mu, patio__now_ns() + PATIO__POOL_STANDBY_NS) == ETIMEDOUT;
     p->standby = 0;
     p->waking = 0;
-    return !timed_out || p->taken == seen;
+    if (!timed_out) return 1;
+    *idle = p->taken == seen && !p->busy && !p->q.head ? *idle + 1 : 0;
+    return p->taken == seen;
 }
 
 /* Waits (lock held) until this worker should run queued tasks, or the
@@ -4818,7 +4822,7 @@ static int patio__pool_stand_by(patio__pool *p)
  * when woken for it, or as the standby of a stalled queue. */
 static void patio__pool_wait_for_work(patio__pool *p)
 {
-    int take = 1;
+    int take = 1, idle = 0;
     for (;;) {
         int expected = 0;
         if (p->closing || (p->q.head && (take || !p->busy))) return;
@@ -4831,8 +4835,10 @@ static void patio__pool_wait_for_work(patio__pool *p)
             if (p->q.head || p->closing) continue;
         }
         p->sleeping++;
-        if (p->busy && !p->standby) {
-            take = patio__pool_stand_by(p);
+        /* the standby stays one until the pool was idle for two rounds:
+         * work that comes in bursts would otherwise wake a new one each time */
+        if (!p->standby && p->size > 1 && (p->busy || idle < 2)) {
+            take = patio__pool_stand_by(p, &idle);
         } else {
             pthread_cond_wait(&p->cv, &p->mu);
             p->waking = 0;
@@ -4901,7 +4907,7 @@ static void *patio__pool_worker(void *arg)
         if (!p->q.head) break; /* closing and drained */
         /* Batches cut the locking for bursts of short tasks; a short queue
          * is taken one by one so that idle workers share it. */
-        take = p->q.count / (2 * (size_t)p->nthreads);
+        take = p->q.count / (2 * (size_t)p->size);
         if (take < 1) take = 1;
         if (take > PATIO__POOL_BATCH) take = PATIO__POOL_BATCH;
         for (n = 0; n < take && p->q.head; n++) {
@@ -4953,6 +4959,7 @@ static int patio__pool_start_threads(patio__pool *p, int want)
 {
     p->threads = (pthread_t *)patio__calloc(p->base.hooks, (size_t)want * sizeof *p->threads);
     if (!p->threads) return PATIO_ERR_NOMEM;
+    p->size = want;
     for (p->nthreads = 0; p->nthreads < want; p->nthreads++)
         if (pthread_create(&p->threads[p->nthreads], NULL, patio__pool_worker, p) != 0)
             return PATIO_ERR_NOMEM;
