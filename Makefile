@@ -11,8 +11,9 @@
 #   make test-tls3     the TLS tests, TLS examples and TLS interop cases against
 #                      Debian 13's mbedTLS 3.6, fetched into MBEDTLS3 by
 #                      tests/tls/fetch_mbedtls3.sh (when not there yet),
-#                      build/tls3/; test-tls3-asan (ASan + UBSan, build/tls3-asan/)
-#                      and test-tls3-cxx (as C++11, build/tls3-cxx/) likewise
+#                      build/tls3/; test-tls3-asan (ASan + UBSan, build/tls3-asan/),
+#                      test-tls3-tsan (build/tls3-tsan/) and test-tls3-cxx (as
+#                      C++11, build/tls3-cxx/) likewise
 #   make examples      examples/*.c with the plain flags the README promises
 #   make quickstart    builds and runs examples/quickstart.c
 #   make bench         tests/bench/bench_*.c, -O2 -DNDEBUG, run one after another
@@ -102,9 +103,11 @@ tls3_CC               := $(CC)
 tls3_FLAGS            := $(BASE_CFLAGS) $(TLS3_INC) -O2 $(CFLAGS)
 tls3-asan_CC          := $(CC)
 tls3-asan_FLAGS       := $(BASE_CFLAGS) $(TLS3_INC) -O1 $(SAN_ASAN) $(CFLAGS)
+tls3-tsan_CC          := $(CC)
+tls3-tsan_FLAGS       := $(BASE_CFLAGS) $(TLS3_INC) -O1 $(SAN_TSAN) $(CFLAGS)
 tls3-cxx_CC           := $(CXX)
 tls3-cxx_FLAGS        := -x c++ -std=c++11 $(WARN) -g $(INC) $(TLS3_INC) -pthread -O2 $(CXXFLAGS)
-TLS3_VARIANTS         := tls3 tls3-asan tls3-cxx
+TLS3_VARIANTS         := tls3 tls3-asan tls3-tsan tls3-cxx
 # each of them builds only the TLS tests, linked with TLS3_LIBS
 $(foreach v,$(TLS3_VARIANTS),$(eval $(v)_TESTS = $$(TLS_TEST_NAMES))$(eval $(v)_TLS_LIBS := $$(TLS3_LIBS)))
 
@@ -118,6 +121,7 @@ poll_ENV    :=
 cxx_ENV     :=
 tls3_ENV      := $(default_ENV)
 tls3-asan_ENV := $(asan_ENV)
+tls3-tsan_ENV := $(tsan_ENV)
 tls3-cxx_ENV  := $(cxx_ENV)
 
 # The examples are built exactly as their header comments say, plus -Werror.
@@ -221,7 +225,7 @@ build/fuzz/%: tests/fuzz/%.c $(TEST_HEADERS) build/fuzz/.cmd
 # ------------------------------------------------------------------ targets
 
 .PHONY: all test test-asan test-tsan test-poll test-cxx test-symbols \
-        test-tls3 test-tls3-asan test-tls3-cxx \
+        test-tls3 test-tls3-asan test-tls3-tsan test-tls3-cxx \
         examples quickstart bench fuzz fuzz-build clean FORCE \
         $(addprefix build-,$(VARIANTS))
 FORCE:
@@ -252,6 +256,9 @@ test-tls3: build-tls3 $(TLS3_EXAMPLE_BINS)
 
 test-tls3-asan: build-tls3-asan
 	@$(tls3-asan_ENV) TEST_SCRIPTS= $(RUN_TESTS) build/tls3-asan
+
+test-tls3-tsan: build-tls3-tsan
+	@$(tls3-tsan_ENV) TEST_SCRIPTS= $(RUN_TESTS) build/tls3-tsan
 
 test-tls3-cxx: build-tls3-cxx
 	@$(tls3-cxx_ENV) TEST_SCRIPTS= $(RUN_TESTS) build/tls3-cxx
