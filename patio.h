@@ -4715,9 +4715,9 @@ static int patio__spin_us(int cfg)
  * submit wakes a sleeper only when no worker is awake for the work, or
  * when the queue holds more than PATIO__POOL_HELP_NS of work (at the
  * measured pace) per busy worker. A task that turns out long cannot hold
- * up the queue behind it for long: while workers are busy, one sleeper
- * stands by with a timeout and takes over a queue that made no progress
- * for PATIO__POOL_STANDBY_NS. */
+ * up the queue behind it for long: while workers are busy (and for two
+ * rounds after), one sleeper stands by with a timeout and takes over a
+ * queue that made no progress for PATIO__POOL_STANDBY_NS. */
 #define PATIO__POOL_HELP_NS 500000u
 #define PATIO__POOL_STANDBY_NS 1000000u
 
@@ -4875,7 +4875,7 @@ static void patio__pool_give_back(patio__pool *p, patio_task **tasks, size_t n)
  * so that other workers run them instead of waiting behind it. */
 static void patio__pool_run_batch(patio__pool *p, patio_task **batch, size_t n, int measure)
 {
-    uint64_t first, start, avg;
+    uint64_t first, start, avg, pace;
     size_t i;
     if (n == 1 && !measure) { patio_task_run(batch[0]); return; }
     first = start = patio__now_ns();
@@ -4892,7 +4892,8 @@ static void patio__pool_run_batch(patio__pool *p, patio_task **batch, size_t n, 
     }
     /* the pace the wake-up rule goes by (weight 1/4; races lose a sample) */
     avg = (patio__now_ns() - first) / i;
-    patio__store(&p->task_ns, patio__load(&p->task_ns) - patio__load(&p->task_ns) / 4 + avg / 4);
+    pace = patio__load(&p->task_ns);
+    patio__store(&p->task_ns, pace - pace / 4 + avg / 4);
 }
 
 static void *patio__pool_worker(void *arg)
