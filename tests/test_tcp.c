@@ -816,6 +816,16 @@ static int closes_soon(int fd)
     return r;
 }
 
+/* A new client gets past the handshake and sends one frame: 1 if the
+ * server then closes the connection. */
+static int ready_client_closed_after(node *n, int type, uint32_t serial, const void *payload, size_t len)
+{
+    int fd = raw_ready_client(n);
+    if (fd < 0) return 0;
+    raw_send(fd, type, serial, payload, len);
+    return closes_soon(fd);
+}
+
 static void test_max_connections(void)
 {
     node s, c;
@@ -872,10 +882,7 @@ static void test_bad_oversize(void)
     memset(big, 0x90, sizeof big);
     raw_send(fd, 1, 1, big, 2000);
     CHECK(closes_soon(fd));
-    fd = raw_ready_client(&e.s); /* after: the configured 4096 */
-    CHECK(fd >= 0);
-    raw_send(fd, 20, 1, big, 4097);
-    CHECK(closes_soon(fd));
+    CHECK(ready_client_closed_after(&e.s, 20, 1, big, 4097)); /* after: the configured 4096 */
     CHECK_EQ_INT(stats_of(e.s.b).protocol_errors, 2);
     bad_end(&e);
 }
@@ -883,25 +890,13 @@ static void test_bad_oversize(void)
 static void test_bad_unknown_type(void)
 {
     bad_env e;
-    int fd;
     if (!g_setup->raw) return;
     bad_start(&e, 3, 0);
-    fd = raw_ready_client(&e.s);
-    CHECK(fd >= 0);
-    raw_send(fd, 7, 9, "\xc0", 1);
-    CHECK(closes_soon(fd));
-    fd = raw_ready_client(&e.s);
-    raw_send(fd, -1, 9, "\xc0", 1); /* 0xff */
-    CHECK(closes_soon(fd));
-    fd = raw_ready_client(&e.s);
-    raw_send(fd, 2, 9, "\xc0", 1); /* AUTH_RESPONSE is never valid */
-    CHECK(closes_soon(fd));
-    fd = raw_ready_client(&e.s);
-    raw_send(fd, 3, 9, "\xc0", 1); /* AUTH_OK after discovery */
-    CHECK(closes_soon(fd));
-    fd = raw_ready_client(&e.s);
-    raw_send(fd, 10, 0, "\xc7\x0b\x01\x94\xa3mul\x93\x01\x02\x03\x80\xc0", 14); /* serial 0 */
-    CHECK(closes_soon(fd));
+    CHECK(ready_client_closed_after(&e.s, 7, 9, "\xc0", 1));
+    CHECK(ready_client_closed_after(&e.s, -1, 9, "\xc0", 1)); /* 0xff */
+    CHECK(ready_client_closed_after(&e.s, 2, 9, "\xc0", 1)); /* AUTH_RESPONSE is never valid */
+    CHECK(ready_client_closed_after(&e.s, 3, 9, "\xc0", 1)); /* AUTH_OK after discovery */
+    CHECK(ready_client_closed_after(&e.s, 10, 0, "\xc7\x0b\x01\x94\xa3mul\x93\x01\x02\x03\x80\xc0", 14)); /* serial 0 */
     CHECK_EQ_INT(stats_of(e.s.b).protocol_errors, 5);
     bad_end(&e);
 }
@@ -909,15 +904,10 @@ static void test_bad_unknown_type(void)
 static void test_bad_stray_response(void)
 {
     bad_env e;
-    int fd;
     if (!g_setup->raw) return;
     bad_start(&e, 3, 0);
-    fd = raw_ready_client(&e.s);
-    raw_send(fd, 20, 77, "\x06", 1);
-    CHECK(closes_soon(fd));
-    fd = raw_ready_client(&e.s);
-    raw_send(fd, 30, 78, "\xd6\x02\x92\xa1\x45\xa0", 6);
-    CHECK(closes_soon(fd));
+    CHECK(ready_client_closed_after(&e.s, 20, 77, "\x06", 1));
+    CHECK(ready_client_closed_after(&e.s, 30, 78, "\xd6\x02\x92\xa1\x45\xa0", 6));
     bad_end(&e);
 }
 
