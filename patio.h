@@ -5632,7 +5632,7 @@ typedef struct patio__pp_worker {
 
 typedef struct patio__ppool {
     patio_executor base;
-    pthread_mutex_t mu;
+    pthread_mutex_t mu;    /* held briefly by submitters and the I/O thread: spins before sleeping */
     patio__task_queue q;   /* under mu */
     size_t max_queue;
     int closing;           /* under mu */
@@ -6452,7 +6452,7 @@ PATIO_API patio_executor *patio_process_pool_new_ex(patio_registry *r, const pat
     if (!p) return NULL;
     patio_executor_init(&p->base, &patio__pp_vt, r);
     p->wake.rfd = p->wake.wfd = -1;
-    pthread_mutex_init(&p->mu, NULL);
+    patio__mutex_init_hot(&p->mu);
     if (patio__pp_configure(p, cfg) != PATIO_OK || patio__pp_alloc(p) != PATIO_OK ||
         patio__wake_open(&p->wake) != PATIO_OK) {
         patio_executor_free(&p->base);
