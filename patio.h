@@ -7739,13 +7739,31 @@ typedef struct patio__tcp_req {
     uint32_t serial;
     int running;                   /* submitted; its completion not handled yet */
     int timer_armed;
-    patio__timer timer;            /* the caller's timeout */
+    patio__timer timer;            /* the caller's timeout, when no lane watches it */
+    struct patio__tcp_lane *lane;  /* the timeout lane listing it, or NULL */
+    struct patio__tcp_req *lane_next, *lane_prev;
+    uint64_t deadline_ns;          /* while in a lane */
     patio_writer in;               /* the arguments: args array, then kwargs map */
     size_t args_len;
     struct patio__tcp_req *next;   /* pool, done list */
     uint8_t in_inline[192];
     uint8_t out_inline[128];
 } patio__tcp_req;
+
+/* Requests that came with the same timeout expire in the order they came,
+ * so (as the broker does for calls) each distinct timeout gets a FIFO lane
+ * watched by one timer armed for its oldest request: serving a request
+ * costs two list operations instead of a timer-heap insert and removal.
+ * Requests whose timeout finds no free lane get a timer of their own. */
+#define PATIO__TCP_LANES 4
+
+typedef struct patio__tcp_lane {
+    patio__tcp_broker *tb;
+    double timeout;
+    patio__tcp_req *head, *tail;   /* by deadline */
+    int armed;
+    patio__timer timer;
+} patio__tcp_lane;
 
 /* Callers of one function name: connections offering it, and calls waiting
  * for one. */
@@ -7874,6 +7892,7 @@ struct patio__tcp_broker {
     size_t nstalled;
     int retry_armed;
     patio__timer retry_timer;
+    patio__tcp_lane lanes[PATIO__TCP_LANES];
 
     patio_tcp_stats stats;         /* atomic counters */
 };
@@ -7990,6 +8009,67 @@ static void patio__tcp_fail_pending(patio__tcp_conn *c)
     }
 }
 
+/* ---- request timeouts: lanes (see patio__tcp_lane) ----------------------- */
+
+static void patio__tcp_lane_fire(patio__timer *t);
+
+/* The lane for this timeout, claiming a free one; NULL if all serve others. */
+static patio__tcp_lane *patio__tcp_lane_for(patio__tcp_broker *tb, double timeout)
+{
+    patio__tcp_lane *free_lane = NULL;
+    int i;
+    for (i = 0; i < PATIO__TCP_LANES; i++) {
+        patio__tcp_lane *l = &tb->lanes[i];
+        if (!l->head) { if (!free_lane) free_lane = l; }
+        else if (l->timeout == timeout) return l;
+    }
+    if (free_lane) free_lane->timeout = timeout;
+    return free_lane;
+}
+
+/* Starts watching a request's timeout: in a lane, or with its own timer. */
+static void patio__tcp_req_watch(patio__tcp_req *req, double timeout)
+{
+    patio__tcp_broker *tb = req->tb;
+    patio__tcp_lane *l = patio__tcp_lane_for(tb, timeout);
+    if (!l) {
+        req->timer_armed = 1;
+        patio__timer_start(tb->base.loop, &req->timer, patio__deadline_after(timeout));
+        return;
+    }
+    req->lane = l;
+    req->deadline_ns = patio__deadline_after_long(timeout); /* never below the lane's last */
+    req->lane_next = NULL;
+    req->lane_prev = l->tail;
+    if (l->tail) l->tail->lane_next = req; else l->head = req;
+    l->tail = req;
+    if (!l->armed) {
+        l->armed = 1;
+        patio__timer_start(tb->base.loop, &l->timer, l->head->deadline_ns);
+    }
+}
+
+/* Stops watching it. A lane whose oldest request leaves keeps its timer:
+ * when that fires, it re-arms for the request that is oldest then. */
+static void patio__tcp_req_unwatch(patio__tcp_req *req)
+{
+    patio__tcp_broker *tb = req->tb;
+    patio__tcp_lane *l = req->lane;
+    if (req->timer_armed) {
+        patio__timer_stop(tb->base.loop, &req->timer);
+        req->timer_armed = 0;
+    }
+    if (!l) return;
+    if (req->lane_prev) req->lane_prev->lane_next = req->lane_next; else l->head = req->lane_next;
+    if (req->lane_next) req->lane_next->lane_prev = req->lane_prev; else l->tail = req->lane_prev;
+    req->lane = NULL;
+    req->lane_next = req->lane_prev = NULL;
+    if (!l->head && l->armed) {
+        patio__timer_stop(tb->base.loop, &l->timer);
+        l->armed = 0;
+    }
+}
+
 /* Requests of a closed connection: tasks still running finish unanswered. */
 static void patio__tcp_drop_inflight(patio__tcp_conn *c)
 {
@@ -8002,10 +8082,7 @@ static void patio__tcp_drop_inflight(patio__tcp_conn *c)
     }
     while ((req = (patio__tcp_req *)patio__tcp_map_pop(&c->inflight, &key)) != NULL) {
         req->conn = NULL;
-        if (req->timer_armed) {
-            patio__timer_stop(tb->base.loop, &req->timer);
-            req->timer_armed = 0;
-        }
+        patio__tcp_req_unwatch(req);
         if (!req->running) patio__tcp_req_put(tb, req);
     }
 }
@@ -8867,6 +8944,7 @@ static patio__tcp_req *patio__tcp_req_get(patio__tcp_broker *tb)
     req->conn = NULL;
     req->running = 0;
     req->timer_armed = 0;
+    req->lane = NULL;
     return req;
 }
 
@@ -8944,8 +9022,7 @@ static void patio__tcp_req_detach(patio__tcp_req *req)
     patio__tcp_conn *c = req->conn;
     patio__tcp_broker *tb = req->tb;
     patio__tcp_map_del(&c->inflight, req->serial);
-    if (req->timer_armed) patio__timer_stop(tb->base.loop, &req->timer);
-    req->timer_armed = 0;
+    patio__tcp_req_unwatch(req);
     req->conn = NULL;
     if (c->stalled == req) {
         c->stalled = NULL;
@@ -8981,12 +9058,13 @@ static void patio__tcp_req_finished(patio__tcp_req *req)
     patio__tcp_req_put(req->tb, req);
 }
 
-static void patio__tcp_req_expired(patio__timer *t)
+/* Its caller's timeout passed: answer TimeoutError (the task, if it
+ * runs, finishes unanswered). */
+static void patio__tcp_req_time_out(patio__tcp_req *req)
 {
-    patio__tcp_req *req = PATIO__CONTAINER(t, patio__tcp_req, timer);
     patio__tcp_broker *tb = req->tb;
     patio__tcp_conn *c = req->conn;
-    req->timer_armed = 0;
+    patio__tcp_req_unwatch(req);
     if (c) {
         uint32_t serial = req->serial;
         patio__tcp_req_detach(req);
@@ -8995,7 +9073,28 @@ static void patio__tcp_req_expired(patio__timer *t)
         patio__tcp_conn_recheck(c);
     }
     if (!req->running) patio__tcp_req_put(tb, req);
-    patio__tcp_tail(tb);
+}
+
+static void patio__tcp_req_expired(patio__timer *t)
+{
+    patio__tcp_req *req = PATIO__CONTAINER(t, patio__tcp_req, timer);
+    req->timer_armed = 0;
+    patio__tcp_req_time_out(req);
+    patio__tcp_tail(req->tb);
+}
+
+/* A lane's timer: times out its requests that are due, re-arms for the next. */
+static void patio__tcp_lane_fire(patio__timer *t)
+{
+    patio__tcp_lane *l = PATIO__CONTAINER(t, patio__tcp_lane, timer);
+    uint64_t now = patio__now_ns();
+    l->armed = 0;
+    while (l->head && l->head->deadline_ns <= now) patio__tcp_req_time_out(l->head);
+    if (l->head && !l->armed) {
+        l->armed = 1;
+        patio__timer_start(l->tb->base.loop, &l->timer, l->head->deadline_ns);
+    }
+    patio__tcp_tail(l->tb);
 }
 
 static void patio__tcp_retry_fire(patio__timer *t);
@@ -9054,10 +9153,7 @@ static int patio__tcp_req_prepare(patio__tcp_req *req, const patio__entry *e, co
     req->task.owner = req;
     req->task.on_done = patio__tcp_task_done;
     req->task.timeout = timeout;
-    if (timeout >= 0) {
-        req->timer_armed = 1;
-        patio__timer_start(tb->base.loop, &req->timer, patio__deadline_after(timeout));
-    }
+    if (timeout >= 0) patio__tcp_req_watch(req, timeout);
     return PATIO_OK;
 }
 
@@ -9312,6 +9408,9 @@ static void patio__tcp_close_on_loop(patio__tcp_broker *tb, void *arg)
     }
     if (tb->retry_armed) patio__timer_stop(tb->base.loop, &tb->retry_timer);
     tb->retry_armed = 0;
+    for (i = 0; i < PATIO__TCP_LANES; i++) { /* emptied with the connections */
+        PATIO_ASSERT(!tb->lanes[i].head && !tb->lanes[i].armed);
+    }
     pthread_mutex_lock(&tb->mu);
     pthread_cond_broadcast(&tb->cv);
     pthread_mutex_unlock(&tb->mu);
@@ -9716,6 +9815,7 @@ PATIO_API patio_broker *patio_tcp_broker_new(patio_executor *ex, const patio_tcp
 {
     patio__tcp_broker *tb;
     patio_tcp_config c;
+    int i;
     if (!ex) return NULL;
     if (patio__tcp_config_fill(&c, cfg) != PATIO_OK) {
         patio__log(ex->hooks, PATIO_LOG_ERROR, "patio tcp: invalid configuration (key over 32 bytes?)");
@@ -9730,6 +9830,10 @@ PATIO_API patio_broker *patio_tcp_broker_new(patio_executor *ex, const patio_tcp
     tb->listen_port = -1;
     tb->work_post.fn = patio__tcp_work;
     tb->retry_timer.fn = patio__tcp_retry_fire;
+    for (i = 0; i < PATIO__TCP_LANES; i++) {
+        tb->lanes[i].tb = tb;
+        tb->lanes[i].timer.fn = patio__tcp_lane_fire;
+    }
     pthread_mutex_init(&tb->mu, NULL);
     patio__cond_init(&tb->cv);
     if (patio_broker_init(&tb->base, &patio__tcp_vt, ex, &c.base) != PATIO_OK) {

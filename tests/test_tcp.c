@@ -580,6 +580,65 @@ static void test_callee_timeout(void)
     gate_destroy(&g_gate);
 }
 
+/* The callee watches the caller's timeouts: requests that share one are
+ * watched together in arrival order, the rest (more distinct timeouts than
+ * the broker keeps groups for) one by one. Each gating request must get
+ * TimeoutError at its own deadline and not before, also when the group's
+ * oldest request (a mul sent just before it) was answered first. */
+static void test_callee_timeout_groups(void)
+{
+    static const double timeouts[] = {0.08, 0.12, 0.16, 0.2, 0.24, 0.28, 1.0};
+    enum { N = (int)(sizeof timeouts / sizeof timeouts[0]) };
+    static const uint8_t args[] = {0x92, 0x06, 0x07};
+    patio_tcp_config cfg = cfg_for(1);
+    node s;
+    int fd, i, products = 0, timed_out = 0;
+    raw_frame f;
+    patio_writer w;
+    double sent;
+    gate_init(&g_gate);
+    if (!g_setup->raw) return;
+    CHECK(node_start_ex(&s, "server", &cfg, 0, 0, 0, 2 * N) == 0);
+    fd = raw_ready_client(&s);
+    CHECK(fd >= 0);
+    patio_writer_init(&w, NULL);
+    for (i = 0; i < N; i++) {
+        size_t mark = patio__frame_begin(&w);
+        patio__write_call_request(&w, "mul", 3, args, sizeof args, NULL, 0, 1, timeouts[i]);
+        patio__frame_end(&w, mark, PATIO__PKT_REQUEST, 100u + 2u * (uint32_t)i, UINT32_MAX);
+        mark = patio__frame_begin(&w);
+        patio__write_call_request(&w, "gated", 5, NULL, 0, NULL, 0, 1, timeouts[i]);
+        patio__frame_end(&w, mark, PATIO__PKT_REQUEST, 101u + 2u * (uint32_t)i, UINT32_MAX);
+    }
+    sent = now_s();
+    CHECK_EQ_INT(raw_write(fd, w.data, w.len), 0);
+    for (i = 0; i < 2 * N && raw_recv(fd, &f) == 1; i++) {
+        int k = (int)(f.serial - 100u) / 2;
+        double waited = now_s() - sent;
+        CHECK(f.serial >= 100u && k < N);
+        if (!(f.serial >= 100u && k < N)) break;
+        if (f.serial % 2 == 0) {
+            CHECK_EQ_INT(f.type, PATIO__PKT_RESPONSE);
+            CHECK(f.size == 1 && f.payload[0] == 42);
+            products++;
+        } else {
+            CHECK_EQ_INT(f.type, PATIO__PKT_ERROR);
+            CHECK(f.size > 14 && memcmp(f.payload + 5, "TimeoutError", 12) == 0);
+            CHECK(waited >= timeouts[k]);
+            CHECK(waited < timeouts[k] + 5.0);
+            timed_out++;
+        }
+    }
+    CHECK_EQ_INT(products, N);
+    CHECK_EQ_INT(timed_out, N);
+    CHECK_EQ_INT((int)stats_of(s.b).timeouts, N);
+    gate_open(&g_gate);
+    patio_writer_free(&w);
+    close(fd);
+    node_free(&s);
+    gate_destroy(&g_gate);
+}
+
 static void test_no_route(void)
 {
     node s, c;
@@ -1254,6 +1313,7 @@ static const tcase cases[] = {
     CASE(test_timeout),
     CASE(test_timeout_serial_reserved),
     CASE(test_callee_timeout),
+    CASE(test_callee_timeout_groups),
     CASE(test_no_route),
     CASE(test_route_later),
     CASE(test_serial_wrap),
