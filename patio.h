@@ -4739,6 +4739,7 @@ typedef struct patio__pool {
     uint64_t task_ns;      /* atomic: moving average of a task's run time */
     int spinner;           /* 1 while one idle worker polls (only one does, to spare the CPUs) */
     int closing;
+    int held;              /* wake-ups held back while a burst is submitted */
     int spin_us;
     patio__spin_state spin;  /* updated only by the worker holding `spinner` */
     pthread_t *threads;
@@ -4767,10 +4768,29 @@ static int patio__pool_submit(patio_executor *ex, patio_task *t)
     rc = patio__tq_admit(&p->q, p->max_queue, p->closing, ex, t);
     if (rc != PATIO_OK) { pthread_mutex_unlock(&p->mu); return rc; }
     patio__store(&p->queued, p->q.count);
-    wake = patio__pool_wake_one(p);
+    wake = !p->held && patio__pool_wake_one(p);
     pthread_mutex_unlock(&p->mu);
     if (wake) pthread_cond_signal(&p->cv);
     return PATIO_OK;
+}
+
+/* A broker that submits a burst of tasks (every request in one read)
+ * holds the pool's wake-ups until the burst is in: a worker woken by the
+ * first task would otherwise preempt the submitting thread on its CPU and
+ * run the tasks one by one as they trickle in. Does nothing for other
+ * executors. Calls nest; the last release wakes a worker if one is due. */
+static const patio_executor_vtable patio__pool_vt;
+
+static void patio__executor_hold_wakes(patio_executor *ex, int hold)
+{
+    patio__pool *p = (patio__pool *)ex;
+    int wake = 0;
+    if (ex->vt != &patio__pool_vt) return;
+    pthread_mutex_lock(&p->mu);
+    p->held += hold ? 1 : -1;
+    if (!p->held && p->q.head) wake = patio__pool_wake_one(p);
+    pthread_mutex_unlock(&p->mu);
+    if (wake) pthread_cond_signal(&p->cv);
 }
 
 static int patio__pool_cancel(patio_executor *ex, patio_task *t)
@@ -8212,9 +8232,12 @@ static int patio__tcp_rbuf_room(patio__tcp_conn *c)
 }
 
 /* Handles every complete frame in the read buffer; stops early when the
- * connection pauses or closes. */
+ * connection pauses or closes. The requests among them reach the executor
+ * as one burst (see patio__executor_hold_wakes). */
 static void patio__tcp_parse(patio__tcp_conn *c)
 {
+    patio_executor *ex = c->tb->base.executor;
+    patio__executor_hold_wakes(ex, 1);
     while (c->state != PATIO__TC_CLOSED && !c->pause && c->rlen > c->rpos) {
         patio__frame f;
         uint32_t max = patio__tcp_authenticated(c) ? c->tb->cfg.max_frame_size : PATIO__TCP_PREAUTH_MAX;
@@ -8223,11 +8246,12 @@ static void patio__tcp_parse(patio__tcp_conn *c)
         if (rc < 0) {
             patio__tcp_protocol_error(c, "frame of %lu bytes is over the limit of %lu",
                                       (unsigned long)patio__get_be(c->rbuf + c->rpos + 1, 4), (unsigned long)max);
-            return;
+            break; /* closed now */
         }
         c->rpos += PATIO__FRAME_HEADER + f.size;
         patio__tcp_on_frame(c, &f);
     }
+    patio__executor_hold_wakes(ex, 0);
     if (c->state != PATIO__TC_CLOSED && c->rpos == c->rlen) {
         c->rpos = c->rlen = 0;
         if (c->rcap > PATIO__TCP_RBUF_BIG) {
