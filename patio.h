@@ -7886,7 +7886,7 @@ struct patio__tcp_broker {
     patio_writer names;            /* DISCOVER_RESPONSE payload */
 
     /* shared with other threads, under mu */
-    pthread_mutex_t mu;
+    pthread_mutex_t mu;            /* held briefly by the loop and finishing tasks: spins first */
     pthread_cond_t cv;
     patio_call **inbox;
     size_t inbox_len, inbox_cap;
@@ -9858,7 +9858,7 @@ PATIO_API patio_broker *patio_tcp_broker_new(patio_executor *ex, const patio_tcp
         tb->lanes[i].tb = tb;
         tb->lanes[i].timer.fn = patio__tcp_lane_fire;
     }
-    pthread_mutex_init(&tb->mu, NULL);
+    patio__mutex_init_hot(&tb->mu);
     patio__cond_init(&tb->cv);
     if (patio_broker_init(&tb->base, &patio__tcp_vt, ex, &c.base) != PATIO_OK) {
         pthread_mutex_destroy(&tb->mu);
