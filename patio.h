@@ -2385,8 +2385,10 @@ static int patio__fmt_valid(const char *fmt, const char *scalars)
             depth++;
         } else if (c == ']' || c == '}') {
             if (depth-- == 0) return 0;
-        } else if (!strchr(scalars, c)) {
-            return 0;
+        } else {
+            const char *k = scalars; /* a short set: cheaper than a strchr call */
+            while (*k && *k != c) k++;
+            if (!*k) return 0;
         }
     }
     return depth == 0;
@@ -6562,6 +6564,7 @@ struct patio_call {
     patio_loop *loop;
     const patio_hooks *hooks;
     char *name;
+    size_t name_len;          /* routing looks the name up once per call */
     patio_writer args;        /* encoded positional arguments (array) */
     patio_writer kwargs;      /* encoded keyword arguments (map), empty = none */
     patio_writer own_result;  /* a value set by patio_call_succeed */
@@ -6797,9 +6800,10 @@ static patio_call *patio__call_new(patio_broker *b, const char *name)
     patio_writer_init(&c->own_result, b->hooks);
     patio_writer_init(&c->task.result, b->hooks);
     if (!name) name = "";
-    if (strlen(name) < sizeof c->name_inline) {
+    c->name_len = strlen(name);
+    if (c->name_len < sizeof c->name_inline) {
         c->name = c->name_inline;
-        strcpy(c->name_inline, name);
+        memcpy(c->name_inline, name, c->name_len + 1);
     } else {
         c->name = patio__strdup(b->hooks, name);
         if (!c->name) { patio__cache_give(c->cache, b->hooks, c); return NULL; }
@@ -7499,7 +7503,7 @@ static void patio__memory_task_done(patio_task *t)
 
 static void patio__memory_send(patio_broker *b, patio_call *c)
 {
-    const patio__entry *e = patio__registry_find(b->registry, c->name, strlen(c->name));
+    const patio__entry *e = patio__registry_find(b->registry, c->name, c->name_len);
     int rc;
     if (!e) {
         patio__call_finish(c, PATIO_ERR_NOT_FOUND, NULL, "KeyError", c->name);
@@ -8815,8 +8819,8 @@ static void patio__tcp_routes_drop(patio__tcp_conn *c)
  * offering the name, or into the wait list of the name. */
 static void patio__tcp_route_call(patio__tcp_broker *tb, patio_call *call)
 {
-    const char *name = patio_call_name(call);
-    size_t len = strlen(name);
+    const char *name = call->name;
+    size_t len = call->name_len;
     patio__tcp_route *r;
     if (patio__load(&call->state) != PATIO__CALL_PENDING) {
         patio__call_release(call);
@@ -8848,7 +8852,6 @@ static void patio__tcp_route_call(patio__tcp_broker *tb, patio_call *call)
 static void patio__tcp_call_to(patio__tcp_conn *c, patio_call *call)
 {
     patio__tcp_broker *tb = c->tb;
-    const char *name = patio_call_name(call);
     const void *args = NULL, *kwargs = NULL;
     size_t args_len = 0, kwargs_len = 0, mark;
     double timeout = patio_call_timeout(call);
@@ -8856,7 +8859,8 @@ static void patio__tcp_call_to(patio__tcp_conn *c, patio_call *call)
     int rc;
     patio_call_args(call, &args, &args_len, &kwargs, &kwargs_len);
     mark = patio__frame_begin(&c->out);
-    patio__write_call_request(&c->out, name, strlen(name), args, args_len, kwargs, kwargs_len, timeout >= 0, timeout);
+    patio__write_call_request(&c->out, call->name, call->name_len, args, args_len, kwargs, kwargs_len, timeout >= 0,
+                              timeout);
     rc = patio__frame_end(&c->out, mark, PATIO__PKT_REQUEST, serial, tb->cfg.max_frame_size);
     if (rc == PATIO_OK) rc = patio__tcp_map_put(patio__tcp_hooks(tb), &c->pending, serial, call);
     if (rc != PATIO_OK) {
