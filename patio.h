@@ -4776,25 +4776,6 @@ static int patio__pool_submit(patio_executor *ex, patio_task *t)
     return PATIO_OK;
 }
 
-/* A broker that submits a burst of tasks (every request in one read)
- * holds the pool's wake-ups until the burst is in: a worker woken by the
- * first task would otherwise preempt the submitting thread on its CPU and
- * run the tasks one by one as they trickle in. Does nothing for other
- * executors. Calls nest; the last release wakes a worker if one is due. */
-static const patio_executor_vtable patio__pool_vt;
-
-static void patio__executor_hold_wakes(patio_executor *ex, int hold)
-{
-    patio__pool *p = (patio__pool *)ex;
-    int wake = 0;
-    if (ex->vt != &patio__pool_vt) return;
-    pthread_mutex_lock(&p->mu);
-    p->held += hold ? 1 : -1;
-    if (!p->held && p->q.head) wake = patio__pool_wake_one(p);
-    pthread_mutex_unlock(&p->mu);
-    if (wake) pthread_cond_signal(&p->cv);
-}
-
 static int patio__pool_cancel(patio_executor *ex, patio_task *t)
 {
     patio__pool *p = (patio__pool *)ex;
@@ -4977,6 +4958,23 @@ static const patio_executor_vtable patio__pool_vt = {
     "thread_pool", patio__pool_submit, patio__pool_cancel, NULL, NULL,
     patio__pool_shutdown, patio__pool_destroy
 };
+
+/* A broker that submits a burst of tasks (every request in one read)
+ * holds the pool's wake-ups until the burst is in: a worker woken by the
+ * first task would otherwise preempt the submitting thread on its CPU and
+ * run the tasks one by one as they trickle in. Does nothing for other
+ * executors. Calls nest; the last release wakes a worker if one is due. */
+static void patio__executor_hold_wakes(patio_executor *ex, int hold)
+{
+    patio__pool *p = (patio__pool *)ex;
+    int wake = 0;
+    if (ex->vt != &patio__pool_vt) return;
+    pthread_mutex_lock(&p->mu);
+    p->held += hold ? 1 : -1;
+    if (!p->held && p->q.head) wake = patio__pool_wake_one(p);
+    pthread_mutex_unlock(&p->mu);
+    if (wake) pthread_cond_signal(&p->cv);
+}
 
 static int patio__pool_start_threads(patio__pool *p, int want)
 {
