@@ -2940,12 +2940,27 @@ static int patio__check_ext(patio_reader *r, const patio_value *v, int depth_lef
     return rc == PATIO_OK ? PATIO_OK : patio__reader_fail(r);
 }
 
+/* Steps over the next object if it is one byte with nothing in it to
+ * check (nil, bool, a fixint): most arguments are. 1 if it did. */
+static int patio__skip_tiny(patio_reader *r)
+{
+    uint8_t b;
+    if (r->err || r->pos >= r->end) return 0;
+    b = *r->pos;
+    if (b <= 0x7f || b >= 0xe0 || b == 0xc0 || b == 0xc2 || b == 0xc3) {
+        r->pos++;
+        return 1;
+    }
+    return 0;
+}
+
 /* Checks one complete object; depth_left is how many container levels may
  * still open (recursion is bounded by it). */
 static int patio__check_value(patio_reader *r, int depth_left)
 {
     patio_value v;
     uint32_t i;
+    if (patio__skip_tiny(r)) return PATIO_OK;
     if (patio_read(r, &v) != PATIO_OK) return r->err;
     switch (v.type) {
     case PATIO_ARRAY:
@@ -2979,8 +2994,9 @@ static int patio__skip_values(patio_reader *r, uint64_t count)
 {
     patio_value v;
     while (count) {
-        if (patio_read(r, &v) != PATIO_OK) return r->err;
         count--;
+        if (patio__skip_tiny(r)) continue;
+        if (patio_read(r, &v) != PATIO_OK) return r->err;
         if (v.type == PATIO_ARRAY) count += v.v.count;
         else if (v.type == PATIO_MAP) count += 2 * (uint64_t)v.v.count;
     }
