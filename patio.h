@@ -1082,9 +1082,12 @@ static void patio__mutex_init_hot(pthread_mutex_t *m)
 /* Adaptive spinning. Polling before sleeping pays off only when the work
  * comes back within the spin; when it does not, the spinning thread just
  * takes a CPU from the threads doing the work (on a 2-CPU machine, badly).
- * So the spin budget doubles after a spin that found work, halves after
- * one that did not, and a thread that stopped spinning probes again now
- * and then. One owner thread updates each state. */
+ * So the budget covers twice the longest wait a spin caught lately (up to
+ * the ceiling), halves after a spin that found nothing, and a thread that
+ * stopped spinning probes again now and then with the whole ceiling: a
+ * short probe could never learn that the work comes back after, say, 30 us,
+ * and the thread would then sleep and be woken for every hand-off. One
+ * owner thread updates each state. */
 #define PATIO__SPIN_MIN_NS 2000u
 #define PATIO__SPIN_PROBE_EVERY 32u
 
@@ -1108,15 +1111,17 @@ static uint64_t patio__spin_budget(patio__spin_state *s)
     if (s->cur_ns) return s->cur_ns;
     if (++s->idle < PATIO__SPIN_PROBE_EVERY) return 0;
     s->idle = 0;
-    return PATIO__SPIN_MIN_NS;
+    return s->max_ns;
 }
 
-static void patio__spin_result(patio__spin_state *s, int found_work)
+/* found_work: the spin ended because work came, waited_ns after it began. */
+static void patio__spin_result(patio__spin_state *s, int found_work, uint64_t waited_ns)
 {
     if (!s->max_ns) return;
     if (found_work) {
-        uint64_t next = s->cur_ns * 2 + PATIO__SPIN_MIN_NS;
-        s->cur_ns = next < s->max_ns ? next : s->max_ns;
+        uint64_t want = 2 * waited_ns + PATIO__SPIN_MIN_NS;
+        if (want < s->cur_ns) want = s->cur_ns;
+        s->cur_ns = want < s->max_ns ? want : s->max_ns;
     } else {
         s->cur_ns /= 2;
         if (s->cur_ns < PATIO__SPIN_MIN_NS) s->cur_ns = 0;
@@ -3982,7 +3987,7 @@ static int patio__loop_poll(patio_loop *l, int timeout_ms)
  * Returns 1 if posted work arrived, 2 if fds are ready (l->nready set). */
 static int patio__loop_spin(patio_loop *l, uint64_t now, uint64_t until)
 {
-    uint64_t end, budget, next_poll = now + PATIO__SPIN_POLL_NS;
+    uint64_t start = now, end, budget, next_poll = now + PATIO__SPIN_POLL_NS;
     unsigned i;
     if (!l->spin_ns || now - l->last_work_ns > l->spin_ns) return 0;
     budget = patio__spin_budget(&l->spin);
@@ -3990,19 +3995,19 @@ static int patio__loop_spin(patio_loop *l, uint64_t now, uint64_t until)
     end = now + budget < until ? now + budget : until;
     for (i = 1;; i++) {
         if (patio__load_relaxed(&l->posts) || patio__load_relaxed(&l->stop)) {
-            patio__spin_result(&l->spin, 1);
+            patio__spin_result(&l->spin, 1, now - start); /* `now` is at most 32 rounds old */
             return 1;
         }
         patio__cpu_relax();
         if ((i & 31) == 0) {
             now = patio__now_ns();
             if (now >= end) {
-                patio__spin_result(&l->spin, 0);
+                patio__spin_result(&l->spin, 0, budget);
                 return 0;
             }
             if (now >= next_poll) {
                 if (patio__loop_poll(l, 0) > 0) {
-                    patio__spin_result(&l->spin, 1);
+                    patio__spin_result(&l->spin, 1, now - start);
                     return 2;
                 }
                 next_poll = now + PATIO__SPIN_POLL_NS;
@@ -4802,17 +4807,18 @@ static int patio__pool_cancel(patio_executor *ex, patio_task *t)
  * work appeared. Only the worker holding `spinner` calls it. */
 static int patio__pool_spin(patio__pool *p)
 {
-    uint64_t budget = patio__spin_budget(&p->spin), until;
+    uint64_t budget = patio__spin_budget(&p->spin), start, until;
     unsigned i;
     if (!budget) return 0;
-    until = patio__now_ns() + budget;
+    start = patio__now_ns();
+    until = start + budget;
     for (i = 0;; i++) {
         if (patio__load(&p->queued) || patio__load(&p->closing)) {
-            patio__spin_result(&p->spin, 1);
+            patio__spin_result(&p->spin, 1, patio__now_ns() - start);
             return 1;
         }
         if ((i & 63) == 63 && patio__now_ns() >= until) {
-            patio__spin_result(&p->spin, 0);
+            patio__spin_result(&p->spin, 0, budget);
             return 0;
         }
         patio__cpu_relax();
