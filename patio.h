@@ -4981,16 +4981,10 @@ static const patio_executor_vtable patio__pool_vt = {
     patio__pool_shutdown, patio__pool_destroy
 };
 
-/* A broker that submits a burst of tasks (every request in one read)
- * holds the pool's wake-ups until the burst is in: a worker woken by the
- * first task would otherwise preempt the submitting thread on its CPU and
- * run the tasks one by one as they trickle in. Does nothing for other
- * executors. Calls nest; the last release wakes a worker if one is due. */
-static void patio__executor_hold_wakes(patio_executor *ex, int hold)
+/* See patio__executor_hold_wakes. */
+static void patio__pool_hold_wakes(patio__pool *p, int hold)
 {
-    patio__pool *p = (patio__pool *)ex;
     int wake = 0;
-    if (ex->vt != &patio__pool_vt) return;
     pthread_mutex_lock(&p->mu);
     p->held += hold ? 1 : -1;
     if (!p->held && p->q.head) wake = patio__pool_wake_one(p);
@@ -5680,6 +5674,7 @@ typedef struct patio__ppool {
     int closing;           /* under mu */
     int io_sleeping;       /* under mu: the I/O thread is about to block */
     int woken;             /* under mu: a wake-up is on its way */
+    int held;              /* under mu: wake-ups held back while a burst is submitted */
     int live;              /* under mu: workers in state ALIVE */
     patio__wake wake;
     pthread_t io;
@@ -6431,11 +6426,23 @@ static int patio__pp_submit(patio_executor *ex, patio_task *t)
     rc = patio__tq_admit(&p->q, p->max_queue, p->closing, ex, t);
     if (rc != PATIO_OK) { pthread_mutex_unlock(&p->mu); return rc; }
     patio__store(&p->queued, p->q.count);
-    wake = p->io_sleeping && !p->woken;
+    wake = !p->held && p->io_sleeping && !p->woken;
     if (wake) p->woken = 1;
     pthread_mutex_unlock(&p->mu);
     if (wake) patio__wake_signal(&p->wake);
     return PATIO_OK;
+}
+
+/* See patio__executor_hold_wakes. */
+static void patio__pp_hold_wakes(patio__ppool *p, int hold)
+{
+    int wake;
+    pthread_mutex_lock(&p->mu);
+    p->held += hold ? 1 : -1;
+    wake = !p->held && p->q.head && p->io_sleeping && !p->woken;
+    if (wake) p->woken = 1;
+    pthread_mutex_unlock(&p->mu);
+    if (wake) patio__wake_signal(&p->wake);
 }
 
 /* Only a task still in the parent's queue can be cancelled: once written
@@ -6554,6 +6561,19 @@ PATIO_API int patio_process_pool_pids(const patio_executor *ex, long *out, int m
         if (p->w[i].state == PATIO__PW_ALIVE && out) out[n++] = p->w[i].pid;
     pthread_mutex_unlock(&p->mu);
     return n;
+}
+
+/* ---- bursts of submissions --------------------------------------------- */
+
+/* A broker that submits a burst of tasks (every request in one read) holds
+ * the pools' wake-ups until the burst is in: a thread woken by the first
+ * task would otherwise preempt the submitting thread on its CPU and take
+ * the tasks one by one as they trickle in. Does nothing for executors that
+ * do not wake anyone. Calls nest; the last release wakes if one is due. */
+static void patio__executor_hold_wakes(patio_executor *ex, int hold)
+{
+    if (ex->vt == &patio__pool_vt) patio__pool_hold_wakes((patio__pool *)ex, hold);
+    else if (ex->vt == &patio__pp_vt) patio__pp_hold_wakes((patio__ppool *)ex, hold);
 }
 /* ========================================================================
  * >>call  Calls: start, finish, wait, results
