@@ -1338,13 +1338,12 @@ static const tcase cases[] = {
     CASE(test_host_loop),
 };
 
-#ifndef TCP_TEST_NO_MAIN
-int main(int argc, char **argv)
+/* Runs every case against every setup (those whose name contains `only`,
+ * if given), named "setup/case". test_tls.c runs the family this way too. */
+static void run_tcp_family(const char *only)
 {
     static char names[sizeof setups / sizeof setups[0]][sizeof cases / sizeof cases[0]][96];
     size_t s, i;
-    const char *only = argc > 1 ? argv[1] : NULL;
-    signal(SIGPIPE, SIG_IGN);
     for (s = 0; s < sizeof setups / sizeof setups[0]; s++) {
         g_setup = &setups[s];
         for (i = 0; i < sizeof cases / sizeof cases[0]; i++) {
@@ -1353,6 +1352,13 @@ int main(int argc, char **argv)
             th_run(names[s][i], cases[i].fn);
         }
     }
+}
+
+#ifndef TCP_TEST_NO_MAIN
+int main(int argc, char **argv)
+{
+    signal(SIGPIPE, SIG_IGN);
+    run_tcp_family(argc > 1 ? argv[1] : NULL);
     return th_summary("test_tcp");
 }
 #endif

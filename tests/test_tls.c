@@ -725,8 +725,7 @@ static int make_certs(void)
 
 int main(int argc, char **argv)
 {
-    static char names[sizeof setups / sizeof setups[0]][sizeof cases / sizeof cases[0]][96];
-    size_t s, i;
+    size_t i;
     const char *only = argc > 1 ? argv[1] : NULL;
     char cmd[600];
     signal(SIGPIPE, SIG_IGN);
@@ -743,14 +742,7 @@ int main(int argc, char **argv)
         th_failed++;
         return th_summary("test_tls");
     }
-    for (s = 0; s < sizeof setups / sizeof setups[0]; s++) {
-        g_setup = &setups[s];
-        for (i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-            if (only && !strstr(cases[i].name, only)) continue;
-            snprintf(names[s][i], sizeof names[s][i], "%s/%s", setups[s].name, cases[i].name);
-            th_run(names[s][i], cases[i].fn);
-        }
-    }
+    run_tcp_family(only);
     g_setup = &setups[0];
     for (i = 0; i < sizeof tls_cases / sizeof tls_cases[0]; i++) {
         if (only && !strstr(tls_cases[i].name, only)) continue;
