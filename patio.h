@@ -9132,13 +9132,14 @@ static void patio__tcp_req_time_out(patio__tcp_req *req)
 {
     patio__tcp_broker *tb = req->tb;
     patio__tcp_conn *c = req->conn;
-    patio__tcp_req_unwatch(req);
     if (c) {
         uint32_t serial = req->serial;
-        patio__tcp_req_detach(req);
+        patio__tcp_req_detach(req); /* stops watching it too */
         PATIO__TCP_COUNT(tb, timeouts, 1);
         patio__tcp_send_exception(c, serial, "TimeoutError", "", 0);
         patio__tcp_conn_recheck(c);
+    } else {
+        patio__tcp_req_unwatch(req);
     }
     if (!req->running) patio__tcp_req_put(tb, req);
 }
