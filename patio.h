@@ -4740,22 +4740,35 @@ static int patio__spin_us(int cfg)
  * measured pace) per busy worker. A task that turns out long cannot hold
  * up the queue behind it for long: while workers are busy (and for two
  * rounds after), one sleeper stands by with a timeout and takes over a
- * queue that made no progress for PATIO__POOL_STANDBY_NS. */
+ * queue that made no progress for PATIO__POOL_STANDBY_NS.
+ * Each worker sleeps on a condition variable of its own, and work wakes
+ * the one that went to sleep last: its cache is warm and it often has not
+ * left its CPU yet, while a shared condition variable would wake the one
+ * that slept longest, so every burst would start on a cold thread. */
 #define PATIO__POOL_HELP_NS 500000u
 #define PATIO__POOL_STANDBY_NS 1000000u
+
+struct patio__pool;
+
+typedef struct patio__pool_worker {
+    struct patio__pool *pool;
+    pthread_cond_t cv;
+    int woken;             /* under mu: a waker picked this sleeper */
+} patio__pool_worker;
 
 typedef struct patio__pool {
     patio_executor base;
     pthread_mutex_t mu;
-    pthread_cond_t cv;
+    patio__pool_worker *workers;  /* one per thread */
+    int *idle;             /* sleepers other than the standby, the most recent last */
+    int nidle;
     patio__task_queue q;
     size_t queued;         /* mirror of q.count for lock-free peeking by spinners */
     size_t max_queue;
     int nthreads;          /* threads started (the starting thread's count) */
     int size;              /* max_workers: set before any thread starts, then read-only */
-    int sleeping;          /* workers blocked on cv */
     int busy;              /* workers running a batch */
-    int standby;           /* 1 while a sleeper waits with a timeout (see above) */
+    int standby;           /* index of the sleeper waiting with a timeout (see above), -1 = none */
     int want_standby;      /* a sleeper was woken to become the standby */
     int waking;            /* a sleeper was signalled, and none has woken since */
     uint64_t taken;        /* batches taken so far: the queue's progress */
@@ -4768,32 +4781,61 @@ typedef struct patio__pool {
     pthread_t *threads;
 } patio__pool;
 
-/* Under mu, with tasks queued: 1 if a sleeping worker should be woken,
- * to run them or to stand by while busy workers run theirs. */
-static int patio__pool_wake_one(patio__pool *p)
+/* Under mu: marks sleeper idx woken and returns it (signal it after unlocking). */
+static patio__pool_worker *patio__pool_pick(patio__pool *p, int idx)
 {
+    patio__pool_worker *w = &p->workers[idx];
+    w->woken = 1;
+    p->waking = 1;
+    return w;
+}
+
+/* Under mu, with tasks queued: the sleeper to wake, to run them or to
+ * stand by while busy workers run theirs; NULL if none should wake. Work
+ * goes to the sleeper that went to sleep last; standing by, which may
+ * well end without work, to the one that has slept longest. */
+static patio__pool_worker *patio__pool_wake_one(patio__pool *p)
+{
+    int idx;
     /* nobody to wake, a polling worker will take them, or one is on its way */
-    if (!p->sleeping || patio__load(&p->spinner) || p->waking) return 0;
+    if ((!p->nidle && p->standby < 0) || patio__load(&p->spinner) || p->waking) return NULL;
     if (p->busy && (uint64_t)p->q.count * patio__load(&p->task_ns) <=
                        (uint64_t)PATIO__POOL_HELP_NS * (uint64_t)p->busy) {
-        if (p->standby || p->want_standby) return 0;
+        if (p->standby >= 0 || p->want_standby || !p->nidle) return NULL;
         p->want_standby = 1;
+        idx = p->idle[0];
+        memmove(p->idle, p->idle + 1, (size_t)--p->nidle * sizeof *p->idle);
+        return patio__pool_pick(p, idx);
     }
-    p->waking = 1;
-    return 1;
+    if (p->nidle) return patio__pool_pick(p, p->idle[--p->nidle]);
+    idx = p->standby;
+    p->standby = -1;
+    return patio__pool_pick(p, idx);
+}
+
+/* Under mu: wakes every sleeper (tasks came back to the queue, or the
+ * pool closes). Rare, so it signals under the lock. */
+static void patio__pool_wake_all(patio__pool *p)
+{
+    int i;
+    for (i = 0; i < p->nidle; i++) pthread_cond_signal(&patio__pool_pick(p, p->idle[i])->cv);
+    p->nidle = 0;
+    if (p->standby >= 0) pthread_cond_signal(&patio__pool_pick(p, p->standby)->cv);
+    p->standby = -1;
 }
 
 static int patio__pool_submit(patio_executor *ex, patio_task *t)
 {
     patio__pool *p = (patio__pool *)ex;
-    int wake, rc;
+    patio__pool_worker *wake;
+    int rc;
     pthread_mutex_lock(&p->mu);
     rc = patio__tq_admit(&p->q, p->max_queue, p->closing, ex, t);
     if (rc != PATIO_OK) { pthread_mutex_unlock(&p->mu); return rc; }
     patio__store(&p->queued, p->q.count);
-    wake = !p->held && patio__pool_wake_one(p);
+    wake = p->held ? NULL : patio__pool_wake_one(p);
     pthread_mutex_unlock(&p->mu);
-    if (wake) pthread_cond_signal(&p->cv);
+    if (wake) pthread_cond_signal(&wake->cv);
     return PATIO_OK;
 }
 
@@ -4828,24 +4870,48 @@ static int patio__pool_spin(patio__pool *p)
 /* Sleeps (lock held) as the standby; returns 1 if it should take work:
  * it was woken for it, or the queue made no progress while it slept.
  * *idle counts the rounds in a row that found the pool idle. */
-static int patio__pool_stand_by(patio__pool *p, int *idle)
+static int patio__pool_stand_by(patio__pool *p, patio__pool_worker *w, int *idle)
 {
-    uint64_t seen = p->taken;
-    int timed_out;
-    p->standby = 1;
+    uint64_t seen = p->taken, until = patio__now_ns() + PATIO__POOL_STANDBY_NS;
+    int timed_out = 0;
+    p->standby = (int)(w - p->workers);
     p->want_standby = 0; /* a request for one is met */
-    timed_out = patio__cond_wait_until(&p->cv, &p->mu, patio__now_ns() + PATIO__POOL_STANDBY_NS) == ETIMEDOUT;
-    p->standby = 0;
-    p->waking = 0;
-    if (!timed_out) return 1;
+    while (!w->woken && !p->closing && !timed_out)
+        timed_out = patio__cond_wait_until(&w->cv, &p->mu, until) == ETIMEDOUT;
+    if (w->woken) { /* the waker took it off the standby post */
+        w->woken = 0;
+        p->waking = 0;
+        return 1;
+    }
+    p->standby = -1;
+    if (p->closing) return 1;
     *idle = p->taken == seen && !p->busy && !p->q.head ? *idle + 1 : 0;
     return p->taken == seen;
+}
+
+/* Sleeps (lock held) until a waker picks this worker or the pool closes. */
+static void patio__pool_sleep(patio__pool *p, patio__pool_worker *w)
+{
+    int i;
+    p->idle[p->nidle++] = (int)(w - p->workers);
+    while (!w->woken && !p->closing) pthread_cond_wait(&w->cv, &p->mu);
+    if (w->woken) {
+        w->woken = 0;
+        p->waking = 0;
+        return;
+    }
+    for (i = 0; i < p->nidle; i++) /* closing: leave the idle list */
+        if (p->idle[i] == (int)(w - p->workers)) {
+            memmove(p->idle + i, p->idle + i + 1, (size_t)(p->nidle - i - 1) * sizeof *p->idle);
+            p->nidle--;
+            break;
+        }
 }
 
 /* Waits (lock held) until this worker should run queued tasks, or the
  * pool closes. An awake worker takes what is queued; a sleeper takes it
  * when woken for it, or as the standby of a stalled queue. */
-static void patio__pool_wait_for_work(patio__pool *p)
+static void patio__pool_wait_for_work(patio__pool *p, patio__pool_worker *w)
 {
     int take = 1, idle = 0;
     for (;;) {
@@ -4859,18 +4925,15 @@ static void patio__pool_wait_for_work(patio__pool *p)
             take = 1;
             if (p->q.head || p->closing) continue;
         }
-        p->sleeping++;
         /* the standby stays one until the pool was idle for two rounds:
          * work that comes in bursts would otherwise wake a new one each time */
-        if (!p->standby && p->size > 1 && (p->busy || idle < 2)) {
-            take = patio__pool_stand_by(p, &idle);
+        if (p->standby < 0 && p->size > 1 && (p->busy || idle < 2)) {
+            take = patio__pool_stand_by(p, w, &idle);
         } else {
-            pthread_cond_wait(&p->cv, &p->mu);
-            p->waking = 0;
+            patio__pool_sleep(p, w);
             take = !p->want_standby;
             p->want_standby = 0; /* this one stands by now (next round) */
         }
-        p->sleeping--;
     }
 }
 
@@ -4892,8 +4955,8 @@ static void patio__pool_give_back(patio__pool *p, patio_task **tasks, size_t n)
         patio__store(&t->state, PATIO__TASK_QUEUED);
     }
     patio__store(&p->queued, p->q.count);
+    patio__pool_wake_all(p);
     pthread_mutex_unlock(&p->mu);
-    pthread_cond_broadcast(&p->cv);
 }
 
 /* Runs a batch; if one task turns out slow, the rest go back to the queue
@@ -4921,15 +4984,17 @@ static void patio__pool_run_batch(patio__pool *p, patio_task **batch, size_t n, 
     patio__store(&p->task_ns, pace - pace / 4 + avg / 4);
 }
 
-static void *patio__pool_worker(void *arg)
+static void *patio__pool_worker_main(void *arg)
 {
-    patio__pool *p = (patio__pool *)arg;
+    patio__pool_worker *self = (patio__pool_worker *)arg;
+    patio__pool *p = self->pool;
     patio_task *batch[PATIO__POOL_BATCH];
     unsigned singles = 0;
     pthread_mutex_lock(&p->mu);
     for (;;) {
+        patio__pool_worker *helper = NULL;
         size_t n, take;
-        patio__pool_wait_for_work(p);
+        patio__pool_wait_for_work(p, self);
         if (!p->q.head) break; /* closing and drained */
         /* Batches cut the locking for bursts of short tasks; a short queue
          * is taken one by one so that idle workers share it. */
@@ -4943,8 +5008,9 @@ static void *patio__pool_worker(void *arg)
         patio__store(&p->queued, p->q.count);
         p->taken++;
         p->busy++;
-        if (p->q.count && patio__pool_wake_one(p)) pthread_cond_signal(&p->cv);
+        if (p->q.count) helper = patio__pool_wake_one(p);
         pthread_mutex_unlock(&p->mu);
+        if (helper) pthread_cond_signal(&helper->cv);
         /* single tasks are timed one in 8: reading the clock is not free */
         patio__pool_run_batch(p, batch, n, n > 1 || (++singles & 7) == 0);
         pthread_mutex_lock(&p->mu);
@@ -4960,8 +5026,8 @@ static void patio__pool_shutdown(patio_executor *ex)
     int i;
     pthread_mutex_lock(&p->mu);
     patio__store(&p->closing, 1); /* idle workers poll it without the lock */
+    patio__pool_wake_all(p);
     pthread_mutex_unlock(&p->mu);
-    pthread_cond_broadcast(&p->cv);
     for (i = 0; i < p->nthreads; i++) pthread_join(p->threads[i], NULL);
     p->nthreads = 0;
 }
@@ -4970,8 +5036,11 @@ static void patio__pool_destroy(patio_executor *ex)
 {
     patio__pool *p = (patio__pool *)ex;
     const patio_hooks *h = ex->hooks;
+    int i;
     pthread_mutex_destroy(&p->mu);
-    pthread_cond_destroy(&p->cv);
+    for (i = 0; i < p->size; i++) pthread_cond_destroy(&p->workers[i].cv);
+    patio__free(h, p->workers);
+    patio__free(h, p->idle);
     patio__free(h, p->threads);
     patio__free(h, p);
 }
@@ -4984,21 +5053,27 @@ static const patio_executor_vtable patio__pool_vt = {
 /* See patio__executor_hold_wakes. */
 static void patio__pool_hold_wakes(patio__pool *p, int hold)
 {
-    int wake = 0;
+    patio__pool_worker *wake = NULL;
     pthread_mutex_lock(&p->mu);
     p->held += hold ? 1 : -1;
     if (!p->held && p->q.head) wake = patio__pool_wake_one(p);
     pthread_mutex_unlock(&p->mu);
-    if (wake) pthread_cond_signal(&p->cv);
+    if (wake) pthread_cond_signal(&wake->cv);
 }
 
 static int patio__pool_start_threads(patio__pool *p, int want)
 {
-    p->threads = (pthread_t *)patio__calloc(p->base.hooks, (size_t)want * sizeof *p->threads);
-    if (!p->threads) return PATIO_ERR_NOMEM;
-    p->size = want;
+    const patio_hooks *h = p->base.hooks;
+    p->threads = (pthread_t *)patio__calloc(h, (size_t)want * sizeof *p->threads);
+    p->workers = (patio__pool_worker *)patio__calloc(h, (size_t)want * sizeof *p->workers);
+    p->idle = (int *)patio__calloc(h, (size_t)want * sizeof *p->idle);
+    if (!p->threads || !p->workers || !p->idle) return PATIO_ERR_NOMEM;
+    for (p->size = 0; p->size < want; p->size++) {
+        p->workers[p->size].pool = p;
+        patio__cond_init(&p->workers[p->size].cv); /* the standby's timed wait uses the monotonic clock */
+    }
     for (p->nthreads = 0; p->nthreads < want; p->nthreads++)
-        if (pthread_create(&p->threads[p->nthreads], NULL, patio__pool_worker, p) != 0)
+        if (pthread_create(&p->threads[p->nthreads], NULL, patio__pool_worker_main, &p->workers[p->nthreads]) != 0)
             return PATIO_ERR_NOMEM;
     return PATIO_OK;
 }
@@ -5019,8 +5094,8 @@ PATIO_API patio_executor *patio_thread_pool_new_ex(patio_registry *r, const pati
     p->spin_us = patio__spin_us(cfg->spin_us);
     patio__spin_init(&p->spin, (uint64_t)p->spin_us * 1000u);
     p->task_ns = PATIO__POOL_HELP_NS; /* until measured, tasks count as long: spread them */
+    p->standby = -1;
     patio__mutex_init_hot(&p->mu);
-    patio__cond_init(&p->cv); /* timed waits (the standby) use the monotonic clock */
     if (patio__pool_start_threads(p, workers) != PATIO_OK) {
         patio_executor_free(&p->base);
         return NULL;

@@ -18,6 +18,22 @@ static int gated(patio_task *t)
     return patio_return_int(t, x);
 }
 
+/* which worker thread ran it: its slot in g_threads, recorded on first sight */
+static pthread_t g_threads[16];
+static int g_nthreads;
+static pthread_mutex_t g_threads_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static int which_thread(patio_task *t)
+{
+    pthread_t self = pthread_self();
+    int i;
+    pthread_mutex_lock(&g_threads_mu);
+    for (i = 0; i < g_nthreads && !pthread_equal(g_threads[i], self); i++) {}
+    if (i == g_nthreads && g_nthreads < 16) g_threads[g_nthreads++] = self;
+    pthread_mutex_unlock(&g_threads_mu);
+    return patio_return_int(t, i);
+}
+
 typedef struct env {
     patio_registry *rpc;
     patio_executor *ex;
@@ -35,6 +51,7 @@ static env env_new_spin(const char *kind, int workers, size_t max_queue, int spi
     e.rpc = patio_registry_new(NULL);
     patio_register(e.rpc, "mul", mul, NULL);
     patio_register(e.rpc, "gated", gated, NULL);
+    patio_register(e.rpc, "which_thread", which_thread, NULL);
     if (strcmp(kind, "thread") == 0) e.ex = patio_thread_pool_new_ex(e.rpc, &cfg);
     else if (strcmp(kind, "async") == 0) e.ex = patio_async_executor_new_ex(e.rpc, &cfg);
     else e.ex = patio_null_executor_new(e.rpc);
@@ -165,6 +182,30 @@ static void test_thread_pool_long_task_does_not_stall_queue(void)
     patio_call_free(running);
     env_free(&e);
     gate_destroy(&g_gate);
+}
+
+/* Work that arrives while every worker sleeps wakes the one that went to
+ * sleep last, whose cache is warm, rather than the one that slept longest:
+ * one call after another keeps running on the same thread, instead of
+ * going round all the sleepers. */
+static void test_thread_pool_wakes_the_last_sleeper(void)
+{
+    env e = env_new_spin("thread", 4, 0, -1); /* no polling: every call wakes a sleeper */
+    int i, prev = -1, switches = 0, ran = 0;
+    g_nthreads = 0;
+    for (i = 0; i < 40; i++) {
+        patio_call *c = patio_call_sync(e.broker, 10.0, "which_thread", "");
+        int slot = (int)patio_result_int(c);
+        ran += patio_call_status(c) == PATIO_OK;
+        if (prev >= 0 && slot != prev) switches++;
+        prev = slot;
+        patio_call_free(c);
+    }
+    CHECK_EQ_INT(ran, 40);
+    /* the first call may go to a worker that then stands by, and a stall
+     * of the test process may hand the standby's post on a few times */
+    CHECK(switches <= 5);
+    env_free(&e);
 }
 
 typedef struct shutdown_arg { patio_executor *ex; int done; } shutdown_arg;
@@ -352,6 +393,7 @@ int main(void)
     RUN(test_null_executor_fails);
     RUN(test_thread_pool_full_queue);
     RUN(test_thread_pool_long_task_does_not_stall_queue);
+    RUN(test_thread_pool_wakes_the_last_sleeper);
     RUN(test_thread_pool_shutdown_finishes_queue);
     RUN(test_cancel_queued_only);
     RUN(test_async_max_workers_and_later);
