@@ -68,7 +68,8 @@
      PATIO_DEFAULT_TIMEOUT         [86400.0] seconds, a call's default timeout
      PATIO_DEFAULT_MAX_WORKERS     [4] thread pool / async executor workers
      PATIO_DEFAULT_QUEUE_SIZE      [65536] executor queue bound
-     PATIO_SPIN_US                 [50] how long idle threads poll before sleeping
+     PATIO_SPIN_US                 [50] how long an idle loop polls before sleeping
+     PATIO_POOL_SPIN_US            [20] how long an idle thread-pool worker polls
      PATIO_MAX_DEPTH               [64] MessagePack nesting limit
      PATIO_USE_EPOLL / PATIO_USE_KQUEUE / PATIO_USE_POLL
                                    force a loop backend [epoll on Linux,
@@ -139,6 +140,13 @@
  * sleeping thread on another core costs far more than a short spin. */
 #ifndef PATIO_SPIN_US
 #define PATIO_SPIN_US 50
+#endif
+
+/* The same for idle thread-pool workers, shorter: their work comes from
+ * other threads (a loop, callers), and a worker that polls long holds a
+ * CPU those threads need to produce it. */
+#ifndef PATIO_POOL_SPIN_US
+#define PATIO_POOL_SPIN_US 20
 #endif
 
 
@@ -590,7 +598,7 @@ PATIO_API int patio_task_run(patio_task *t);
 typedef struct patio_thread_pool_config {
     int max_workers;   /* 0 = PATIO_DEFAULT_MAX_WORKERS (4) */
     size_t max_queue;  /* waiting tasks before submit says PATIO_ERR_FULL; 0 = PATIO_DEFAULT_QUEUE_SIZE */
-    int spin_us;       /* idle workers poll this long before sleeping; 0 = PATIO_SPIN_US, <0 = never */
+    int spin_us;       /* idle workers poll this long before sleeping; 0 = PATIO_POOL_SPIN_US, <0 = never */
 } patio_thread_pool_config;
 
 PATIO_API patio_executor *patio_thread_pool_new(patio_registry *r, int max_workers);
@@ -4727,7 +4735,7 @@ static int patio__tq_cancel_locked(pthread_mutex_t *mu, patio__task_queue *q, si
 static int patio__spin_us(int cfg)
 {
     if (cfg < 0) return 0;
-    return cfg ? cfg : PATIO_SPIN_US;
+    return cfg ? cfg : PATIO_POOL_SPIN_US;
 }
 
 /* ---- thread pool ---------------------------------------------------- */
