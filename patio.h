@@ -68,7 +68,7 @@
      PATIO_DEFAULT_TIMEOUT         [86400.0] seconds, a call's default timeout
      PATIO_DEFAULT_MAX_WORKERS     [4] thread pool / async executor workers
      PATIO_DEFAULT_QUEUE_SIZE      [65536] executor queue bound
-     PATIO_SPIN_US                 [50] how long an idle loop polls before sleeping
+     PATIO_SPIN_US                 [100] how long an idle loop polls before sleeping
      PATIO_POOL_SPIN_US            [20] how long an idle thread-pool worker polls
      PATIO_MAX_DEPTH               [64] MessagePack nesting limit
      PATIO_USE_EPOLL / PATIO_USE_KQUEUE / PATIO_USE_POLL
@@ -136,10 +136,13 @@
 #define PATIO_DEFAULT_QUEUE_SIZE 65536
 #endif
 
-/* How long (microseconds) a thread polls for work before it sleeps. Waking a
- * sleeping thread on another core costs far more than a short spin. */
+/* How long (microseconds) an idle loop polls for work before it sleeps, at
+ * most: waking a sleeping thread on another core costs far more than a short
+ * spin, and a loop waiting for a network peer's answer often waits tens of
+ * microseconds. The budget adapts, so loops that catch nothing soon stop
+ * polling. A blocking wait for calls polls for at most 50 us of it. */
 #ifndef PATIO_SPIN_US
-#define PATIO_SPIN_US 50
+#define PATIO_SPIN_US 100
 #endif
 
 /* The same for idle thread-pool workers, shorter: their work comes from
@@ -7277,11 +7280,15 @@ static size_t patio__waiter_unregister(patio__waiter *w, patio_call *const *call
     return fired;
 }
 
+/* A blocking wait polls for at most this long: it holds a CPU that the
+ * threads finishing its calls may need. */
+#define PATIO__WAIT_SPIN_US (PATIO_SPIN_US < 50 ? PATIO_SPIN_US : 50)
+
 /* Sleeps (or pumps) until `target` registered calls notified, or the
  * deadline; polls briefly first, since a sleep/wake costs far more. */
 static void patio__wait_block(patio__waiter *w, int target, uint64_t deadline, patio_loop *pump)
 {
-    uint64_t spin_until = patio__now_ns() + (PATIO_SPIN_US > 0 ? (uint64_t)PATIO_SPIN_US * 1000u : 0);
+    uint64_t spin_until = patio__now_ns() + (PATIO__WAIT_SPIN_US > 0 ? (uint64_t)PATIO__WAIT_SPIN_US * 1000u : 0);
     unsigned i = 0;
     while (patio__load(&w->notified) < target) {
         uint64_t now;
