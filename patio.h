@@ -3993,8 +3993,9 @@ static int patio__loop_poll(patio_loop *l, int timeout_ms)
 /* Busy-waits for posted work for at most the adaptive budget (at most
  * spin_ns), and only when the loop was busy within the last spin_ns: a
  * hand-off to a spinning loop costs the producer no system call, while an
- * idle loop goes straight to sleep. Sockets are checked too, without blocking, every few microseconds, so a
- * reply arriving on a connection is not left waiting for the spin to end.
+ * idle loop goes straight to sleep. Sockets are checked too, without
+ * blocking, every few microseconds, so a reply arriving on a connection is
+ * not left waiting for the spin to end; each check also yields the CPU.
  * Returns 1 if posted work arrived, 2 if fds are ready (l->nready set). */
 static int patio__loop_spin(patio_loop *l, uint64_t now, uint64_t until)
 {
@@ -4022,6 +4023,11 @@ static int patio__loop_spin(patio_loop *l, uint64_t now, uint64_t until)
                     return 2;
                 }
                 next_poll = now + PATIO__SPIN_POLL_NS;
+                /* a thread with work on this CPU runs now, not when the
+                 * spin's time slice ends: with more busy threads than
+                 * CPUs (loops, pool workers, a peer), spinning that does
+                 * not yield starves the very work it waits for */
+                sched_yield();
             }
         }
     }
@@ -4870,9 +4876,12 @@ static int patio__pool_spin(patio__pool *p)
             patio__spin_result(&p->spin, 1, patio__now_ns() - start);
             return 1;
         }
-        if ((i & 63) == 63 && patio__now_ns() >= until) {
-            patio__spin_result(&p->spin, 0, budget);
-            return 0;
+        if ((i & 63) == 63) {
+            if (patio__now_ns() >= until) {
+                patio__spin_result(&p->spin, 0, budget);
+                return 0;
+            }
+            sched_yield(); /* see patio__loop_spin */
         }
         patio__cpu_relax();
     }
