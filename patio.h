@@ -5684,7 +5684,7 @@ static uint64_t patio__pw_read(patio__pw *w)
         if (errno == EINTR) continue;
         if (errno != EAGAIN && errno != EWOULDBLOCK) _exit(0);
         if (until && patio__now_ns() >= until) until = 0;
-        patio__cpu_relax();
+        sched_yield(); /* polling must not keep the CPU from a process with work */
     }
     w->in_len += (size_t)n;
     return patio__now_ns();
@@ -6368,7 +6368,10 @@ static int patio__pp_spin(patio__ppool *p, nfds_t n, uint64_t now)
     for (i = 0;; i++) {
         if (poll(p->pfd, n, 0) > 0) return 1;
         if (patio__load(&p->queued) && patio__pp_free_slots(p, now)) return 1;
-        if ((i & 7) == 7 && patio__now_ns() >= until) return 0;
+        if ((i & 7) == 7) {
+            if (patio__now_ns() >= until) return 0;
+            sched_yield(); /* a worker process with work may share this CPU */
+        }
         patio__cpu_relax();
     }
 }
