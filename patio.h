@@ -4798,6 +4798,15 @@ typedef struct patio__pool {
     pthread_t *threads;
 } patio__pool;
 
+/* Under mu: takes entry i off the idle list and returns the worker's index. */
+static int patio__pool_unidle(patio__pool *p, int i)
+{
+    int idx = p->idle[i];
+    memmove(p->idle + i, p->idle + i + 1, (size_t)(p->nidle - i - 1) * sizeof *p->idle);
+    p->nidle--;
+    return idx;
+}
+
 /* Under mu: marks sleeper idx woken and returns it (signal it after unlocking). */
 static patio__pool_worker *patio__pool_pick(patio__pool *p, int idx)
 {
@@ -4820,11 +4829,9 @@ static patio__pool_worker *patio__pool_wake_one(patio__pool *p)
                        (uint64_t)PATIO__POOL_HELP_NS * (uint64_t)p->busy) {
         if (p->standby >= 0 || p->want_standby || !p->nidle) return NULL;
         p->want_standby = 1;
-        idx = p->idle[0];
-        memmove(p->idle, p->idle + 1, (size_t)--p->nidle * sizeof *p->idle);
-        return patio__pool_pick(p, idx);
+        return patio__pool_pick(p, patio__pool_unidle(p, 0));
     }
-    if (p->nidle) return patio__pool_pick(p, p->idle[--p->nidle]);
+    if (p->nidle) return patio__pool_pick(p, patio__pool_unidle(p, p->nidle - 1));
     idx = p->standby;
     p->standby = -1;
     return patio__pool_pick(p, idx);
@@ -4922,8 +4929,7 @@ static void patio__pool_sleep(patio__pool *p, patio__pool_worker *w)
     }
     for (i = 0; i < p->nidle; i++) /* closing: leave the idle list */
         if (p->idle[i] == (int)(w - p->workers)) {
-            memmove(p->idle + i, p->idle + i + 1, (size_t)(p->nidle - i - 1) * sizeof *p->idle);
-            p->nidle--;
+            patio__pool_unidle(p, i);
             break;
         }
 }
