@@ -3317,7 +3317,6 @@ struct patio_registry {
     size_t nslots;          /* power of two, > 2 * count */
 };
 
-/* FNV-1a: names are short and this runs once per call. */
 /* An object of `size` bytes whose first `zeroed` bytes are zero, from the
  * cache when it has one (the rest is left as it was: buffers need no zeroing). */
 static void *patio__cache_take(patio__obj_cache *cache, const patio_hooks *h, size_t size, size_t zeroed)
@@ -3345,6 +3344,7 @@ static void patio__cache_give(patio__obj_cache *cache, const patio_hooks *h, voi
     if (obj) patio__free(h, obj);
 }
 
+/* FNV-1a: names are short and this runs once per call. */
 static uint32_t patio__hash_name(const char *s, size_t n)
 {
     uint32_t h = 2166136261u;
