@@ -7,6 +7,8 @@
 #   make test-tsan     ThreadSanitizer, build/tsan/
 #   make test-poll     the poll() backend forced on Linux, build/poll/
 #   make test-cxx      the tests (and so the header) compiled as C++11, build/cxx/
+#   make test-kqueue   the kqueue backend, on Linux through the epoll-based
+#                      kqueue of tests/kqueue/sys/event.h, build/kqueue/
 #   make test-symbols  every exported symbol of the implementation is patio_*
 #   make test-tls3     the TLS tests, TLS examples and TLS interop cases against
 #                      Debian 13's mbedTLS 3.6, fetched into MBEDTLS3 by
@@ -97,6 +99,8 @@ poll_CC       := $(CC)
 poll_FLAGS    := $(BASE_CFLAGS) $(TLS_INC) -O2 -DPATIO_USE_POLL $(CFLAGS)
 cxx_CC        := $(CXX)
 cxx_FLAGS     := -x c++ -std=c++11 $(WARN) -g $(INC) $(TLS_INC) -pthread -O2 $(CXXFLAGS)
+kqueue_CC     := $(CC)
+kqueue_FLAGS  := $(BASE_CFLAGS) -Itests/kqueue $(TLS_INC) -O2 -DPATIO_USE_KQUEUE $(CFLAGS)
 
 # The TLS tests against mbedTLS 3.6 (MBEDTLS3).
 tls3_CC               := $(CC)
@@ -111,7 +115,7 @@ TLS3_VARIANTS         := tls3 tls3-asan tls3-tsan tls3-cxx
 # each of them builds only the TLS tests, linked with TLS3_LIBS
 $(foreach v,$(TLS3_VARIANTS),$(eval $(v)_TESTS = $$(TLS_TEST_NAMES))$(eval $(v)_TLS_LIBS := $$(TLS3_LIBS)))
 
-VARIANTS := default asan tsan poll cxx $(TLS3_VARIANTS)
+VARIANTS := default asan tsan poll cxx kqueue $(TLS3_VARIANTS)
 
 # Environment for running each variant's programs.
 default_ENV :=
@@ -119,6 +123,7 @@ asan_ENV    := ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=halt_on_error=1:print_s
 tsan_ENV    := TSAN_OPTIONS='halt_on_error=1 second_deadlock_stack=1'
 poll_ENV    :=
 cxx_ENV     :=
+kqueue_ENV  :=
 tls3_ENV      := $(default_ENV)
 tls3-asan_ENV := $(asan_ENV)
 tls3-tsan_ENV := $(tsan_ENV)
@@ -224,7 +229,7 @@ build/fuzz/%: tests/fuzz/%.c $(TEST_HEADERS) build/fuzz/.cmd
 
 # ------------------------------------------------------------------ targets
 
-.PHONY: all test test-asan test-tsan test-poll test-cxx test-symbols \
+.PHONY: all test test-asan test-tsan test-poll test-cxx test-kqueue test-symbols \
         test-tls3 test-tls3-asan test-tls3-tsan test-tls3-cxx \
         examples quickstart bench fuzz fuzz-build clean FORCE \
         $(addprefix build-,$(VARIANTS))
@@ -246,6 +251,9 @@ test-poll: build-poll
 
 test-cxx: build-cxx
 	@$(cxx_ENV) $(RUN_TESTS) build/cxx
+
+test-kqueue: build-kqueue
+	@$(kqueue_ENV) $(RUN_TESTS) build/kqueue
 
 # The TLS tests, and the interop suite's TLS cases with the examples it
 # builds linked with the same mbedTLS; the sanitizer and C++ runs leave the
