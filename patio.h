@@ -875,6 +875,12 @@ typedef struct patio_tcp_config {
     int max_connections;           /* open connections; accepts beyond it close at once; 0 = 1024 */
     int max_inflight;              /* received requests not yet answered, per connection;
                                       at the limit the connection is not read; 0 = 1024 */
+    double keepalive_idle;         /* TCP keep-alive: seconds a connection may be silent
+                                      before the kernel probes the peer; 0 = 60,
+                                      < 0 = no keep-alive; at most 32767 */
+    double keepalive_interval;     /* seconds between unanswered probes; 0 = 10; 1..32767 */
+    int keepalive_probes;          /* unanswered probes after which the kernel drops the
+                                      connection (its calls fail at once); 0 = 5; 1..127 */
     double reconnect_delay;        /* first retry of a client connection; 0 = 1 s */
     double reconnect_max_delay;    /* the delay doubles per failure up to this; 0 = 30 s */
     int max_depth;                 /* MessagePack nesting accepted; 0 = PATIO_MAX_DEPTH */
@@ -8532,10 +8538,44 @@ static void patio__tcp_conn_io(patio__io *io, unsigned ev)
     patio__tcp_tail(tb);
 }
 
-static void patio__tcp_sockopts(int fd)
+/* Seconds rounded up, at least 1: the unit of the kernel's keep-alive knobs. */
+static int patio__whole_seconds(double s)
+{
+    int whole = (int)s;
+    if ((double)whole < s) whole++;
+    return whole < 1 ? 1 : whole;
+}
+
+/* Keep-alive finds a peer that vanished without closing (power loss, a
+ * dropped route): the kernel's own default waits two hours before the first
+ * probe, so the broker sets its own. Where a system lacks one of the knobs,
+ * its default stays. */
+static void patio__tcp_keepalive(int fd, const patio_tcp_config *cfg)
+{
+    int on = cfg->keepalive_idle > 0, idle = patio__whole_seconds(cfg->keepalive_idle);
+    int interval = patio__whole_seconds(cfg->keepalive_interval), probes = cfg->keepalive_probes;
+    setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &on, sizeof on);
+    if (!on) return;
+#if defined(TCP_KEEPIDLE)
+    setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof idle);
+#elif defined(TCP_KEEPALIVE) /* macOS */
+    setsockopt(fd, IPPROTO_TCP, TCP_KEEPALIVE, &idle, sizeof idle);
+#endif
+#if defined(TCP_KEEPINTVL)
+    setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &interval, sizeof interval);
+#endif
+#if defined(TCP_KEEPCNT)
+    setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &probes, sizeof probes);
+#endif
+    PATIO__UNUSED(idle);
+    PATIO__UNUSED(interval);
+    PATIO__UNUSED(probes);
+}
+
+static void patio__tcp_sockopts(int fd, const patio_tcp_config *cfg)
 {
     int one = 1;
-    setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one);
+    patio__tcp_keepalive(fd, cfg);
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
 #ifdef SO_NOSIGPIPE
     setsockopt(fd, SOL_SOCKET, SO_NOSIGPIPE, &one, sizeof one);
@@ -8595,7 +8635,7 @@ static patio__tcp_conn *patio__tcp_conn_new(patio__tcp_broker *tb, int fd, int i
 static void patio__tcp_conn_up(patio__tcp_conn *c, const char *server_name)
 {
     patio__tcp_broker *tb = c->tb;
-    patio__tcp_sockopts(c->fd);
+    patio__tcp_sockopts(c->fd, &tb->cfg);
     c->counted = 1;
     tb->nopen++;
     PATIO__TCP_COUNT(tb, connections_open, 1);
@@ -9965,6 +10005,13 @@ static int patio__tcp_config_fill(patio_tcp_config *out, const patio_tcp_config 
     if (!(out->handshake_timeout > 0)) out->handshake_timeout = 10;
     if (out->max_connections <= 0) out->max_connections = 1024;
     if (out->max_inflight <= 0) out->max_inflight = 1024;
+    if (out->keepalive_idle == 0) out->keepalive_idle = 60;
+    if (out->keepalive_interval == 0) out->keepalive_interval = 10;
+    if (out->keepalive_probes == 0) out->keepalive_probes = 5;
+    if (out->keepalive_idle != out->keepalive_idle || out->keepalive_idle > 32767 ||
+        !(out->keepalive_interval > 0 && out->keepalive_interval <= 32767) ||
+        out->keepalive_probes < 1 || out->keepalive_probes > 127)
+        return PATIO_ERR_INVALID;
     if (!(out->reconnect_delay > 0)) out->reconnect_delay = 1;
     if (!(out->reconnect_max_delay > 0)) out->reconnect_max_delay = 30;
     if (out->reconnect_max_delay < out->reconnect_delay) out->reconnect_max_delay = out->reconnect_delay;

@@ -906,6 +906,125 @@ static void test_max_connections(void)
     node_free(&s);
 }
 
+/* ---- TCP keep-alive ------------------------------------------------------ */
+
+/* An fd of this process that is a connected IPv4 TCP socket with these
+ * ports (0 = any), other than `skip`; -1 if none. */
+static int tcp_socket_with(int local_port, int peer_port, int skip)
+{
+    int fd;
+    for (fd = 3; fd < 4096; fd++) {
+        struct sockaddr_in me, peer;
+        socklen_t ml = sizeof me, pl = sizeof peer;
+        if (fd == skip) continue;
+        if (getsockname(fd, (struct sockaddr *)&me, &ml) != 0 || me.sin_family != AF_INET) continue;
+        if (getpeername(fd, (struct sockaddr *)&peer, &pl) != 0) continue; /* a listener */
+        if (local_port && ntohs(me.sin_port) != local_port) continue;
+        if (peer_port && ntohs(peer.sin_port) != peer_port) continue;
+        return fd;
+    }
+    return -1;
+}
+
+static int local_port_of(int fd)
+{
+    struct sockaddr_in me;
+    socklen_t ml = sizeof me;
+    if (getsockname(fd, (struct sockaddr *)&me, &ml) != 0) return -1;
+    return ntohs(me.sin_port);
+}
+
+/* SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL and TCP_KEEPCNT of a socket. */
+static void keepalive_of(int fd, int out[4])
+{
+    socklen_t l = sizeof out[0];
+    memset(out, 0, 4 * sizeof out[0]);
+    getsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &out[0], &l);
+    l = sizeof out[0];
+    getsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &out[1], &l);
+    l = sizeof out[0];
+    getsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &out[2], &l);
+    l = sizeof out[0];
+    getsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &out[3], &l);
+}
+
+/* Whether a broker can be made with these keep-alive settings. */
+static int keepalive_accepted(double idle, double interval, int probes)
+{
+    patio_tcp_config cfg = cfg_for(0);
+    patio_registry *rpc = patio_registry_new(NULL);
+    patio_executor *ex = patio_null_executor_new(rpc);
+    patio_broker *b;
+    int ok;
+    cfg.keepalive_idle = idle;
+    cfg.keepalive_interval = interval;
+    cfg.keepalive_probes = probes;
+    b = patio_tcp_broker_new(ex, &cfg);
+    ok = b != NULL;
+    patio_broker_free(b);
+    patio_executor_free(ex);
+    patio_registry_free(rpc);
+    return ok;
+}
+
+static void test_keepalive_config_checked(void)
+{
+    if (!g_setup->raw) return; /* configuration only: once is enough */
+    CHECK(!keepalive_accepted(NAN, 0, 0));
+    CHECK(!keepalive_accepted(40000, 0, 0));
+    CHECK(!keepalive_accepted(0, -1, 0));
+    CHECK(!keepalive_accepted(0, 40000, 0));
+    CHECK(!keepalive_accepted(0, 0, 128));
+    CHECK(!keepalive_accepted(0, 0, -2));
+    CHECK(keepalive_accepted(0, 0, 0));
+    CHECK(keepalive_accepted(-1, 0, 0)); /* off */
+    CHECK(keepalive_accepted(32767, 0.2, 127));
+}
+
+/* Each end's sockets get its own settings: the server's (7.5 s rounds up to
+ * 8), a default client's, and none for a client that turned keep-alive off. */
+static void test_keepalive_settings(void)
+{
+    node s, dflt, off;
+    patio_tcp_config scfg = cfg_for(1), ocfg = cfg_for(0);
+    int ka[4], cfd, sfd, cfd2;
+    scfg.keepalive_idle = 7.5;
+    scfg.keepalive_interval = 3;
+    scfg.keepalive_probes = 4;
+    ocfg.keepalive_idle = -1;
+    CHECK(node_start_ex(&s, "server", &scfg, 0, 0, 0, 2) == 0);
+    CHECK(node_start(&dflt, "default", 0) == 0);
+    CHECK(node_start_ex(&off, "off", &ocfg, -1, 0, 0, 2) == 0);
+
+    patio_tcp_connect(dflt.b, "127.0.0.1", s.port);
+    CHECK_EQ_INT(patio_tcp_wait_peers(dflt.b, 1, 5.0), PATIO_OK);
+    cfd = tcp_socket_with(0, s.port, -1);
+    CHECK(cfd >= 0);
+    keepalive_of(cfd, ka);
+    CHECK(ka[0] != 0);
+    CHECK_EQ_INT(ka[1], 60);
+    CHECK_EQ_INT(ka[2], 10);
+    CHECK_EQ_INT(ka[3], 5);
+    sfd = tcp_socket_with(s.port, local_port_of(cfd), -1);
+    CHECK(sfd >= 0);
+    keepalive_of(sfd, ka);
+    CHECK(ka[0] != 0);
+    CHECK_EQ_INT(ka[1], 8);
+    CHECK_EQ_INT(ka[2], 3);
+    CHECK_EQ_INT(ka[3], 4);
+
+    patio_tcp_connect(off.b, "127.0.0.1", s.port);
+    CHECK_EQ_INT(patio_tcp_wait_peers(off.b, 1, 5.0), PATIO_OK);
+    cfd2 = tcp_socket_with(0, s.port, cfd);
+    CHECK(cfd2 >= 0);
+    keepalive_of(cfd2, ka);
+    CHECK_EQ_INT(ka[0], 0);
+    CHECK_EQ_INT(call_mul(off.b, 6, 7), 42);
+    node_free(&off);
+    node_free(&dflt);
+    node_free(&s);
+}
+
 /* ---- bad input: the connection closes, a good client keeps working ------- */
 
 typedef struct bad_env {
@@ -1330,6 +1449,8 @@ static const tcase cases[] = {
     CASE(test_inflight_limit),
     CASE(test_executor_full),
     CASE(test_max_connections),
+    CASE(test_keepalive_config_checked),
+    CASE(test_keepalive_settings),
     CASE(test_bad_oversize),
     CASE(test_bad_unknown_type),
     CASE(test_bad_stray_response),
