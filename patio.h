@@ -880,7 +880,9 @@ typedef struct patio_tcp_config {
                                       < 0 = no keep-alive; at most 32767 */
     double keepalive_interval;     /* seconds between unanswered probes; 0 = 10; 1..32767 */
     int keepalive_probes;          /* unanswered probes after which the kernel drops the
-                                      connection (its calls fail at once); 0 = 5; 1..127 */
+                                      connection (its calls fail at once); 0 = 5; 1..127.
+                                      Sent data unacknowledged for idle + interval x probes
+                                      drops it too (TCP_USER_TIMEOUT, where it exists) */
     double reconnect_delay;        /* first retry of a client connection; 0 = 1 s */
     double reconnect_max_delay;    /* the delay doubles per failure up to this; 0 = 30 s */
     int max_depth;                 /* MessagePack nesting accepted; 0 = PATIO_MAX_DEPTH */
@@ -8548,8 +8550,10 @@ static int patio__whole_seconds(double s)
 
 /* Keep-alive finds a peer that vanished without closing (power loss, a
  * dropped route): the kernel's own default waits two hours before the first
- * probe, so the broker sets its own. Where a system lacks one of the knobs,
- * its default stays. */
+ * probe, so the broker sets its own. Keep-alive only probes an idle line;
+ * data the peer never acknowledges would be retransmitted for about 15
+ * minutes, so where TCP_USER_TIMEOUT exists it gets the same bound. Where a
+ * system lacks one of the knobs, its default stays. */
 static void patio__tcp_keepalive(int fd, const patio_tcp_config *cfg)
 {
     int on = cfg->keepalive_idle > 0, idle = patio__whole_seconds(cfg->keepalive_idle);
@@ -8566,6 +8570,13 @@ static void patio__tcp_keepalive(int fd, const patio_tcp_config *cfg)
 #endif
 #if defined(TCP_KEEPCNT)
     setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &probes, sizeof probes);
+#endif
+#if defined(TCP_USER_TIMEOUT)
+    {
+        /* at most 32767 + 32767 * 127 s: fits in 32 bits as milliseconds */
+        unsigned int ms = ((unsigned int)idle + (unsigned int)interval * (unsigned int)probes) * 1000u;
+        setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &ms, sizeof ms);
+    }
 #endif
     PATIO__UNUSED(idle);
     PATIO__UNUSED(interval);

@@ -934,11 +934,12 @@ static int local_port_of(int fd)
     return ntohs(me.sin_port);
 }
 
-/* SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL and TCP_KEEPCNT of a socket. */
-static void keepalive_of(int fd, int out[4])
+/* SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT and TCP_USER_TIMEOUT
+ * of a socket. */
+static void keepalive_of(int fd, int out[5])
 {
     socklen_t l = sizeof out[0];
-    memset(out, 0, 4 * sizeof out[0]);
+    memset(out, 0, 5 * sizeof out[0]);
     getsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &out[0], &l);
     l = sizeof out[0];
     getsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &out[1], &l);
@@ -946,6 +947,8 @@ static void keepalive_of(int fd, int out[4])
     getsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &out[2], &l);
     l = sizeof out[0];
     getsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &out[3], &l);
+    l = sizeof out[0];
+    getsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &out[4], &l);
 }
 
 /* Whether a broker can be made with these keep-alive settings. */
@@ -987,7 +990,7 @@ static void test_keepalive_settings(void)
 {
     node s, dflt, off;
     patio_tcp_config scfg = cfg_for(1), ocfg = cfg_for(0);
-    int ka[4], cfd, sfd, cfd2;
+    int ka[5], cfd, sfd, cfd2;
     scfg.keepalive_idle = 7.5;
     scfg.keepalive_interval = 3;
     scfg.keepalive_probes = 4;
@@ -1005,6 +1008,7 @@ static void test_keepalive_settings(void)
     CHECK_EQ_INT(ka[1], 60);
     CHECK_EQ_INT(ka[2], 10);
     CHECK_EQ_INT(ka[3], 5);
+    CHECK_EQ_INT(ka[4], 110000);
     sfd = tcp_socket_with(s.port, local_port_of(cfd), -1);
     CHECK(sfd >= 0);
     keepalive_of(sfd, ka);
@@ -1012,6 +1016,7 @@ static void test_keepalive_settings(void)
     CHECK_EQ_INT(ka[1], 8);
     CHECK_EQ_INT(ka[2], 3);
     CHECK_EQ_INT(ka[3], 4);
+    CHECK_EQ_INT(ka[4], 20000);
 
     patio_tcp_connect(off.b, "127.0.0.1", s.port);
     CHECK_EQ_INT(patio_tcp_wait_peers(off.b, 1, 5.0), PATIO_OK);
@@ -1019,11 +1024,106 @@ static void test_keepalive_settings(void)
     CHECK(cfd2 >= 0);
     keepalive_of(cfd2, ka);
     CHECK_EQ_INT(ka[0], 0);
+    CHECK_EQ_INT(ka[4], 0);
     CHECK_EQ_INT(call_mul(off.b, 6, 7), 42);
     node_free(&off);
     node_free(&dflt);
     node_free(&s);
 }
+
+#if defined(__linux__)
+#include <sched.h>
+#include <net/if.h>
+#include <sys/ioctl.h>
+
+/* Brings this network namespace's loopback link up or down; 0 on success. */
+static int loopback_set(int up)
+{
+    struct ifreq ifr;
+    int fd = socket(AF_INET, SOCK_DGRAM, 0), rc = -1;
+    if (fd < 0) return -1;
+    memset(&ifr, 0, sizeof ifr);
+    memcpy(ifr.ifr_name, "lo", 3);
+    if (ioctl(fd, SIOCGIFFLAGS, &ifr) == 0) {
+        if (up) ifr.ifr_flags |= IFF_UP;
+        else ifr.ifr_flags &= ~IFF_UP;
+        rc = ioctl(fd, SIOCSIFFLAGS, &ifr);
+    }
+    close(fd);
+    return rc;
+}
+
+/* Whether the client socket connected to port *arg has no data in flight. */
+static int all_acknowledged(void *arg)
+{
+    struct tcp_info ti;
+    socklen_t l = sizeof ti;
+    int fd = tcp_socket_with(0, *(int *)arg, -1);
+    memset(&ti, 0, sizeof ti);
+    return fd >= 0 && getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &l) == 0 && ti.tcpi_unacked == 0;
+}
+
+/* On a thread of its own, in a network namespace of its own that the
+ * brokers' threads (started from it) share: a client calls a server, both
+ * with 1 s keep-alive and 2 probes; then the namespace's loopback goes
+ * down, so the server vanishes without closing anything. The call must
+ * fail with a lost connection after about 1 + 2 x 1 s, long before its own
+ * 30 s timeout (the kernel's keep-alive defaults would wait two hours).
+ * Stores 0, or the errno that kept it from making the namespace. */
+static void *vanished_peer_thread(void *arg)
+{
+    int *unshare_errno = (int *)arg;
+    node s, c;
+    patio_tcp_config scfg = cfg_for(1), ccfg = cfg_for(0);
+    patio_call_opts opts;
+    patio_call *call;
+    double t0;
+    if (unshare(CLONE_NEWNET) != 0) {
+        *unshare_errno = errno;
+        return NULL;
+    }
+    *unshare_errno = 0;
+    CHECK(loopback_set(1) == 0);
+    scfg.keepalive_idle = ccfg.keepalive_idle = 1;
+    scfg.keepalive_interval = ccfg.keepalive_interval = 1;
+    scfg.keepalive_probes = ccfg.keepalive_probes = 2;
+    gate_init(&g_gate);
+    CHECK(node_start_ex(&s, "server", &scfg, 0, 0, 0, 2) == 0);
+    CHECK(node_start_ex(&c, "client", &ccfg, -1, 0, 0, 2) == 0);
+    patio_tcp_connect(c.b, "127.0.0.1", s.port);
+    CHECK_EQ_INT(patio_tcp_wait_peers(c.b, 1, 5.0), PATIO_OK);
+    memset(&opts, 0, sizeof opts);
+    opts.timeout = 30;
+    call = patio_call_start(c.b, &opts, "gated", "");
+    CHECK(gate_wait_arrived(&g_gate, 1)); /* the server runs it */
+    /* the request acknowledged, the line is idle: keep-alive's case (data
+     * left unacknowledged would be TCP_USER_TIMEOUT's) */
+    CHECK(wait_until(all_acknowledged, &s.port, 5.0));
+    t0 = now_s();
+    CHECK(loopback_set(0) == 0);
+    patio_call_wait(call, 20.0);
+    CHECK_EQ_INT(patio_call_status(call), PATIO_ERR_CONNECTION_LOST);
+    CHECK(now_s() - t0 < 15.0);
+    patio_call_free(call);
+    gate_open(&g_gate);
+    node_free(&c);
+    node_free(&s);
+    gate_destroy(&g_gate);
+    return NULL;
+}
+
+static void test_keepalive_finds_vanished_peer(void)
+{
+    pthread_t th;
+    int unshare_errno = -1;
+    if (!g_setup->raw) return; /* the transport does not matter here */
+    CHECK(pthread_create(&th, NULL, vanished_peer_thread, &unshare_errno) == 0);
+    pthread_join(th, NULL);
+    if (unshare_errno > 0)
+        fprintf(stderr, "  note: keep-alive case not run: no network namespace (%s); it needs CAP_SYS_ADMIN\n",
+                strerror(unshare_errno));
+}
+#endif
 
 /* ---- bad input: the connection closes, a good client keeps working ------- */
 
@@ -1451,6 +1551,9 @@ static const tcase cases[] = {
     CASE(test_max_connections),
     CASE(test_keepalive_config_checked),
     CASE(test_keepalive_settings),
+#if defined(__linux__)
+    CASE(test_keepalive_finds_vanished_peer),
+#endif
     CASE(test_bad_oversize),
     CASE(test_bad_unknown_type),
     CASE(test_bad_stray_response),
