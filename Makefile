@@ -7,8 +7,9 @@
 #   make test-tsan     ThreadSanitizer, build/tsan/
 #   make test-poll     the poll() backend forced on Linux, build/poll/
 #   make test-cxx      the tests (and so the header) compiled as C++11, build/cxx/
-#   make test-kqueue   the kqueue backend, on Linux through the epoll-based
-#                      kqueue of tests/kqueue/sys/event.h, build/kqueue/
+#   make test-kqueue   the kqueue backend with pipe wake-ups (as on macOS and
+#                      the BSDs), on Linux through the epoll-based kqueue of
+#                      tests/kqueue/sys/event.h, build/kqueue/
 #   make test-symbols  every exported symbol of the implementation is patio_*
 #   make test-tls3     the TLS tests, TLS examples and TLS interop cases against
 #                      Debian 13's mbedTLS 3.6, fetched into MBEDTLS3 by
@@ -100,7 +101,7 @@ poll_FLAGS    := $(BASE_CFLAGS) $(TLS_INC) -O2 -DPATIO_USE_POLL $(CFLAGS)
 cxx_CC        := $(CXX)
 cxx_FLAGS     := -x c++ -std=c++11 $(WARN) -g $(INC) $(TLS_INC) -pthread -O2 $(CXXFLAGS)
 kqueue_CC     := $(CC)
-kqueue_FLAGS  := $(BASE_CFLAGS) -Itests/kqueue $(TLS_INC) -O2 -DPATIO_USE_KQUEUE $(CFLAGS)
+kqueue_FLAGS  := $(BASE_CFLAGS) -Itests/kqueue $(TLS_INC) -O2 -DPATIO_USE_KQUEUE -DPATIO_NO_EVENTFD $(CFLAGS)
 
 # The TLS tests against mbedTLS 3.6 (MBEDTLS3).
 tls3_CC               := $(CC)

@@ -74,6 +74,7 @@
      PATIO_USE_EPOLL / PATIO_USE_KQUEUE / PATIO_USE_POLL
                                    force a loop backend [epoll on Linux,
                                    kqueue on macOS/BSD, poll elsewhere]
+     PATIO_NO_EVENTFD              wake threads with a pipe on Linux too
 
    Allocation and logging hooks: patio_hooks in patio_registry_config (every
    object built on a registry uses its hooks).
@@ -182,6 +183,10 @@
 #define PATIO_USE_POLL 1
 #endif
 #endif
+
+/* Wake-ups between threads use an eventfd on Linux and a pipe elsewhere;
+ * PATIO_NO_EVENTFD takes the pipe on Linux too (for kernels or sandboxes
+ * without eventfd). */
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -1262,7 +1267,9 @@ PATIO_API const char *patio_strerror(int result)
 #include <sys/time.h>
 #endif
 #if defined(__linux__)
+#if !defined(PATIO_NO_EVENTFD)
 #include <sys/eventfd.h>
+#endif
 #include <sys/syscall.h>
 #endif
 #if defined(__APPLE__)
@@ -1351,7 +1358,7 @@ typedef struct patio__wake {
     int wfd; /* written by wakers (the same fd for an eventfd) */
 } patio__wake;
 
-#if defined(__linux__)
+#if defined(__linux__) && !defined(PATIO_NO_EVENTFD)
 static int patio__wake_open(patio__wake *w)
 {
     int fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
