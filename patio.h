@@ -8373,14 +8373,19 @@ static void patio__tcp_flush(patio__tcp_conn *c)
     patio__tcp_conn_interest(c);
 }
 
-/* Makes room in the read buffer: for the whole frame being received when
- * its header is in, and at least a minimum buffer otherwise. */
+/* Makes room in the read buffer: for the frame being received when its
+ * header is in, and at least a minimum buffer otherwise. A large frame's
+ * buffer grows with the bytes that arrive (at most to twice what is in,
+ * plus the minimum), not at once to the size its header announces: a peer
+ * that sends headers alone cannot make the broker reserve max_frame_size
+ * per connection. */
 static int patio__tcp_rbuf_room(patio__tcp_conn *c)
 {
     size_t avail = c->rlen - c->rpos, want = PATIO__TCP_RBUF_MIN;
     if (avail >= PATIO__FRAME_HEADER) {
         size_t whole = PATIO__FRAME_HEADER + (size_t)patio__get_be(c->rbuf + c->rpos + 1, 4);
-        if (whole > want) want = whole;
+        size_t earned = 2 * avail + PATIO__TCP_RBUF_MIN;
+        if (whole > want) want = whole < earned ? whole : earned;
     }
     if (c->rpos) {
         memmove(c->rbuf, c->rbuf + c->rpos, avail);

@@ -1125,6 +1125,127 @@ static void test_keepalive_finds_vanished_peer(void)
 }
 #endif
 
+/* ---- a large frame's buffer grows with its bytes ------------------------ */
+
+static size_t g_biggest_alloc; /* atomic: the largest block asked for */
+
+static void note_size(size_t n)
+{
+    size_t seen = __atomic_load_n(&g_biggest_alloc, __ATOMIC_RELAXED);
+    while (n > seen && !__atomic_compare_exchange_n(&g_biggest_alloc, &seen, n, 0, __ATOMIC_RELAXED,
+                                                    __ATOMIC_RELAXED)) {}
+}
+
+static void *sized_alloc(size_t n, void *user)
+{
+    (void)user;
+    note_size(n);
+    return malloc(n);
+}
+
+static void *sized_realloc(void *p, size_t n, void *user)
+{
+    (void)user;
+    note_size(n);
+    return realloc(p, n);
+}
+
+static void sized_free(void *p, void *user)
+{
+    (void)user;
+    free(p);
+}
+
+/* The length of its one bin argument. */
+static int blob_len(patio_task *t)
+{
+    const void *p;
+    size_t n;
+    if (patio_args(t, "y", &p, &n) != PATIO_OK) return PATIO_ERR_TYPE;
+    return patio_return_int(t, (int64_t)n);
+}
+
+typedef struct bytes_wait {
+    patio_broker *b;
+    uint64_t target;
+} bytes_wait;
+
+static int has_read_bytes(void *arg)
+{
+    bytes_wait *w = (bytes_wait *)arg;
+    return stats_of(w->b).bytes_in >= w->target;
+}
+
+/* A peer announces an 8 MiB request and sends 100 bytes of it: the server
+ * holds memory for what came, not for what was announced; the rest then
+ * arrives and the call is answered. */
+static void test_large_frame_buffer_grows_with_its_bytes(void)
+{
+    enum { BLOB = 8 << 20 };
+    patio_hooks hooks;
+    patio_registry_config rc;
+    patio_tcp_config cfg = cfg_for(1);
+    patio_writer args, req;
+    uint8_t *blob, head[9];
+    raw_frame f;
+    patio_reader r;
+    int64_t got = 0;
+    bytes_wait wait;
+    node n;
+    int fd, fd2;
+    if (!g_setup->raw) return; /* the plain transport's buffer is the one read into */
+    memset(&hooks, 0, sizeof hooks);
+    hooks.alloc = sized_alloc;
+    hooks.realloc = sized_realloc;
+    hooks.free = sized_free;
+    memset(&rc, 0, sizeof rc);
+    rc.hooks = &hooks;
+    memset(&n, 0, sizeof n);
+    n.rpc = patio_registry_new(&rc);
+    patio_register(n.rpc, "blob_len", blob_len, NULL);
+    n.ex = patio_thread_pool_new(n.rpc, 2);
+    n.b = patio_tcp_server_new(n.ex, &cfg, "127.0.0.1", 0);
+    CHECK(n.b != NULL);
+    n.port = patio_tcp_listen_port(n.b);
+    fd = raw_ready_client(&n);
+    CHECK(fd >= 0);
+
+    blob = (uint8_t *)calloc(1, BLOB);
+    patio_writer_init(&args, NULL);
+    patio_writer_init(&req, NULL);
+    patio_write_array(&args, 1);
+    patio_write_bin(&args, blob, BLOB);
+    patio__write_call_request(&req, "blob_len", 8, args.data, args.len, NULL, 0, 1, 30.0);
+    CHECK_EQ_INT(req.err, 0);
+    patio__frame_header_put(head, PATIO__PKT_REQUEST, (uint32_t)req.len, 7);
+
+    __atomic_store_n(&g_biggest_alloc, 0, __ATOMIC_RELAXED);
+    wait.b = n.b;
+    wait.target = stats_of(n.b).bytes_in + 9 + 100;
+    CHECK(raw_write(fd, head, 9) == 0 && raw_write(fd, req.data, 100) == 0);
+    CHECK(wait_until(has_read_bytes, &wait, 5.0));
+    /* a handshake on a second connection: the loop is done with the first */
+    fd2 = raw_ready_client(&n);
+    CHECK(fd2 >= 0);
+    CHECK(__atomic_load_n(&g_biggest_alloc, __ATOMIC_RELAXED) < (size_t)1 << 20);
+
+    CHECK(raw_write(fd, req.data + 100, req.len - 100) == 0);
+    CHECK_EQ_INT(raw_recv(fd, &f), 1);
+    CHECK_EQ_INT(f.type, PATIO__PKT_RESPONSE);
+    CHECK_EQ_INT(f.serial, 7);
+    patio_reader_init(&r, f.payload, f.size);
+    CHECK(patio_read_int(&r, &got) == PATIO_OK && got == BLOB);
+
+    close(fd);
+    if (fd2 >= 0) close(fd2);
+    patio_writer_free(&args);
+    patio_writer_free(&req);
+    free(blob);
+    patio_broker_free(n.b);
+    patio_executor_free(n.ex);
+    patio_registry_free(n.rpc);
+}
+
 /* ---- bad input: the connection closes, a good client keeps working ------- */
 
 typedef struct bad_env {
@@ -1551,6 +1672,7 @@ static const tcase cases[] = {
     CASE(test_max_connections),
     CASE(test_keepalive_config_checked),
     CASE(test_keepalive_settings),
+    CASE(test_large_frame_buffer_grows_with_its_bytes),
 #if defined(__linux__)
     CASE(test_keepalive_finds_vanished_peer),
 #endif
