@@ -187,6 +187,7 @@
 /* Wake-ups between threads use an eventfd on Linux and a pipe elsewhere;
  * PATIO_NO_EVENTFD takes the pipe on Linux too (for kernels or sandboxes
  * without eventfd). */
+
 #ifdef __cplusplus
 extern "C" {
 #endif
