@@ -8044,6 +8044,8 @@ typedef struct patio__tcp_listener {
     struct patio__tcp_listener *next;
     patio__io io;
     int fd, port;
+    patio__timer resume;  /* armed while accepting is paused */
+    unsigned failures;    /* accept failures in a row */
 } patio__tcp_listener;
 
 struct patio__tcp_broker {
@@ -9625,6 +9627,7 @@ static void patio__tcp_close_on_loop(patio__tcp_broker *tb, void *arg)
     while ((l = tb->listeners) != NULL) {
         tb->listeners = l->next;
         patio__io_stop(tb->base.loop, &l->io);
+        patio__timer_stop(tb->base.loop, &l->resume);
         close(l->fd);
         patio__free(patio__tcp_hooks(tb), l);
     }
@@ -9723,6 +9726,29 @@ static const patio_broker_vtable patio__tcp_vt = {
 
 /* ---- listening ----------------------------------------------------------- */
 
+#define PATIO__TCP_ACCEPT_PAUSE_NS 100000000u /* after accept fails (out of fds, ...) */
+
+static void patio__tcp_accept_resume(patio__timer *t)
+{
+    patio__tcp_listener *l = PATIO__CONTAINER(t, patio__tcp_listener, resume);
+    patio__io_update(l->tb->base.loop, &l->io, PATIO__READ);
+}
+
+/* accept() failed with the connection still queued (EMFILE, ENFILE,
+ * ENOBUFS, ...): the listener stays readable, so watching it on would
+ * spin the loop. It is set aside for a moment instead, and the connection
+ * waits in the kernel's backlog until descriptors free up. The log says so
+ * on the first failure and then every 50th (about every 5 s). */
+static void patio__tcp_accept_pause(patio__tcp_listener *l, int err)
+{
+    patio__tcp_broker *tb = l->tb;
+    if (l->failures++ % 50 == 0)
+        patio__log(patio__tcp_hooks(tb), PATIO_LOG_WARN, "patio tcp: accept on port %d failed: %s; retrying in %u ms",
+                   l->port, strerror(err), PATIO__TCP_ACCEPT_PAUSE_NS / 1000000u);
+    patio__io_update(tb->base.loop, &l->io, 0);
+    patio__timer_start(tb->base.loop, &l->resume, patio__now_ns() + PATIO__TCP_ACCEPT_PAUSE_NS);
+}
+
 static void patio__tcp_accept_io(patio__io *io, unsigned ev)
 {
     patio__tcp_listener *l = PATIO__CONTAINER(io, patio__tcp_listener, io);
@@ -9736,10 +9762,10 @@ static void patio__tcp_accept_io(patio__io *io, unsigned ev)
         int fd = accept(l->fd, (struct sockaddr *)&ss, &sl);
         if (fd < 0) {
             if (errno == EINTR || errno == ECONNABORTED) continue;
-            if (errno != EAGAIN && errno != EWOULDBLOCK)
-                patio__log(patio__tcp_hooks(tb), PATIO_LOG_WARN, "patio tcp: accept failed: %s", strerror(errno));
+            if (errno != EAGAIN && errno != EWOULDBLOCK) patio__tcp_accept_pause(l, errno);
             break;
         }
+        l->failures = 0;
         if (tb->nopen >= (size_t)tb->cfg.max_connections) {
             char peer[64];
             patio__tcp_addr_text((struct sockaddr *)&ss, peer, sizeof peer);
@@ -9814,6 +9840,7 @@ static patio__tcp_listener *patio__tcp_bind(patio__tcp_broker *tb, const struct 
     }
     l->tb = tb;
     l->fd = fd;
+    l->resume.fn = patio__tcp_accept_resume;
     l->port = ss.ss_family == AF_INET6 ? ntohs(((struct sockaddr_in6 *)(void *)&ss)->sin6_port)
                                        : ntohs(((struct sockaddr_in *)(void *)&ss)->sin_port);
     *port = l->port;

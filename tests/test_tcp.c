@@ -1125,6 +1125,22 @@ static void test_keepalive_finds_vanished_peer(void)
 }
 #endif
 
+/* A server node whose registry uses `hooks` and offers one function. */
+static void hooked_server_start(node *n, const patio_hooks *hooks, const char *name, patio_fn fn)
+{
+    patio_registry_config rc;
+    patio_tcp_config cfg = cfg_for(1);
+    memset(&rc, 0, sizeof rc);
+    rc.hooks = hooks;
+    memset(n, 0, sizeof *n);
+    n->rpc = patio_registry_new(&rc);
+    patio_register(n->rpc, name, fn, NULL);
+    n->ex = patio_thread_pool_new(n->rpc, 2);
+    n->b = patio_tcp_server_new(n->ex, &cfg, "127.0.0.1", 0);
+    CHECK(n->b != NULL);
+    n->port = patio_tcp_listen_port(n->b);
+}
+
 /* ---- a large frame's buffer grows with its bytes ------------------------ */
 
 static size_t g_biggest_alloc; /* atomic: the largest block asked for */
@@ -1183,8 +1199,6 @@ static void test_large_frame_buffer_grows_with_its_bytes(void)
 {
     enum { BLOB = 8 << 20 };
     patio_hooks hooks;
-    patio_registry_config rc;
-    patio_tcp_config cfg = cfg_for(1);
     patio_writer args, req;
     uint8_t *blob, head[9];
     raw_frame f;
@@ -1198,15 +1212,7 @@ static void test_large_frame_buffer_grows_with_its_bytes(void)
     hooks.alloc = sized_alloc;
     hooks.realloc = sized_realloc;
     hooks.free = sized_free;
-    memset(&rc, 0, sizeof rc);
-    rc.hooks = &hooks;
-    memset(&n, 0, sizeof n);
-    n.rpc = patio_registry_new(&rc);
-    patio_register(n.rpc, "blob_len", blob_len, NULL);
-    n.ex = patio_thread_pool_new(n.rpc, 2);
-    n.b = patio_tcp_server_new(n.ex, &cfg, "127.0.0.1", 0);
-    CHECK(n.b != NULL);
-    n.port = patio_tcp_listen_port(n.b);
+    hooked_server_start(&n, &hooks, "blob_len", blob_len);
     fd = raw_ready_client(&n);
     CHECK(fd >= 0);
 
@@ -1241,9 +1247,84 @@ static void test_large_frame_buffer_grows_with_its_bytes(void)
     patio_writer_free(&args);
     patio_writer_free(&req);
     free(blob);
-    patio_broker_free(n.b);
-    patio_executor_free(n.ex);
-    patio_registry_free(n.rpc);
+    node_free(&n);
+}
+
+/* ---- out of file descriptors ------------------------------------------- */
+
+#include <sys/resource.h>
+
+static int g_accept_warnings; /* atomic */
+
+static void count_accept_warnings(int level, const char *message, void *user)
+{
+    (void)level;
+    (void)user;
+    if (strstr(message, "accept")) __atomic_fetch_add(&g_accept_warnings, 1, __ATOMIC_SEQ_CST);
+}
+
+static int accept_failed(void *arg)
+{
+    (void)arg;
+    return __atomic_load_n(&g_accept_warnings, __ATOMIC_SEQ_CST) > 0;
+}
+
+static int accepted_one(void *arg)
+{
+    return stats_of((patio_broker *)arg).connections_accepted >= 1;
+}
+
+/* The process runs out of descriptors while a client connects: the
+ * server's accept fails, and the listener must not spin on it (one warning
+ * per pause, not one per loop turn); once descriptors are back, the waiting
+ * connection is accepted. */
+static void test_accept_out_of_fds_pauses(void)
+{
+    enum { SPARE = 8, MAX_FILL = 64 };
+    patio_hooks hooks;
+    struct rlimit old_lim, lim;
+    struct timespec ts;
+    int fill[MAX_FILL], nfill = 0, cfd, probe, i;
+    node n;
+    struct sockaddr_in sa;
+    if (!g_setup->raw) return;
+    memset(&hooks, 0, sizeof hooks);
+    hooks.log = count_accept_warnings;
+    hooks.log_level = PATIO_LOG_WARN;
+    hooked_server_start(&n, &hooks, "mul", mul);
+    __atomic_store_n(&g_accept_warnings, 0, __ATOMIC_SEQ_CST);
+
+    /* the client's socket first, then no descriptor left for the server */
+    cfd = socket(AF_INET, SOCK_STREAM, 0);
+    CHECK(cfd >= 0);
+    probe = open("/dev/null", O_RDONLY);
+    CHECK(probe >= 0);
+    close(probe);
+    CHECK(getrlimit(RLIMIT_NOFILE, &old_lim) == 0);
+    lim = old_lim;
+    lim.rlim_cur = (rlim_t)(probe + SPARE);
+    CHECK(setrlimit(RLIMIT_NOFILE, &lim) == 0);
+    while (nfill < MAX_FILL && (fill[nfill] = open("/dev/null", O_RDONLY)) >= 0) nfill++;
+    CHECK(nfill < MAX_FILL); /* every descriptor below the limit is taken */
+
+    memset(&sa, 0, sizeof sa);
+    sa.sin_family = AF_INET;
+    sa.sin_port = htons((uint16_t)n.port);
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    CHECK(connect(cfd, (struct sockaddr *)&sa, sizeof sa) == 0); /* into the backlog */
+    CHECK(wait_until(accept_failed, NULL, 5.0));
+    /* a spinning listener would log on every loop turn: thousands by now */
+    ts.tv_sec = 0;
+    ts.tv_nsec = 300000000L;
+    nanosleep(&ts, NULL);
+    CHECK(__atomic_load_n(&g_accept_warnings, __ATOMIC_SEQ_CST) <= 2);
+    CHECK_EQ_INT(stats_of(n.b).connections_accepted, 0);
+
+    for (i = 0; i < nfill; i++) close(fill[i]);
+    CHECK(setrlimit(RLIMIT_NOFILE, &old_lim) == 0);
+    CHECK(wait_until(accepted_one, n.b, 5.0));
+    close(cfd);
+    node_free(&n);
 }
 
 /* ---- bad input: the connection closes, a good client keeps working ------- */
@@ -1673,6 +1754,7 @@ static const tcase cases[] = {
     CASE(test_keepalive_config_checked),
     CASE(test_keepalive_settings),
     CASE(test_large_frame_buffer_grows_with_its_bytes),
+    CASE(test_accept_out_of_fds_pauses),
 #if defined(__linux__)
     CASE(test_keepalive_finds_vanished_peer),
 #endif
