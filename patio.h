@@ -878,7 +878,9 @@ typedef struct patio_tcp_config {
                                       (this refuses Python servers) */
     uint32_t max_frame_size;       /* largest payload sent or accepted; 0 = 16 MiB */
     double handshake_timeout;      /* seconds from connect/accept to the end of discovery; 0 = 10 */
-    int max_connections;           /* open connections; accepts beyond it close at once; 0 = 1024 */
+    int max_connections;           /* open connections; at the limit a new one replaces the
+                                      oldest not yet authenticated, or is closed at once;
+                                      0 = 1024 */
     int max_inflight;              /* received requests not yet answered, per connection;
                                       at the limit the connection is not read; 0 = 1024 */
     double keepalive_idle;         /* TCP keep-alive: seconds a connection may be silent
@@ -9749,6 +9751,21 @@ static void patio__tcp_accept_pause(patio__tcp_listener *l, int err)
     patio__timer_start(tb->base.loop, &l->resume, patio__now_ns() + PATIO__TCP_ACCEPT_PAUSE_NS);
 }
 
+/* At max_connections, a new connection takes the place of the oldest one
+ * accepted that has not authenticated yet: otherwise peers without the key
+ * could hold every slot by opening connections and staying silent until the
+ * handshake deadline, again and again. An honest peer authenticates within
+ * a round trip or two, so it is rarely the oldest one. */
+static void patio__tcp_evict_unauthenticated(patio__tcp_broker *tb)
+{
+    patio__tcp_conn *c, *oldest = NULL;
+    for (c = tb->conns; c; c = c->next) /* newest first */
+        if (c->is_server && c->counted && c->state != PATIO__TC_CLOSED && !patio__tcp_authenticated(c)) oldest = c;
+    if (oldest)
+        patio__tcp_conn_close(oldest, PATIO_LOG_WARN, "not authenticated yet while %d connections are open: "
+                                                      "its slot goes to a new one", tb->cfg.max_connections);
+}
+
 static void patio__tcp_accept_io(patio__io *io, unsigned ev)
 {
     patio__tcp_listener *l = PATIO__CONTAINER(io, patio__tcp_listener, io);
@@ -9766,6 +9783,7 @@ static void patio__tcp_accept_io(patio__io *io, unsigned ev)
             break;
         }
         l->failures = 0;
+        if (tb->nopen >= (size_t)tb->cfg.max_connections) patio__tcp_evict_unauthenticated(tb);
         if (tb->nopen >= (size_t)tb->cfg.max_connections) {
             char peer[64];
             patio__tcp_addr_text((struct sockaddr *)&ss, peer, sizeof peer);

@@ -906,6 +906,34 @@ static void test_max_connections(void)
     node_free(&s);
 }
 
+/* Two peers connect and stay silent, filling max_connections = 2: a client
+ * with the key still gets in, in the place of the oldest silent one. */
+static void test_max_connections_evicts_silent_peers(void)
+{
+    node s, c;
+    patio_tcp_config cfg = cfg_for(1);
+    int fd1, fd2;
+    raw_frame f;
+    if (!g_setup->raw) return;
+    cfg.max_connections = 2;
+    cfg.handshake_timeout = 60; /* the silent ones are not closed for being late */
+    CHECK(node_start_ex(&s, "server", &cfg, 0, 0, 0, 2) == 0);
+    fd1 = raw_connect_to("127.0.0.1", s.port);
+    CHECK(fd1 >= 0 && raw_recv(fd1, &f) == 1 && f.type == 0); /* AUTH_DIGEST: it is in */
+    fd2 = raw_connect_to("127.0.0.1", s.port);
+    CHECK(fd2 >= 0 && raw_recv(fd2, &f) == 1 && f.type == 0);
+    CHECK(node_start(&c, "client", 0) == 0);
+    patio_tcp_connect(c.b, "127.0.0.1", s.port);
+    CHECK_EQ_INT(patio_tcp_wait_peers(c.b, 1, 5.0), PATIO_OK);
+    CHECK_EQ_INT(call_mul(c.b, 4, 5), 20);
+    CHECK(raw_closed(fd1));
+    CHECK_EQ_INT(stats_of(s.b).connections_open, 2);
+    close(fd1);
+    close(fd2);
+    node_free(&c);
+    node_free(&s);
+}
+
 /* ---- TCP keep-alive ------------------------------------------------------ */
 
 /* An fd of this process that is a connected IPv4 TCP socket with these
@@ -1751,6 +1779,7 @@ static const tcase cases[] = {
     CASE(test_inflight_limit),
     CASE(test_executor_full),
     CASE(test_max_connections),
+    CASE(test_max_connections_evicts_silent_peers),
     CASE(test_keepalive_config_checked),
     CASE(test_keepalive_settings),
     CASE(test_large_frame_buffer_grows_with_its_bytes),
