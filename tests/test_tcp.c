@@ -16,6 +16,12 @@
 #include <stdlib.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/resource.h>
+#if defined(__linux__)
+#include <sched.h>
+#include <net/if.h>
+#include <sys/ioctl.h>
+#endif
 #include "common.h"
 
 /* ---- transport setups ---------------------------------------------------- */
@@ -1060,10 +1066,6 @@ static void test_keepalive_settings(void)
 }
 
 #if defined(__linux__)
-#include <sched.h>
-#include <net/if.h>
-#include <sys/ioctl.h>
-
 /* Brings this network namespace's loopback link up or down; 0 on success. */
 static int loopback_set(int up)
 {
@@ -1279,8 +1281,6 @@ static void test_large_frame_buffer_grows_with_its_bytes(void)
 }
 
 /* ---- out of file descriptors ------------------------------------------- */
-
-#include <sys/resource.h>
 
 static int g_accept_warnings; /* atomic */
 
