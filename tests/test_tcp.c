@@ -986,6 +986,17 @@ static void keepalive_of(int fd, int out[5])
 }
 
 /* Whether a broker can be made with these keep-alive settings. */
+/* Compares a socket's keep-alive settings with want (see keepalive_of;
+ * want[0] is on/off, -1 skips an entry). */
+static void check_keepalive(int fd, const int want[5])
+{
+    int got[5], i;
+    keepalive_of(fd, got);
+    got[0] = got[0] != 0;
+    for (i = 0; i < 5; i++)
+        if (want[i] >= 0) CHECK_EQ_INT(got[i], want[i]);
+}
+
 static int keepalive_accepted(double idle, double interval, int probes)
 {
     patio_tcp_config cfg = cfg_for(0);
@@ -1024,7 +1035,11 @@ static void test_keepalive_settings(void)
 {
     node s, dflt, off;
     patio_tcp_config scfg = cfg_for(1), ocfg = cfg_for(0);
-    int ka[5], cfd, sfd, cfd2;
+    /* on, idle, interval, probes, user timeout in ms; -1 = not checked */
+    static const int want_default[5] = { 1, 60, 10, 5, 110000 };
+    static const int want_server[5] = { 1, 8, 3, 4, 20000 };
+    static const int want_off[5] = { 0, -1, -1, -1, 0 };
+    int cfd, sfd, cfd2;
     scfg.keepalive_idle = 7.5;
     scfg.keepalive_interval = 3;
     scfg.keepalive_probes = 4;
@@ -1037,28 +1052,16 @@ static void test_keepalive_settings(void)
     CHECK_EQ_INT(patio_tcp_wait_peers(dflt.b, 1, 5.0), PATIO_OK);
     cfd = tcp_socket_with(0, s.port, -1);
     CHECK(cfd >= 0);
-    keepalive_of(cfd, ka);
-    CHECK(ka[0] != 0);
-    CHECK_EQ_INT(ka[1], 60);
-    CHECK_EQ_INT(ka[2], 10);
-    CHECK_EQ_INT(ka[3], 5);
-    CHECK_EQ_INT(ka[4], 110000);
+    check_keepalive(cfd, want_default);
     sfd = tcp_socket_with(s.port, local_port_of(cfd), -1);
     CHECK(sfd >= 0);
-    keepalive_of(sfd, ka);
-    CHECK(ka[0] != 0);
-    CHECK_EQ_INT(ka[1], 8);
-    CHECK_EQ_INT(ka[2], 3);
-    CHECK_EQ_INT(ka[3], 4);
-    CHECK_EQ_INT(ka[4], 20000);
+    check_keepalive(sfd, want_server);
 
     patio_tcp_connect(off.b, "127.0.0.1", s.port);
     CHECK_EQ_INT(patio_tcp_wait_peers(off.b, 1, 5.0), PATIO_OK);
     cfd2 = tcp_socket_with(0, s.port, cfd);
     CHECK(cfd2 >= 0);
-    keepalive_of(cfd2, ka);
-    CHECK_EQ_INT(ka[0], 0);
-    CHECK_EQ_INT(ka[4], 0);
+    check_keepalive(cfd2, want_off);
     CHECK_EQ_INT(call_mul(off.b, 6, 7), 42);
     node_free(&off);
     node_free(&dflt);
