@@ -4584,14 +4584,15 @@ PATIO_API int patio_kwarg(const patio_task *t, const char *key, patio_reader *va
     if ((rc = patio_read_map(&r, &n)) != PATIO_OK) return rc;
     klen = strlen(key);
     for (i = 0; i < n; i++) {
-        const char *k;
-        size_t kl;
-        if (patio_read_str(&r, &k, &kl) == PATIO_OK && kl == klen && memcmp(k, key, kl) == 0) {
+        patio_value k;
+        if (patio_peek(&r, &k) != PATIO_OK) return PATIO_ERR_DECODE;
+        /* keys that are not strings (Python allows ints, say) are passed over */
+        if (k.type == PATIO_STR && k.v.str.len == klen && memcmp(k.v.str.ptr, key, klen) == 0) {
+            patio_read(&r, NULL);
             *value = r;
             return PATIO_OK;
         }
-        if (patio_read_skip(&r) != PATIO_OK && r.err) return r.err; /* key (if not a str) */
-        if (patio_read_skip(&r) != PATIO_OK) return PATIO_ERR_DECODE; /* value */
+        if (patio_read_skip(&r) != PATIO_OK || patio_read_skip(&r) != PATIO_OK) return PATIO_ERR_DECODE;
     }
     return PATIO_ERR_NOT_FOUND;
 }

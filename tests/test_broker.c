@@ -240,6 +240,34 @@ static void test_kwargs_and_echo(void)
     c = patio_call_sync(e.broker, 5.0, "kw", "i", 7); /* no kwargs: scale 1 */
     CHECK_EQ_INT(patio_result_int(c), 7);
     patio_call_free(c);
+
+    /* the key found after others of every kind, including a str value
+     * that spells the key, and an int key as Python may send */
+    patio_writer_reset(&kwargs);
+    CHECK_EQ_INT(patio_pack(&kwargs, "{sss[ii]iss{si}si}", "k", "scale", "a", 1, 2, 5, "b", "c", "d", 1,
+                            "scale", 4), PATIO_OK);
+    o.kwargs = kwargs.data;
+    o.kwargs_len = kwargs.len;
+    c = patio_call_start(e.broker, &o, "kw", "i", 7);
+    CHECK_EQ_INT(patio_call_wait(c, 5.0), PATIO_OK);
+    CHECK_EQ_INT(patio_result_int(c), 28);
+    patio_call_free(c);
+    patio_writer_reset(&kwargs); /* the key second */
+    patio_pack(&kwargs, "{sisi}", "a", 1, "scale", 4);
+    o.kwargs = kwargs.data;
+    o.kwargs_len = kwargs.len;
+    c = patio_call_start(e.broker, &o, "kw", "i", 7);
+    CHECK_EQ_INT(patio_call_wait(c, 5.0), PATIO_OK);
+    CHECK_EQ_INT(patio_result_int(c), 28);
+    patio_call_free(c);
+    patio_writer_reset(&kwargs); /* other keys only: the default */
+    patio_pack(&kwargs, "{sisi}", "a", 2, "scal", 3);
+    o.kwargs = kwargs.data;
+    o.kwargs_len = kwargs.len;
+    c = patio_call_start(e.broker, &o, "kw", "i", 7);
+    CHECK_EQ_INT(patio_call_wait(c, 5.0), PATIO_OK);
+    CHECK_EQ_INT(patio_result_int(c), 7);
+    patio_call_free(c);
     patio_writer_free(&kwargs);
 
     c = patio_call_sync(e.broker, 5.0, "echo", "nbIsd[ii]", 1, (int64_t)-5, "é", 1.5, 1, 2);
