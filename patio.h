@@ -7081,11 +7081,19 @@ static void patio__call_arm_timer(patio_call *c)
     patio__timer_start(c->loop, &c->timer, patio__deadline_after(c->timeout));
 }
 
+/* A call that never reaches its broker: finished at once with rc. */
+static patio_call *patio__call_refused(patio_call *c, int rc)
+{
+    c->broker = NULL;
+    patio__call_finish(c, rc, NULL, rc == PATIO_ERR_CLOSED ? "RuntimeError" : "ValueError", NULL);
+    return c;
+}
+
 PATIO_API patio_call *patio_call_startv(patio_broker *b, const patio_call_opts *opts,
                                         const char *name, const char *fmt, va_list ap)
 {
     patio_call *c;
-    int rc, in_lane = 0;
+    int rc, in_lane = 0, held;
     if (!b) return NULL;
     c = patio__call_new(b, name);
     if (!c) return NULL;
@@ -7094,14 +7102,20 @@ PATIO_API patio_call *patio_call_startv(patio_broker *b, const patio_call_opts *
     if (c->timeout != c->timeout) c->timeout = 0; /* NaN: expired at once */
     if (c->timeout < 0 && !(opts && opts->timeout < 0)) c->timeout = 0;
     rc = (!name || !*name) ? PATIO_ERR_INVALID : patio__call_encode_args(c, opts, fmt, ap);
-    if (rc == PATIO_OK) rc = patio__call_enlist(b, c, &in_lane);
-    if (rc != PATIO_OK) {
-        c->broker = NULL;
-        patio__call_finish(c, rc, NULL, rc == PATIO_ERR_CLOSED ? "RuntimeError" : "ValueError", NULL);
-        return c;
+    if (rc != PATIO_OK) return patio__call_refused(c, rc);
+    /* Once listed, the call can time out on the loop thread, and an
+     * on_done that frees it may run before this function is done with it:
+     * hold it until then. Without on_done the caller's own reference, which
+     * it cannot drop before it has the pointer, does that. */
+    held = c->on_done != NULL;
+    if (held) patio__fetch_add(&c->refs, 1);
+    rc = patio__call_enlist(b, c, &in_lane);
+    if (rc != PATIO_OK) patio__call_refused(c, rc);
+    else {
+        if (!in_lane) patio__call_arm_timer(c);
+        b->vt->send(b, c);
     }
-    if (!in_lane) patio__call_arm_timer(c);
-    b->vt->send(b, c);
+    if (held) patio__call_release(c);
     return c;
 }
 

@@ -368,6 +368,57 @@ static void test_callbacks_on_loop_thread(void)
     pthread_cond_destroy(&s.cv);
 }
 
+/* A call that times out while patio_call_start is still handing it to the
+ * broker: its callback, which frees it, runs on the loop thread meanwhile,
+ * and the start must not touch the call after that. */
+/* Waits until cond(arg) holds (at most seconds). */
+static int wait_until(int (*cond)(void *), void *arg, double seconds)
+{
+    uint64_t end = patio__now_ns() + (uint64_t)(seconds * 1e9);
+    struct timespec ts;
+    ts.tv_sec = 0;
+    ts.tv_nsec = 2000000;
+    while (!cond(arg)) {
+        if (patio__now_ns() > end) return 0;
+        nanosleep(&ts, NULL);
+    }
+    return 1;
+}
+
+static int g_expired, g_finished;
+
+static void count_expired_and_free(patio_call *c, void *user)
+{
+    (void)user;
+    if (patio_call_status(c) == PATIO_ERR_TIMEOUT) __atomic_add_fetch(&g_expired, 1, __ATOMIC_SEQ_CST);
+    patio_call_free(c);
+    __atomic_add_fetch(&g_finished, 1, __ATOMIC_SEQ_CST);
+}
+
+static int finished_all(void *n) { return __atomic_load_n(&g_finished, __ATOMIC_SEQ_CST) >= *(int *)n; }
+
+static void test_callback_frees_call_that_expires_at_once(void)
+{
+    patio_registry *rpc = patio_registry_new(NULL);
+    patio_executor *ex;
+    patio_broker *b;
+    patio_call_opts o;
+    int i, n = 100000;
+    patio_register(rpc, "mul", mul, NULL);
+    ex = patio_thread_pool_new(rpc, 1);
+    b = patio_memory_broker_new(ex);
+    g_expired = g_finished = 0;
+    memset(&o, 0, sizeof o);
+    o.on_done = count_expired_and_free;
+    o.timeout = 1e-9;
+    for (i = 0; i < n; i++) patio_call_start(b, &o, "mul", "ii", 1, 1);
+    CHECK(wait_until(finished_all, &n, 20.0));
+    CHECK(__atomic_load_n(&g_expired, __ATOMIC_SEQ_CST) > 0);
+    patio_broker_free(b);
+    patio_executor_free(ex);
+    patio_registry_free(rpc);
+}
+
 /* ---- host-pumped loop: no library thread at all ---- */
 
 static void test_host_pumped_loop(void)
@@ -577,6 +628,7 @@ int main(void)
     RUN(test_kwargs_and_echo);
     RUN(test_call_by_function);
     RUN(test_callbacks_on_loop_thread);
+    RUN(test_callback_frees_call_that_expires_at_once);
     RUN(test_host_pumped_loop);
     RUN(test_task_calls_task_thread_pool);
     RUN(test_task_calls_task_async);
