@@ -3622,7 +3622,10 @@ typedef struct patio__post {
 typedef struct patio__timer {
     uint64_t deadline_ns;
     uint64_t seq;       /* arming order: breaks deadline ties */
-    size_t index;       /* heap slot + 1, 0 = not armed */
+    /* pairing-heap links: first child, next sibling, and the previous
+     * sibling or, for a first child, the parent */
+    struct patio__timer *child, *sibling, *prev;
+    int armed;
     void (*fn)(struct patio__timer *);
 } patio__timer;
 
@@ -3648,11 +3651,12 @@ struct patio_loop {
      * the producer that flips it from 0 writes the wake fd. */
     int wake_pending;            /* atomic */
 
-    /* Timers: a binary min-heap on (deadline, seq). Other threads start and
-     * stop timers, hence the mutex; callbacks run without it. */
+    /* Timers: a pairing heap on (deadline, seq), linked through the timers
+     * themselves, so arming one never allocates and cannot fail. Other
+     * threads start and stop timers, hence the mutex; callbacks run
+     * without it. */
     pthread_mutex_t timer_mu;
-    patio__timer **heap;
-    size_t heap_len, heap_cap;
+    patio__timer *timers;        /* the earliest, the root */
     uint64_t timer_seq;          /* atomic reads; written under timer_mu */
     uint64_t next_due;           /* atomic: earliest deadline, UINT64_MAX = none */
     uint64_t sleep_until;        /* atomic: deadline the loop last slept to; an
@@ -3778,68 +3782,71 @@ static int patio__timer_before(const patio__timer *a, const patio__timer *b)
     return a->deadline_ns < b->deadline_ns || (a->deadline_ns == b->deadline_ns && a->seq < b->seq);
 }
 
-static void patio__heap_place(patio_loop *l, size_t i, patio__timer *t)
+/* Links two detached heaps; returns the new root. */
+static patio__timer *patio__heap_meld(patio__timer *a, patio__timer *b)
 {
-    l->heap[i] = t;
-    t->index = i + 1;
+    patio__timer *x;
+    if (!a) return b;
+    if (!b) return a;
+    if (patio__timer_before(b, a)) { x = a; a = b; b = x; }
+    b->prev = a;
+    b->sibling = a->child;
+    if (a->child) a->child->prev = b;
+    a->child = b;
+    return a;
 }
 
-static void patio__heap_sift_up(patio_loop *l, size_t i)
+/* Melds a list of siblings into one heap: neighbours in pairs from the
+ * left, then the pairs from the right (what keeps pairing heaps fast).
+ * Iterative: a long list cannot exhaust the stack. */
+static patio__timer *patio__heap_merge_pairs(patio__timer *first)
 {
-    patio__timer *t = l->heap[i];
-    while (i > 0) {
-        size_t parent = (i - 1) / 2;
-        if (!patio__timer_before(t, l->heap[parent])) break;
-        patio__heap_place(l, i, l->heap[parent]);
-        i = parent;
+    patio__timer *pairs = NULL, *root = NULL;
+    while (first) {
+        patio__timer *a = first, *b = first->sibling, *m;
+        first = b ? b->sibling : NULL;
+        a->sibling = a->prev = NULL;
+        if (b) b->sibling = b->prev = NULL;
+        m = patio__heap_meld(a, b);
+        m->sibling = pairs; /* a stack of the pairs' roots */
+        pairs = m;
     }
-    patio__heap_place(l, i, t);
-}
-
-static void patio__heap_sift_down(patio_loop *l, size_t i)
-{
-    patio__timer *t = l->heap[i];
-    for (;;) {
-        size_t child = 2 * i + 1;
-        if (child >= l->heap_len) break;
-        if (child + 1 < l->heap_len && patio__timer_before(l->heap[child + 1], l->heap[child])) child++;
-        if (!patio__timer_before(l->heap[child], t)) break;
-        patio__heap_place(l, i, l->heap[child]);
-        i = child;
+    while (pairs) {
+        patio__timer *next = pairs->sibling;
+        pairs->sibling = NULL;
+        root = patio__heap_meld(root, pairs);
+        pairs = next;
     }
-    patio__heap_place(l, i, t);
+    return root;
 }
 
 static void patio__heap_publish_next(patio_loop *l)
 {
-    patio__store(&l->next_due, l->heap_len ? l->heap[0]->deadline_ns : UINT64_MAX);
+    patio__store(&l->next_due, l->timers ? l->timers->deadline_ns : UINT64_MAX);
 }
 
-static int patio__heap_push(patio_loop *l, patio__timer *t)
+static void patio__heap_push(patio_loop *l, patio__timer *t)
 {
-    if (l->heap_len == l->heap_cap) {
-        size_t cap = l->heap_cap ? l->heap_cap * 2 : 16;
-        patio__timer **h = (patio__timer **)patio__realloc(l->hooks, l->heap, cap * sizeof *h);
-        if (!h) return PATIO_ERR_NOMEM;
-        l->heap = h;
-        l->heap_cap = cap;
-    }
-    l->heap[l->heap_len++] = t;
-    patio__heap_sift_up(l, l->heap_len - 1);
+    t->child = t->sibling = t->prev = NULL;
+    t->armed = 1;
+    l->timers = patio__heap_meld(l->timers, t);
     patio__heap_publish_next(l);
-    return PATIO_OK;
 }
 
 static void patio__heap_remove(patio_loop *l, patio__timer *t)
 {
-    size_t i = t->index - 1;
-    patio__timer *last = l->heap[--l->heap_len];
-    t->index = 0;
-    if (last != t) {
-        patio__heap_place(l, i, last);
-        patio__heap_sift_up(l, i);
-        patio__heap_sift_down(l, last->index - 1);
+    patio__timer *rest;
+    if (t == l->timers) {
+        l->timers = patio__heap_merge_pairs(t->child);
+    } else {
+        if (t->prev->child == t) t->prev->child = t->sibling;
+        else t->prev->sibling = t->sibling;
+        if (t->sibling) t->sibling->prev = t->prev;
+        rest = patio__heap_merge_pairs(t->child);
+        l->timers = patio__heap_meld(l->timers, rest);
     }
+    t->child = t->sibling = t->prev = NULL;
+    t->armed = 0;
     patio__heap_publish_next(l);
 }
 
@@ -3847,19 +3854,18 @@ static void patio__heap_remove(patio_loop *l, patio__timer *t)
  * the loop only when it sleeps past the new deadline. */
 PATIO__MAYBE_UNUSED static void patio__timer_start(patio_loop *l, patio__timer *t, uint64_t deadline_ns)
 {
-    int wake = 0, rc;
+    int wake = 0;
     pthread_mutex_lock(&l->timer_mu);
-    if (t->index) patio__heap_remove(l, t);
+    if (t->armed) patio__heap_remove(l, t);
     t->deadline_ns = deadline_ns;
     t->seq = l->timer_seq + 1;
     patio__store(&l->timer_seq, t->seq);
-    rc = patio__heap_push(l, t);
-    if (rc == PATIO_OK && deadline_ns < patio__load(&l->sleep_until)) {
+    patio__heap_push(l, t);
+    if (deadline_ns < patio__load(&l->sleep_until)) {
         patio__sc_store(&l->sleep_until, deadline_ns);
         wake = 1;
     }
     pthread_mutex_unlock(&l->timer_mu);
-    if (rc != PATIO_OK) patio__log(l->hooks, PATIO_LOG_ERROR, "loop: out of memory, a timer was not armed");
     if (wake) patio__loop_wake(l);
 }
 
@@ -3869,7 +3875,7 @@ PATIO__MAYBE_UNUSED static int patio__timer_stop(patio_loop *l, patio__timer *t)
 {
     int armed;
     pthread_mutex_lock(&l->timer_mu);
-    armed = t->index != 0;
+    armed = t->armed;
     if (armed) patio__heap_remove(l, t);
     pthread_mutex_unlock(&l->timer_mu);
     return armed;
@@ -3883,8 +3889,8 @@ static patio__timer *patio__loop_pop_due(patio_loop *l, uint64_t now, uint64_t m
     patio__timer *t = NULL;
     if (patio__load(&l->next_due) > now) return NULL;
     pthread_mutex_lock(&l->timer_mu);
-    if (l->heap_len && l->heap[0]->deadline_ns <= now && l->heap[0]->seq <= max_seq) {
-        t = l->heap[0];
+    if (l->timers && l->timers->deadline_ns <= now && l->timers->seq <= max_seq) {
+        t = l->timers;
         patio__heap_remove(l, t);
     }
     pthread_mutex_unlock(&l->timer_mu);
@@ -3995,7 +4001,7 @@ static int patio__loop_has_urgent(patio_loop *l)
 static void patio__loop_publish_sleep(patio_loop *l)
 {
     pthread_mutex_lock(&l->timer_mu);
-    patio__sc_store(&l->sleep_until, l->heap_len ? l->heap[0]->deadline_ns : UINT64_MAX);
+    patio__sc_store(&l->sleep_until, l->timers ? l->timers->deadline_ns : UINT64_MAX);
     pthread_mutex_unlock(&l->timer_mu);
 }
 
@@ -4268,10 +4274,8 @@ static void patio__loop_drop_posts(patio_loop *l)
 
 static void patio__loop_destroy(patio_loop *l)
 {
-    size_t i;
     patio__loop_drop_posts(l);
-    for (i = 0; i < l->heap_len; i++) l->heap[i]->index = 0;
-    patio__free(l->hooks, l->heap);
+    while (l->timers) patio__heap_remove(l, l->timers); /* they read as disarmed */
     patio__poller_close(&l->poller, l->hooks);
     patio__wake_close(&l->wake);
     pthread_mutex_destroy(&l->timer_mu);

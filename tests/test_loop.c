@@ -318,7 +318,7 @@ static void test_timer_order_and_ties(void)
     CHECK(pump_until(l, &nlog, 6, 5.0) == 1);
     CHECK_EQ_INT(nlog, 6);
     for (i = 0; i < 6 && i < nlog; i++) CHECK_EQ_INT(log[i], want[i]);
-    for (i = 0; i < 6; i++) CHECK_EQ_INT(t[i].timer.index, 0);
+    for (i = 0; i < 6; i++) CHECK_EQ_INT(t[i].timer.armed, 0);
     patio_loop_free(l);
 }
 
@@ -327,6 +327,88 @@ static void count_timer(patio__timer *t)
 {
     PATIO__UNUSED(t);
     fired_count++;
+}
+
+/* Many timers armed, re-armed and stopped in a scrambled order, all
+ * already due: they fire once each, stopped ones not at all, in (deadline,
+ * arming order), and arming them needs no memory: every allocation after
+ * the loop's creation fails. */
+#define HEAP_TIMERS 3000
+
+typedef struct heap_timer {
+    patio__timer timer;
+    int fired, armed;          /* times fired; armed when the loop ran */
+    uint64_t deadline, seq;    /* as last armed */
+    uint64_t *fire_log;        /* (deadline, seq) pairs in firing order */
+    int *nfired;
+} heap_timer;
+
+static void heap_timer_fire(patio__timer *t)
+{
+    heap_timer *h = PATIO__CONTAINER(t, heap_timer, timer);
+    h->fired++;
+    h->fire_log[2 * *h->nfired] = h->deadline;
+    h->fire_log[2 * *h->nfired + 1] = h->seq;
+    (*h->nfired)++;
+}
+
+static int g_alloc_fails;
+static void *failing_alloc(size_t n, void *u) { PATIO__UNUSED(u); return g_alloc_fails ? NULL : malloc(n); }
+static void *failing_realloc(void *p, size_t n, void *u) { PATIO__UNUSED(u); return g_alloc_fails ? NULL : realloc(p, n); }
+static void plain_free(void *p, void *u) { PATIO__UNUSED(u); free(p); }
+
+static void test_timer_heap_scrambled(void)
+{
+    heap_timer *t = (heap_timer *)calloc(HEAP_TIMERS, sizeof *t);
+    uint64_t *fire_log = (uint64_t *)calloc(2 * HEAP_TIMERS, sizeof *fire_log);
+    uint64_t base = patio__now_ns() - 1000000000u, x = 88172645463325252ull, seq = 0;
+    int i, round, nfired = 0, armed = 0, out_of_order = 0, fired_wrong = 0;
+    patio_hooks h;
+    patio_loop_config cfg;
+    patio_loop *l;
+    memset(&h, 0, sizeof h);
+    h.alloc = failing_alloc;
+    h.realloc = failing_realloc;
+    h.free = plain_free;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.hooks = &h;
+    g_alloc_fails = 0;
+    l = patio_loop_new(&cfg);
+    CHECK(l != NULL && t && fire_log);
+    if (!l || !t || !fire_log) { free(t); free(fire_log); if (l) patio_loop_free(l); return; }
+    g_alloc_fails = 1;
+    for (i = 0; i < HEAP_TIMERS; i++) {
+        t[i].timer.fn = heap_timer_fire;
+        t[i].fire_log = fire_log;
+        t[i].nfired = &nfired;
+    }
+    for (round = 0; round < 4 * HEAP_TIMERS; round++) {
+        heap_timer *p;
+        x ^= x << 13; x ^= x >> 7; x ^= x << 17; /* xorshift64 */
+        p = &t[x % HEAP_TIMERS];
+        if ((x >> 32) % 5 == 0) {
+            patio__timer_stop(l, &p->timer);
+        } else {
+            p->deadline = base + (x >> 40) % 64; /* few distinct deadlines: many ties */
+            patio__timer_start(l, &p->timer, p->deadline);
+            p->seq = ++seq; /* arming order among these timers */
+        }
+    }
+    for (i = 0; i < HEAP_TIMERS; i++) armed += t[i].armed = t[i].timer.armed;
+    CHECK(armed > HEAP_TIMERS / 2);
+    CHECK(pump_until(l, &nfired, armed, 5.0) == 1);
+    g_alloc_fails = 0;
+    CHECK_EQ_INT(nfired, armed);
+    for (i = 1; i < nfired; i++) {
+        uint64_t pd = fire_log[2 * i - 2], ps = fire_log[2 * i - 1], d = fire_log[2 * i], q = fire_log[2 * i + 1];
+        out_of_order += d < pd || (d == pd && q < ps);
+    }
+    CHECK_EQ_INT(out_of_order, 0);
+    for (i = 0; i < HEAP_TIMERS; i++) fired_wrong += t[i].fired != t[i].armed || t[i].timer.armed;
+    CHECK_EQ_INT(fired_wrong, 0);
+    patio_loop_free(l);
+    free(t);
+    free(fire_log);
 }
 
 static void test_timer_stop_before_fire(void)
@@ -895,7 +977,7 @@ static void test_free_drops_posted_work(void)
     patio_loop_free(l);
     CHECK_EQ_INT(never_runs, 0);
     CHECK_EQ_INT(c.allocs, c.frees);
-    CHECK_EQ_INT(t.index, 0);
+    CHECK_EQ_INT(t.armed, 0);
 
     memset(&h, 0, sizeof h);
     h.alloc = ca_alloc; /* not all-or-none */
@@ -951,6 +1033,7 @@ int main(void)
     RUN(test_post_coalesces_in_bursts);
     RUN(test_post_coalesces_in_bursts_no_spin);
     RUN(test_timer_order_and_ties);
+    RUN(test_timer_heap_scrambled);
     RUN(test_timer_stop_before_fire);
     RUN(test_timer_stop_after_fire);
     RUN(test_timer_rearm);
