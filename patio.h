@@ -753,7 +753,11 @@ PATIO_API patio_executor *patio_broker_executor(const patio_broker *b);
 typedef struct patio_broker_vtable {
     const char *kind;
     /* Carries a started call (any thread) and later finishes it with
-     * patio_call_succeed / patio_call_fail_with. */
+     * patio_call_succeed / patio_call_fail_with. A timeout, a cancel or
+     * the broker's close may finish it first, and its owner may then free
+     * it at once: a broker that may still touch the call afterwards (a late
+     * answer, say) takes a reference here with patio_call_ref and drops it
+     * with patio_call_unref when it lets go. */
     void (*send)(patio_broker *b, patio_call *c);
     /* Tries to cancel a call not yet started: PATIO_OK or PATIO_ERR_STARTED. May be NULL. */
     int (*cancel)(patio_broker *b, patio_call *c);
@@ -780,9 +784,14 @@ PATIO_API void patio_broker_deinit(patio_broker *b);
 PATIO_API int patio_call_args(const patio_call *c, const void **args, size_t *len,
                               const void **kwargs, size_t *kwargs_len);
 PATIO_API double patio_call_timeout(const patio_call *c);   /* seconds, <0 = none */
-/* Finish a call (first finisher wins; later ones return PATIO_ERR_INVALID). */
+/* Finish a call (first finisher wins; later ones return PATIO_ERR_INVALID).
+ * value is one MessagePack object, copied; without memory for the copy the
+ * call fails with MemoryError and PATIO_ERR_NOMEM is returned. */
 PATIO_API int patio_call_succeed(patio_call *c, const void *value, size_t len);
 PATIO_API int patio_call_fail_with(patio_call *c, int status, const char *type, const char *message);
+/* Keeps a call's memory alive while a broker may still touch it (see send). */
+PATIO_API void patio_call_ref(patio_call *c);
+PATIO_API void patio_call_unref(patio_call *c);
 
 
 /* ========================================================================
@@ -6893,12 +6902,17 @@ static void patio__call_set_error(patio_call *c, const char *type, size_t tlen, 
 
 /* First finisher wins: publishes status and result, wakes the waiter,
  * queues on_done, and drops the in-flight reference. */
-static int patio__call_finish(patio_call *c, int status, const patio_writer *result,
-                              const char *type, const char *msg)
+static int patio__call_claim(patio_call *c)
 {
     int expected = PATIO__CALL_PENDING;
+    return patio__cas(&c->state, &expected, PATIO__CALL_FINISHING);
+}
+
+/* For the finisher that claimed c: the rest of patio__call_finish. */
+static void patio__call_complete(patio_call *c, int status, const patio_writer *result,
+                                 const char *type, const char *msg)
+{
     patio__waiter *w;
-    if (!patio__cas(&c->state, &expected, PATIO__CALL_FINISHING)) return PATIO_ERR_INVALID;
     c->status = status;
     if (status == PATIO_OK) {
         c->result = result;
@@ -6921,6 +6935,13 @@ static int patio__call_finish(patio_call *c, int status, const patio_writer *res
     if (w && w != PATIO__WAITER_FIRED) patio__waiter_notify(w);
     if (c->on_done) patio__loop_post(c->loop, &c->done_post);
     else patio__call_release(c);
+}
+
+static int patio__call_finish(patio_call *c, int status, const patio_writer *result,
+                              const char *type, const char *msg)
+{
+    if (!patio__call_claim(c)) return PATIO_ERR_INVALID;
+    patio__call_complete(c, status, result, type, msg);
     return PATIO_OK;
 }
 
@@ -6935,11 +6956,24 @@ static void patio__call_timed_out(patio__timer *t)
 
 PATIO_API int patio_call_succeed(patio_call *c, const void *value, size_t len)
 {
+    int rc;
     if (!c || !value || !len) return PATIO_ERR_INVALID;
-    if (patio__load(&c->state) != PATIO__CALL_PENDING) return PATIO_ERR_INVALID;
+    if (!patio__call_claim(c)) return PATIO_ERR_INVALID; /* before the result buffer is ours */
     patio_writer_reset(&c->own_result);
-    if (patio_write_raw(&c->own_result, value, len) != PATIO_OK) return c->own_result.err;
-    return patio__call_finish(c, PATIO_OK, &c->own_result, NULL, NULL);
+    rc = patio_write_raw(&c->own_result, value, len);
+    if (rc != PATIO_OK) patio__call_complete(c, rc, NULL, "MemoryError", "no memory for the call's result");
+    else patio__call_complete(c, PATIO_OK, &c->own_result, NULL, NULL);
+    return rc;
+}
+
+PATIO_API void patio_call_ref(patio_call *c)
+{
+    if (c) patio__fetch_add(&c->refs, 1);
+}
+
+PATIO_API void patio_call_unref(patio_call *c)
+{
+    if (c) patio__call_release(c);
 }
 
 PATIO_API int patio_call_fail_with(patio_call *c, int status, const char *type, const char *message)

@@ -419,6 +419,81 @@ static void test_callback_frees_call_that_expires_at_once(void)
     patio_registry_free(rpc);
 }
 
+/* ---- a broker of the user's own ---- */
+
+/* Carries calls and answers them later, as a remote peer would: it holds a
+ * reference on each, so a late answer to a call that timed out and was
+ * freed by its owner cannot land in freed memory or in a later call. */
+typedef struct later_broker {
+    patio_broker base;
+    patio_call *carried[4];
+    int64_t arg[4];
+    int n;
+} later_broker;
+
+static void later_send(patio_broker *b, patio_call *c)
+{
+    later_broker *lb = (later_broker *)b;
+    const void *args = NULL;
+    size_t len = 0;
+    patio_reader r;
+    uint32_t n;
+    patio_call_args(c, &args, &len, NULL, NULL);
+    patio_reader_init(&r, args, len);
+    if (lb->n >= 4 || patio_read_array(&r, &n) != PATIO_OK || n != 1 ||
+        patio_read_int(&r, &lb->arg[lb->n]) != PATIO_OK) {
+        patio_call_fail_with(c, PATIO_ERR_INVALID, "ValueError", "one int, please");
+        return;
+    }
+    patio_call_ref(c);
+    lb->carried[lb->n++] = c;
+}
+
+static int later_answer(later_broker *lb, int i)
+{
+    uint8_t buf[16];
+    patio_writer w;
+    int rc;
+    patio_writer_init_fixed(&w, buf, sizeof buf);
+    patio_write_int(&w, lb->arg[i] * 100);
+    rc = patio_call_succeed(lb->carried[i], w.data, w.len);
+    patio_call_unref(lb->carried[i]);
+    return rc;
+}
+
+static void later_destroy(patio_broker *b) { free(b); }
+
+static const patio_broker_vtable later_vt = { "later", later_send, NULL, NULL, later_destroy };
+
+static void test_own_broker_late_answer(void)
+{
+    patio_registry *rpc = patio_registry_new(NULL);
+    patio_executor *ex;
+    later_broker *lb = (later_broker *)calloc(1, sizeof *lb);
+    patio_call *c1, *c2;
+    patio_call_opts o;
+    patio_register(rpc, "f", mul, NULL);
+    ex = patio_null_executor_new(rpc);
+    CHECK_EQ_INT(patio_broker_init(&lb->base, &later_vt, ex, NULL), PATIO_OK);
+    memset(&o, 0, sizeof o);
+    o.timeout = 0.02;
+    c1 = patio_call_start(&lb->base, &o, "f", "i", 1);
+    CHECK_EQ_INT(patio_call_wait(c1, 5.0), PATIO_ERR_TIMEOUT);
+    patio_call_free(c1); /* its owner is done with it; the broker is not */
+    o.timeout = 10.0;
+    c2 = patio_call_start(&lb->base, &o, "f", "i", 2);
+    CHECK_EQ_INT(lb->n, 2);
+    CHECK_EQ_INT(later_answer(lb, 0), PATIO_ERR_INVALID); /* too late */
+    CHECK_EQ_INT(patio_call_status(c2), PATIO_PENDING);
+    CHECK_EQ_INT(later_answer(lb, 1), PATIO_OK);
+    CHECK_EQ_INT(patio_call_wait(c2, 5.0), PATIO_OK);
+    CHECK_EQ_INT(patio_result_int(c2), 200);
+    patio_call_free(c2);
+    patio_broker_free(&lb->base);
+    patio_executor_free(ex);
+    patio_registry_free(rpc);
+}
+
 /* ---- host-pumped loop: no library thread at all ---- */
 
 static void test_host_pumped_loop(void)
@@ -629,6 +704,7 @@ int main(void)
     RUN(test_call_by_function);
     RUN(test_callbacks_on_loop_thread);
     RUN(test_callback_frees_call_that_expires_at_once);
+    RUN(test_own_broker_late_answer);
     RUN(test_host_pumped_loop);
     RUN(test_task_calls_task_thread_pool);
     RUN(test_task_calls_task_async);
