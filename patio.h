@@ -620,7 +620,7 @@ PATIO_API patio_executor *patio_async_executor_new_ex(patio_registry *r, const p
 PATIO_API patio_executor *patio_null_executor_new(patio_registry *r);
 
 PATIO_API void patio_executor_shutdown(patio_executor *ex); /* finishes queued tasks; idempotent */
-PATIO_API void patio_executor_free(patio_executor *ex);     /* shutdown + free */
+PATIO_API void patio_executor_free(patio_executor *ex);     /* shutdown + free; free its brokers first */
 PATIO_API const char *patio_executor_kind(const patio_executor *ex);
 
 
@@ -7230,8 +7230,8 @@ PATIO_API int patio_call_cancel(patio_call *c)
     if (patio__load(&c->state) != PATIO__CALL_PENDING) return PATIO_ERR_INVALID;
     b = c->broker;
     if (!b || !b->vt->cancel || b->vt->cancel(b, c) != PATIO_OK) return PATIO_ERR_STARTED;
-    patio__call_finish(c, PATIO_ERR_CANCELLED, NULL, "CancelledError", "");
-    return PATIO_OK;
+    /* its timeout may have finished it meanwhile: then that stands */
+    return patio__call_finish(c, PATIO_ERR_CANCELLED, NULL, "CancelledError", "");
 }
 
 PATIO_API void patio_call_free(patio_call *c)

@@ -465,6 +465,34 @@ static void later_destroy(patio_broker *b) { free(b); }
 
 static const patio_broker_vtable later_vt = { "later", later_send, NULL, NULL, later_destroy };
 
+/* A cancel during which the call's timeout finishes it first. */
+static int cancel_after_timeout(patio_broker *b, patio_call *c)
+{
+    (void)b;
+    patio_call_fail_with(c, PATIO_ERR_TIMEOUT, "TimeoutError", "");
+    return PATIO_OK;
+}
+
+static const patio_broker_vtable racing_vt = { "racing", later_send, cancel_after_timeout, NULL, later_destroy };
+
+static void test_cancel_loses_to_timeout(void)
+{
+    patio_registry *rpc = patio_registry_new(NULL);
+    patio_executor *ex = patio_null_executor_new(rpc);
+    later_broker *lb = (later_broker *)calloc(1, sizeof *lb);
+    patio_call *c;
+    CHECK_EQ_INT(patio_broker_init(&lb->base, &racing_vt, ex, NULL), PATIO_OK);
+    c = patio_call_async(&lb->base, "f", "i", 1);
+    CHECK_EQ_INT(patio_call_cancel(c), PATIO_ERR_INVALID);
+    CHECK_EQ_INT(patio_call_status(c), PATIO_ERR_TIMEOUT);
+    CHECK_EQ_STR(patio_call_error_type(c), "TimeoutError");
+    patio_call_unref(lb->carried[0]);
+    patio_call_free(c);
+    patio_broker_free(&lb->base);
+    patio_executor_free(ex);
+    patio_registry_free(rpc);
+}
+
 static void test_own_broker_late_answer(void)
 {
     patio_registry *rpc = patio_registry_new(NULL);
@@ -705,6 +733,7 @@ int main(void)
     RUN(test_callbacks_on_loop_thread);
     RUN(test_callback_frees_call_that_expires_at_once);
     RUN(test_own_broker_late_answer);
+    RUN(test_cancel_loses_to_timeout);
     RUN(test_host_pumped_loop);
     RUN(test_task_calls_task_thread_pool);
     RUN(test_task_calls_task_async);
