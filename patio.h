@@ -4700,6 +4700,11 @@ PATIO_API void patio_executor_shutdown(patio_executor *ex)
 PATIO_API void patio_executor_free(patio_executor *ex)
 {
     if (!ex) return;
+    if (ex->loop && patio_loop_in_loop_thread(ex->loop)) {
+        /* a task of its own may be running right here */
+        patio__log(ex->hooks, PATIO_LOG_ERROR, "executor: cannot be freed from its loop thread");
+        return;
+    }
     patio_executor_shutdown(ex);
     if (ex->vt->destroy) ex->vt->destroy(ex);
 }

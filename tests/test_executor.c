@@ -296,6 +296,52 @@ static void finish_parked(void *arg)
     g_nparked = 0;
 }
 
+/* A task on the async executor's loop thread that frees its executor: an
+ * error is logged and nothing is freed under the running task. */
+static patio_executor *g_self_ex;
+static int g_errors_logged;
+
+static void count_errors(int level, const char *message, void *user)
+{
+    PATIO__UNUSED(user);
+    if (level == PATIO_LOG_ERROR && strstr(message, "loop thread")) g_errors_logged++;
+}
+
+static int free_own_executor(patio_task *t)
+{
+    patio_executor_free(g_self_ex);
+    return patio_return_int(t, 1);
+}
+
+static void test_async_free_from_its_task(void)
+{
+    patio_hooks h;
+    patio_registry_config rc;
+    patio_registry *rpc;
+    patio_broker *b;
+    patio_call *c;
+    memset(&h, 0, sizeof h);
+    h.log = count_errors;
+    memset(&rc, 0, sizeof rc);
+    rc.hooks = &h;
+    rpc = patio_registry_new(&rc);
+    patio_register(rpc, "free_own_executor", free_own_executor, NULL);
+    patio_register(rpc, "mul", mul, NULL);
+    g_self_ex = patio_async_executor_new(rpc, 2);
+    b = patio_memory_broker_new(g_self_ex);
+    g_errors_logged = 0;
+    c = patio_call_sync(b, 5.0, "free_own_executor", "");
+    CHECK_EQ_INT(patio_call_status(c), PATIO_OK);
+    CHECK_EQ_INT(g_errors_logged, 1);
+    patio_call_free(c);
+    c = patio_call_sync(b, 5.0, "mul", "ii", 6, 7); /* still serving */
+    CHECK_EQ_INT(patio_result_int(c), 42);
+    patio_call_free(c);
+    patio_broker_free(b);
+    patio_executor_free(g_self_ex);
+    patio_registry_free(rpc);
+}
+
 static void test_async_max_workers_and_later(void)
 {
     patio_registry *rpc = patio_registry_new(NULL);
@@ -397,6 +443,7 @@ int main(void)
     RUN(test_thread_pool_shutdown_finishes_queue);
     RUN(test_cancel_queued_only);
     RUN(test_async_max_workers_and_later);
+    RUN(test_async_free_from_its_task);
     RUN(test_user_executor);
     return th_summary("test_executor");
 }
