@@ -8024,6 +8024,8 @@ typedef struct patio__tcp_route {
     size_t nconns, conns_cap, cursor;
     patio_call **waiting;
     size_t nwaiting, waiting_cap;
+    size_t nlisted;                 /* connections holding it in c->routes, ready or
+                                       still in discovery: it lives while they do */
     const void *seen;               /* while reading a peer's names: that peer */
 } patio__tcp_route;
 
@@ -8951,12 +8953,15 @@ static patio__tcp_route *patio__tcp_route_get(patio__tcp_broker *tb, const char 
     return r;
 }
 
-/* Frees a route nobody offers and nobody waits for. */
+/* Frees a route nobody offers, nobody waits for and no connection lists
+ * (a peer's names are learnt before its connection is ready, PROTOCOL.md
+ * §5.1, so a connection in discovery points to routes it does not offer
+ * yet). */
 static void patio__tcp_route_release(patio__tcp_broker *tb, patio__tcp_route *r)
 {
     patio__tcp_route **pp;
     const patio_hooks *h = patio__tcp_hooks(tb);
-    if (r->nconns || r->nwaiting) return;
+    if (r->nconns || r->nwaiting || r->nlisted) return;
     for (pp = &tb->routes[r->hash & (tb->route_cap - 1)]; *pp != r; pp = &(*pp)->next) {}
     *pp = r->next;
     tb->route_count--;
@@ -9004,11 +9009,13 @@ static int patio__tcp_routes_learn(patio__tcp_conn *c, const patio__frame *f)
         route = patio__tcp_route_get(tb, name, len);
         if (!route ||
             patio__tcp_grow_ptrs(h, (void ***)&c->routes, &c->routes_cap, c->nroutes + 1) != PATIO_OK) {
+            if (route) patio__tcp_route_release(tb, route);
             rc = PATIO_ERR_NOMEM;
             break;
         }
         if (route->seen != c) {
             route->seen = c;
+            route->nlisted++;
             c->routes[c->nroutes++] = route;
         }
     }
@@ -9040,25 +9047,24 @@ static void patio__tcp_route_wake(patio__tcp_broker *tb, patio__tcp_route *r)
     PATIO__UNUSED(tb);
 }
 
-/* Discovery is complete: c joins the routes of every name its peer offers. */
+/* Discovery is complete: c joins the routes of every name its peer offers
+ * (and is ready only once it is in all of them; closing leaves them). */
 static void patio__tcp_ready(patio__tcp_conn *c)
 {
     patio__tcp_broker *tb = c->tb;
-    size_t i, j;
-    c->state = PATIO__TC_READY;
-    if (c->hs_timer_armed) patio__timer_stop(tb->base.loop, &c->hs_timer);
-    c->hs_timer_armed = 0;
-    if (c->target) c->target->failures = 0;
+    size_t i;
     for (i = 0; i < c->nroutes; i++) {
         patio__tcp_route *r = c->routes[i];
         if (patio__tcp_grow_ptrs(patio__tcp_hooks(tb), (void ***)&r->conns, &r->conns_cap, r->nconns + 1) != PATIO_OK) {
-            for (j = i; j < c->nroutes; j++) patio__tcp_route_release(tb, c->routes[j]);
-            c->nroutes = i;
             patio__tcp_conn_close(c, PATIO_LOG_ERROR, "out of memory for routes");
             return;
         }
         r->conns[r->nconns++] = c;
     }
+    c->state = PATIO__TC_READY;
+    if (c->hs_timer_armed) patio__timer_stop(tb->base.loop, &c->hs_timer);
+    c->hs_timer_armed = 0;
+    if (c->target) c->target->failures = 0;
     pthread_mutex_lock(&tb->mu);
     tb->ready_peers++;
     pthread_cond_broadcast(&tb->cv);
@@ -9069,7 +9075,7 @@ static void patio__tcp_ready(patio__tcp_conn *c)
         if (c->routes[i]->nwaiting) patio__tcp_route_wake(tb, c->routes[i]);
 }
 
-/* c closes: it leaves every route; emptied routes go. */
+/* c closes: it leaves every route it offered or learnt; emptied routes go. */
 static void patio__tcp_routes_drop(patio__tcp_conn *c)
 {
     patio__tcp_broker *tb = c->tb;
@@ -9077,6 +9083,7 @@ static void patio__tcp_routes_drop(patio__tcp_conn *c)
     for (i = 0; i < c->nroutes; i++) {
         patio__tcp_route *r = c->routes[i];
         r->seen = NULL;
+        r->nlisted--;
         for (k = 0; k < r->nconns && r->conns[k] != c; k++) {}
         if (k < r->nconns) {
             memmove(r->conns + k, r->conns + k + 1, (r->nconns - k - 1) * sizeof *r->conns);

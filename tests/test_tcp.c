@@ -1283,6 +1283,144 @@ static void test_large_frame_buffer_grows_with_its_bytes(void)
     node_free(&n);
 }
 
+/* ---- names learnt before discovery completes ---------------------------- */
+
+/* An allocator that never hands out a block twice within a case: a freed
+ * block is zeroed and kept until quarantine_release(), so memory used after
+ * it was freed reads as zeros, never as the data of a later owner. */
+typedef union qblock {
+    struct {
+        union qblock *next;
+        size_t size;
+    } h;
+    long double align;
+} qblock;
+
+static pthread_mutex_t g_quarantine_mu = PTHREAD_MUTEX_INITIALIZER;
+static qblock *g_quarantine;
+
+static void *quarantine_alloc(size_t n, void *user)
+{
+    qblock *b = (qblock *)malloc(sizeof *b + n);
+    (void)user;
+    if (!b) return NULL;
+    b->h.size = n;
+    return b + 1;
+}
+
+static void quarantine_free(void *p, void *user)
+{
+    qblock *b = (qblock *)p - 1;
+    (void)user;
+    if (!p) return;
+    memset(p, 0, b->h.size);
+    pthread_mutex_lock(&g_quarantine_mu);
+    b->h.next = g_quarantine;
+    g_quarantine = b;
+    pthread_mutex_unlock(&g_quarantine_mu);
+}
+
+static void *quarantine_realloc(void *p, size_t n, void *user)
+{
+    void *q = quarantine_alloc(n, user);
+    if (q && p) {
+        size_t old = ((qblock *)p - 1)->h.size;
+        memcpy(q, p, old < n ? old : n);
+        quarantine_free(p, user);
+    }
+    return q;
+}
+
+static void quarantine_release(void)
+{
+    qblock *b;
+    pthread_mutex_lock(&g_quarantine_mu);
+    while ((b = g_quarantine) != NULL) {
+        g_quarantine = b->h.next;
+        free(b);
+    }
+    pthread_mutex_unlock(&g_quarantine_mu);
+}
+
+/* A raw client that answers the server's DISCOVER_REQUEST with `names`
+ * but has not sent its own yet (PROTOCOL.md §5.1 allows either order);
+ * -1 on failure. */
+static int raw_discovering_client(int port, const uint8_t *names, size_t names_len)
+{
+    raw_frame f;
+    uint8_t areq[61];
+    int fd = raw_connect_to("127.0.0.1", port);
+    if (fd < 0) return -1;
+    if (raw_recv(fd, &f) != 1 || f.type != 0 || f.size != 18) goto fail;
+    make_auth_request(areq, f.payload, KEY);
+    if (raw_send(fd, 1, 1, areq, 61) != 0) goto fail;
+    if (raw_recv(fd, &f) != 1 || f.type != 3) goto fail;
+    if (raw_recv(fd, &f) != 1 || f.type != 5) goto fail;
+    if (raw_send(fd, 6, f.serial, names, names_len) != 0) goto fail;
+    return fd;
+fail:
+    close(fd);
+    return -1;
+}
+
+typedef struct open_count {
+    patio_broker *b;
+    uint64_t n;
+} open_count;
+
+static int has_open(void *arg)
+{
+    open_count *o = (open_count *)arg;
+    return stats_of(o->b).connections_open == o->n;
+}
+
+/* Two peers offer "foo" while still in discovery; one leaves before it is
+ * ready, the other then completes discovery: the route it learnt must still
+ * be the broker's route for "foo", so a call reaches it. */
+static void test_route_learnt_in_discovery(void)
+{
+    static const uint8_t names[] = { 0x91, 0xa3, 'f', 'o', 'o' };
+    patio_hooks hooks;
+    node s;
+    raw_frame f;
+    patio_call *call;
+    open_count oc;
+    bytes_wait bw;
+    int a, b;
+    if (!g_setup->raw) return;
+    memset(&hooks, 0, sizeof hooks);
+    hooks.alloc = quarantine_alloc;
+    hooks.realloc = quarantine_realloc;
+    hooks.free = quarantine_free;
+    hooked_server_start(&s, &hooks, "mul", mul);
+    a = raw_discovering_client(s.port, names, sizeof names);
+    b = raw_discovering_client(s.port, names, sizeof names);
+    CHECK(a >= 0 && b >= 0);
+    /* both names are in (each connection's bytes are handled in the
+     * callback that counted them), then b leaves */
+    bw.b = s.b;
+    bw.target = 2 * (9 + 61 + 9 + sizeof names);
+    CHECK(wait_until(has_read_bytes, &bw, 5.0));
+    close(b);
+    oc.b = s.b;
+    oc.n = 1;
+    CHECK(wait_until(has_open, &oc, 5.0));
+    CHECK_EQ_INT(raw_send(a, 5, 2, "\xc0", 1), 0); /* a completes discovery */
+    CHECK_EQ_INT(raw_recv(a, &f), 1);
+    CHECK(f.type == 6 && f.serial == 2);
+    CHECK_EQ_INT(patio_tcp_wait_peers(s.b, 1, 5.0), PATIO_OK);
+    call = patio_call_async(s.b, "foo", "i", 7);
+    CHECK_EQ_INT(raw_recv(a, &f), 1);
+    CHECK_EQ_INT(f.type, PATIO__PKT_REQUEST);
+    raw_send(a, 20, f.serial, "\x08", 1);
+    CHECK_EQ_INT(patio_call_wait(call, 5.0), PATIO_OK);
+    CHECK_EQ_INT(patio_result_int(call), 8);
+    patio_call_free(call);
+    close(a);
+    node_free(&s);
+    quarantine_release();
+}
+
 /* ---- out of file descriptors ------------------------------------------- */
 
 static int g_accept_warnings; /* atomic */
@@ -1787,6 +1925,7 @@ static const tcase cases[] = {
     CASE(test_keepalive_settings),
     CASE(test_large_frame_buffer_grows_with_its_bytes),
     CASE(test_accept_out_of_fds_pauses),
+    CASE(test_route_learnt_in_discovery),
 #if defined(__linux__)
     CASE(test_keepalive_finds_vanished_peer),
 #endif
