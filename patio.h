@@ -9429,7 +9429,10 @@ static void patio__tcp_retry_stalled(patio__tcp_broker *tb)
         if (rc == PATIO_ERR_FULL) break;
         c->stalled = NULL;
         tb->nstalled--;
-        if (rc != PATIO_OK) patio__tcp_req_finished(req);
+        if (rc != PATIO_OK) {
+            req->task.status = rc; /* executor closed, ...: answered with an ERROR, as on arrival */
+            patio__tcp_req_finished(req);
+        }
         patio__tcp_conn_recheck(c);
     }
     patio__tcp_retry_arm(tb);

@@ -168,6 +168,18 @@ static int wait_until(int (*cond)(void *), void *arg, double seconds)
     return 1;
 }
 
+/* Waits for: at least `target` bytes read by b. */
+typedef struct bytes_wait {
+    patio_broker *b;
+    uint64_t target;
+} bytes_wait;
+
+static int has_read_bytes(void *arg)
+{
+    bytes_wait *w = (bytes_wait *)arg;
+    return stats_of(w->b).bytes_in >= w->target;
+}
+
 /* ---- raw sockets: a peer written from PROTOCOL.md ------------------------- */
 
 static int raw_connect_to(const char *ip, int port)
@@ -874,6 +886,59 @@ static void test_executor_full(void)
     gate_destroy(&g_gate);
 }
 
+static void *executor_shutdown_thread(void *arg)
+{
+    patio_executor_shutdown((patio_executor *)arg);
+    return NULL;
+}
+
+/* Whether f answers a request for `gated`: a RESPONSE "late", or an ERROR
+ * holding an exception. */
+static int answers_gated(const raw_frame *f)
+{
+    const char *type, *msg;
+    size_t type_len, msg_len;
+    if (f->type == PATIO__PKT_RESPONSE) return f->size == 5 && memcmp(f->payload, "\xa4late", 5) == 0;
+    return f->type == PATIO__PKT_ERROR &&
+           patio__decode_exception(f->payload, f->size, &type, &type_len, &msg, &msg_len) == PATIO_OK;
+}
+
+/* Requests wait for room in a full executor, which then shuts down: their
+ * retry fails, and each is answered with an ERROR (not an empty RESPONSE). */
+static void test_executor_closed_while_request_waits(void)
+{
+    static const uint8_t req[] = { 0xc7, 0x0a, 0x01, 0x94, 0xa5, 'g', 'a', 't', 'e', 'd', 0x90, 0x80, 0xc0 };
+    patio_tcp_config cfg = cfg_for(1);
+    node s;
+    raw_frame f;
+    pthread_t th;
+    bytes_wait bw;
+    int fd, i, answered = 0;
+    if (!g_setup->raw) return;
+    gate_init(&g_gate);
+    CHECK(node_start_ex(&s, "server", &cfg, 0, 0, 1, 1) == 0); /* one worker, a queue of one */
+    fd = raw_ready_client(&s);
+    CHECK(fd >= 0);
+    bw.b = s.b;
+    bw.target = stats_of(s.b).bytes_in + 3 * (9 + sizeof req);
+    for (i = 1; i <= 3; i++) CHECK_EQ_INT(raw_send(fd, 10, (uint32_t)i, req, sizeof req), 0);
+    CHECK(gate_wait_arrived(&g_gate, 1)); /* 1 runs; the others are queued or wait for room */
+    CHECK(wait_until(has_read_bytes, &bw, 5.0));
+    CHECK(pthread_create(&th, NULL, executor_shutdown_thread, s.ex) == 0);
+    /* a request that waited for room is answered while 1 still runs */
+    CHECK_EQ_INT(raw_recv(fd, &f), 1);
+    CHECK(f.serial == 2 || f.serial == 3);
+    CHECK(answers_gated(&f));
+    answered++;
+    gate_open(&g_gate);
+    for (; answered < 3 && raw_recv(fd, &f) == 1; answered++) CHECK(answers_gated(&f));
+    CHECK_EQ_INT(answered, 3);
+    pthread_join(th, NULL);
+    close(fd);
+    node_free(&s);
+    gate_destroy(&g_gate);
+}
+
 static int closes_soon(int fd)
 {
     int r = raw_closed(fd);
@@ -1212,17 +1277,6 @@ static int blob_len(patio_task *t)
     size_t n;
     if (patio_args(t, "y", &p, &n) != PATIO_OK) return PATIO_ERR_TYPE;
     return patio_return_int(t, (int64_t)n);
-}
-
-typedef struct bytes_wait {
-    patio_broker *b;
-    uint64_t target;
-} bytes_wait;
-
-static int has_read_bytes(void *arg)
-{
-    bytes_wait *w = (bytes_wait *)arg;
-    return stats_of(w->b).bytes_in >= w->target;
 }
 
 /* A peer announces an 8 MiB request and sends 100 bytes of it: the server
@@ -1919,6 +1973,7 @@ static const tcase cases[] = {
     CASE(test_peer_lost_mid_call),
     CASE(test_inflight_limit),
     CASE(test_executor_full),
+    CASE(test_executor_closed_while_request_waits),
     CASE(test_max_connections),
     CASE(test_max_connections_evicts_silent_peers),
     CASE(test_keepalive_config_checked),
