@@ -8174,7 +8174,7 @@ static void patio__tcp_on_frame(patio__tcp_conn *c, const patio__frame *f);
 static void patio__tcp_auth_start(patio__tcp_conn *c);
 static void patio__tcp_routes_drop(patio__tcp_conn *c);
 static void patio__tcp_req_put(patio__tcp_broker *tb, patio__tcp_req *req);
-static void patio__tcp_target_lost(patio__tcp_target *t, int was_ready);
+static void patio__tcp_target_conn_closed(patio__tcp_target *t, int was_ready);
 
 static void patio__tcp_mark_dirty(patio__tcp_conn *c)
 {
@@ -8382,7 +8382,7 @@ static void patio__tcp_conn_close(patio__tcp_conn *c, int level, const char *fmt
         tb->nopen--;
         __atomic_fetch_sub(&tb->stats.connections_open, (uint64_t)1, __ATOMIC_RELAXED);
     }
-    if (c->target) patio__tcp_target_lost(c->target, c->was_ready);
+    if (c->target) patio__tcp_target_conn_closed(c->target, c->was_ready);
     c->target = NULL;
     c->dead_next = tb->dead;
     tb->dead = c;
@@ -10012,6 +10012,16 @@ static void patio__tcp_target_lost(patio__tcp_target *t, int was_ready)
     patio__log(patio__tcp_hooks(tb), PATIO_LOG_INFO, "patio tcp: reconnecting to %s in %g s", t->host, delay);
     t->timer_armed = 1;
     patio__timer_start(tb->base.loop, &t->timer, patio__deadline_after(delay));
+}
+
+/* A connection of t closed. One that never became ready (its connect or
+ * handshake hung or failed) leaves its address behind, so the next attempt
+ * tries the next one: an address that drops SYNs cannot hold the target for
+ * good. One that was ready keeps its address. */
+static void patio__tcp_target_conn_closed(patio__tcp_target *t, int was_ready)
+{
+    if (!was_ready) t->addr_pos = (t->addr_pos + 1) % t->naddrs;
+    patio__tcp_target_lost(t, was_ready);
 }
 
 /* Drops a connection attempt that failed before TCP was up; the next

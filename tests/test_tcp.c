@@ -10,8 +10,27 @@
  *
  * tests/test_tls.c includes this file with its own rows (TCP_TEST_SETUPS)
  * and its own main (TCP_TEST_NO_MAIN). */
+#ifndef PATIO_H_INCLUDED
+/* The broker resolves names through these (see fake_getaddrinfo). Where
+ * patio.h was included before this file (tests/test_tls.c), it keeps the
+ * system's, and the cases that need them are left out. */
+#define TCP_TEST_FAKE_RESOLVER
+#if defined(__linux__) && !defined(_GNU_SOURCE)
+#define _GNU_SOURCE 1 /* before any system header, as patio.h's implementation does */
+#endif
+#include <netdb.h>
+static int fake_getaddrinfo(const char *host, const char *service, const struct addrinfo *hints,
+                            struct addrinfo **res);
+static void fake_freeaddrinfo(struct addrinfo *ai);
+#define getaddrinfo fake_getaddrinfo
+#define freeaddrinfo fake_freeaddrinfo
+#endif
 #define PATIO_IMPLEMENTATION
 #include "patio.h"
+#ifdef TCP_TEST_FAKE_RESOLVER
+#undef getaddrinfo
+#undef freeaddrinfo
+#endif
 #include "harness.h"
 #include <stdlib.h>
 #include <poll.h>
@@ -329,6 +348,49 @@ static int raw_ready_client(node *n)
     }
     return fd;
 }
+
+/* ---- a host with two addresses ------------------------------------------ */
+
+#ifdef TCP_TEST_FAKE_RESOLVER
+/* "two-addresses.test" resolves to 127.0.0.1 at g_two_ports[0], then at
+ * g_two_ports[1] (whatever port is asked for); other names as usual. */
+static const char g_two_name[] = "two-addresses.test";
+static int g_two_ports[2];
+
+typedef struct two_addrs {
+    struct addrinfo ai[2];
+    struct sockaddr_in sa[2];
+} two_addrs;
+
+static int fake_getaddrinfo(const char *host, const char *service, const struct addrinfo *hints,
+                            struct addrinfo **res)
+{
+    two_addrs *t;
+    int i;
+    if (!host || strcmp(host, g_two_name) != 0) return getaddrinfo(host, service, hints, res);
+    t = (two_addrs *)calloc(1, sizeof *t);
+    if (!t) return EAI_MEMORY;
+    for (i = 0; i < 2; i++) {
+        t->sa[i].sin_family = AF_INET;
+        t->sa[i].sin_port = htons((uint16_t)g_two_ports[i]);
+        t->sa[i].sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        t->ai[i].ai_family = AF_INET;
+        t->ai[i].ai_socktype = SOCK_STREAM;
+        t->ai[i].ai_addr = (struct sockaddr *)&t->sa[i];
+        t->ai[i].ai_addrlen = sizeof t->sa[i];
+        t->ai[i].ai_canonname = (char *)(uintptr_t)g_two_name; /* marks it as ours */
+        t->ai[i].ai_next = i == 0 ? &t->ai[1] : NULL;
+    }
+    *res = t->ai;
+    return 0;
+}
+
+static void fake_freeaddrinfo(struct addrinfo *ai)
+{
+    if (ai && ai->ai_canonname == g_two_name) free(ai); /* ai is the start of its two_addrs */
+    else freeaddrinfo(ai);
+}
+#endif
 
 /* ---- cases ---------------------------------------------------------------- */
 
@@ -807,6 +869,53 @@ static void test_reconnect(void)
     node_free(&c);
     node_free(&s);
 }
+
+#if defined(__linux__) && defined(TCP_TEST_FAKE_RESOLVER)
+/* A listener that takes no connection: its backlog (of one, on Linux) is
+ * full, so the kernel drops further SYNs and a connect to it hangs.
+ * *filler holds the backlog's place; -1 on failure. */
+static int silent_listener(int *port, int *filler)
+{
+    struct sockaddr_in sa;
+    socklen_t sl = sizeof sa;
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    memset(&sa, 0, sizeof sa);
+    sa.sin_family = AF_INET;
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (fd < 0 || bind(fd, (struct sockaddr *)&sa, sizeof sa) != 0 || listen(fd, 0) != 0 ||
+        getsockname(fd, (struct sockaddr *)&sa, &sl) != 0) {
+        if (fd >= 0) close(fd);
+        return -1;
+    }
+    *port = ntohs(sa.sin_port);
+    *filler = raw_connect_to("127.0.0.1", *port);
+    return fd;
+}
+
+/* A host's first address drops SYNs, its second one serves: once the
+ * handshake deadline ends the hanging connect, the client moves on to the
+ * second address instead of trying the first one again and again. */
+static void test_connect_moves_past_hanging_address(void)
+{
+    node s, c;
+    patio_tcp_config cfg = cfg_for(0);
+    int hole, filler = -1;
+    if (!g_setup->raw) return;
+    CHECK(node_start(&s, "server", 1) == 0);
+    hole = silent_listener(&g_two_ports[0], &filler);
+    CHECK(hole >= 0 && filler >= 0);
+    g_two_ports[1] = s.port;
+    cfg.handshake_timeout = 0.3;
+    CHECK(node_start_ex(&c, "client", &cfg, -1, 0, 0, 1) == 0);
+    CHECK_EQ_INT(patio_tcp_connect(c.b, g_two_name, 1), PATIO_OK);
+    CHECK_EQ_INT(patio_tcp_wait_peers(c.b, 1, 5.0), PATIO_OK);
+    CHECK_EQ_INT(call_mul(c.b, 3, 4), 12);
+    node_free(&c);
+    node_free(&s);
+    if (filler >= 0) close(filler);
+    if (hole >= 0) close(hole);
+}
+#endif
 
 static void test_peer_lost_mid_call(void)
 {
@@ -1970,6 +2079,9 @@ static const tcase cases[] = {
     CASE(test_serial_wrap),
     CASE(test_discover_contents),
     CASE(test_reconnect),
+#if defined(__linux__) && defined(TCP_TEST_FAKE_RESOLVER)
+    CASE(test_connect_moves_past_hanging_address),
+#endif
     CASE(test_peer_lost_mid_call),
     CASE(test_inflight_limit),
     CASE(test_executor_full),
