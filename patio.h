@@ -7955,16 +7955,15 @@ static void *patio__tcp_map_del(patio__tcp_map *m, uint32_t key)
     return val;
 }
 
-/* Removes and returns any entry (for draining); NULL when empty. */
-static void *patio__tcp_map_pop(patio__tcp_map *m, uint32_t *key)
+/* Takes every entry at once and leaves m empty: a drain walks the copy's
+ * slots once (removing entries one by one would rescan the table each
+ * time), and whatever the walk sets off finds m empty. The caller frees the
+ * copy with patio__tcp_map_free. */
+static patio__tcp_map patio__tcp_map_take(patio__tcp_map *m)
 {
-    size_t i;
-    for (i = 0; m->count && i < m->cap; i++)
-        if (m->keys[i]) {
-            *key = m->keys[i];
-            return patio__tcp_map_del(m, m->keys[i]);
-        }
-    return NULL;
+    patio__tcp_map all = *m;
+    memset(m, 0, sizeof *m);
+    return all;
 }
 
 static void patio__tcp_map_free(const patio_hooks *h, patio__tcp_map *m)
@@ -8252,13 +8251,16 @@ static void patio__tcp_conn_free(patio__tcp_conn *c)
 /* Every call waiting for an answer on c fails at once (PROTOCOL.md §8). */
 static void patio__tcp_fail_pending(patio__tcp_conn *c)
 {
-    patio_call *call;
-    uint32_t key;
-    while ((call = (patio_call *)patio__tcp_map_pop(&c->pending, &key)) != NULL) {
+    patio__tcp_map all = patio__tcp_map_take(&c->pending);
+    size_t i;
+    for (i = 0; i < all.cap; i++) {
+        patio_call *call = (patio_call *)all.vals[i];
+        if (!all.keys[i]) continue;
         if (patio_call_fail_with(call, PATIO_ERR_CONNECTION_LOST, "ConnectionError", "connection lost") == PATIO_OK)
             PATIO__TCP_COUNT(c->tb, call_errors, 1);
         patio__call_release(call);
     }
+    patio__tcp_map_free(patio__tcp_hooks(c->tb), &all);
 }
 
 /* ---- request timeouts: lanes (see patio__tcp_lane) ----------------------- */
@@ -8326,17 +8328,20 @@ static void patio__tcp_req_unwatch(patio__tcp_req *req)
 static void patio__tcp_drop_inflight(patio__tcp_conn *c)
 {
     patio__tcp_broker *tb = c->tb;
-    patio__tcp_req *req;
-    uint32_t key;
+    patio__tcp_map all = patio__tcp_map_take(&c->inflight);
+    size_t i;
     if (c->stalled) {
         c->stalled = NULL;
         tb->nstalled--;
     }
-    while ((req = (patio__tcp_req *)patio__tcp_map_pop(&c->inflight, &key)) != NULL) {
+    for (i = 0; i < all.cap; i++) {
+        patio__tcp_req *req = (patio__tcp_req *)all.vals[i];
+        if (!all.keys[i]) continue;
         req->conn = NULL;
         patio__tcp_req_unwatch(req);
         if (!req->running) patio__tcp_req_put(tb, req);
     }
+    patio__tcp_map_free(patio__tcp_hooks(tb), &all);
 }
 
 static void patio__tcp_conn_unlink(patio__tcp_conn *c)

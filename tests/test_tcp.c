@@ -941,6 +941,68 @@ static void test_peer_lost_mid_call(void)
     gate_destroy(&g_gate);
 }
 
+static int g_lost_calls; /* atomic */
+
+static void count_lost(patio_call *call, void *user)
+{
+    (void)user;
+    if (patio_call_status(call) == PATIO_ERR_CONNECTION_LOST) __atomic_fetch_add(&g_lost_calls, 1, __ATOMIC_SEQ_CST);
+}
+
+typedef struct sent_wait {
+    patio_broker *b;
+    uint64_t calls;
+} sent_wait;
+
+static int all_sent(void *arg)
+{
+    sent_wait *w = (sent_wait *)arg;
+    return stats_of(w->b).calls_sent >= w->calls;
+}
+
+/* Thousands of calls wait on one connection when the peer goes: each one
+ * fails with a lost connection, once, and its completion (run while the
+ * broker fails the rest) sees a consistent broker. */
+static void test_peer_lost_with_many_calls(void)
+{
+    enum { N = 5000 };
+    static const uint8_t names[] = { 0x91, 0xa4, 's', 'i', 'n', 'k' };
+    node s;
+    raw_frame f;
+    patio_call **calls;
+    patio_call_opts o;
+    sent_wait sent;
+    int fd, i;
+    if (!g_setup->raw) return;
+    CHECK(node_start(&s, "server", 1) == 0);
+    fd = raw_connect_to("127.0.0.1", s.port);
+    CHECK(fd >= 0 && raw_handshake(fd, KEY, names, sizeof names, &f) == 0);
+    CHECK_EQ_INT(patio_tcp_wait_peers(s.b, 1, 5.0), PATIO_OK);
+    __atomic_store_n(&g_lost_calls, 0, __ATOMIC_SEQ_CST);
+    calls = (patio_call **)calloc(N, sizeof *calls);
+    memset(&o, 0, sizeof o);
+    o.timeout = 30;
+    o.on_done = count_lost;
+    for (i = 0; i < N; i++) calls[i] = patio_call_start(s.b, &o, "sink", "i", i);
+    sent.b = s.b;
+    sent.calls = N;
+    CHECK(wait_until(all_sent, &sent, 10.0));
+    close(fd); /* their REQUESTs unread: a reset */
+    CHECK_EQ_INT(patio_wait_all(calls, N, 10.0), PATIO_OK);
+    for (i = 0; i < N; i++) {
+        CHECK_EQ_INT(patio_call_status(calls[i]), PATIO_ERR_CONNECTION_LOST);
+        patio_call_free(calls[i]);
+    }
+    CHECK_EQ_INT(__atomic_load_n(&g_lost_calls, __ATOMIC_SEQ_CST), N);
+    CHECK_EQ_INT(stats_of(s.b).call_errors, N);
+    free(calls);
+    fd = raw_ready_client(&s); /* the broker goes on */
+    CHECK(fd >= 0);
+    CHECK_EQ_INT(stats_of(s.b).connections_open, 1);
+    close(fd);
+    node_free(&s);
+}
+
 /* An inflight limit of 2: the third request is not read until one ends. */
 static void test_inflight_limit(void)
 {
@@ -2083,6 +2145,7 @@ static const tcase cases[] = {
     CASE(test_connect_moves_past_hanging_address),
 #endif
     CASE(test_peer_lost_mid_call),
+    CASE(test_peer_lost_with_many_calls),
     CASE(test_inflight_limit),
     CASE(test_executor_full),
     CASE(test_executor_closed_while_request_waits),
