@@ -1448,12 +1448,14 @@ static void patio__wake_close(patio__wake *w)
 
 #define PATIO__READ 1u
 #define PATIO__WRITE 2u
-#define PATIO__ERROR 4u /* error or hang-up; always reported together with READ */
+#define PATIO__ERROR 4u /* error or hang-up; always reported together with READ. As interest,
+                          alone: the fd stays watched for errors and hang-ups only (a
+                          connection that does not read for now still hears of a reset) */
 
 /* A watched fd. The owner fills nothing by hand: patio__io_start does. */
 typedef struct patio__io {
     int fd;
-    unsigned events;    /* current interest: PATIO__READ | PATIO__WRITE */
+    unsigned events;    /* current interest: PATIO__READ | PATIO__WRITE | PATIO__ERROR */
     void (*fn)(struct patio__io *io, unsigned revents);
     int active;         /* between patio__io_start and patio__io_stop */
     size_t slot;        /* poll backend: index + 1 in its arrays, 0 = none */
@@ -1474,7 +1476,8 @@ typedef struct patio__ready {
  *   patio__poller_fd(p)               pollable fd, or -1
  *   patio__poller_name()
  *   patio__poller_set(p, h, io, old, new)
- *                                     changes io's interest; new = 0 removes it
+ *                                     changes io's interest; new = 0 removes it,
+ *                                     PATIO__ERROR alone keeps it for errors only
  *   patio__poller_wait(p, out, ms)    fills out[] (at most PATIO__READY_MAX);
  *                                     ms < 0 = forever; EINTR counts as 0 ready */
 
@@ -1522,7 +1525,9 @@ static unsigned patio__epoll_revents(uint32_t e)
 
 /* Level-triggered, so a callback that reads only part of the input is
  * called again on the next wait. An fd without interest is removed: epoll
- * would otherwise keep reporting its hang-up. */
+ * would otherwise keep reporting its hang-up. One watched for PATIO__ERROR
+ * alone stays with an empty mask: epoll reports EPOLLERR and EPOLLHUP
+ * whatever the mask. */
 static int patio__poller_set(patio__poller *p, const patio_hooks *h, patio__io *io,
                              unsigned old_events, unsigned new_events)
 {
@@ -1597,16 +1602,29 @@ static patio__io *patio__kevent_io(const struct kevent *k)
     return (patio__io *)(void *)(intptr_t)k->udata;
 }
 
-/* One filter per direction, added and deleted as interest changes. */
+/* How the read filter watches an fd: 0 not at all, EV_ADD level-triggered
+ * (READ), or EV_ADD | EV_CLEAR for PATIO__ERROR alone. kqueue has no filter
+ * for errors only; the read filter reports them (EV_EOF with an error), and
+ * edge-triggered, bytes left unread wake the loop once, not on every wait. */
+static int patio__kqueue_read_flags(unsigned events)
+{
+    if (events & PATIO__READ) return EV_ADD;
+    return events & PATIO__ERROR ? EV_ADD | EV_CLEAR : 0;
+}
+
+/* One filter per direction, added and deleted as interest changes (a
+ * filter's EV_CLEAR is set when it is added, so a change of it re-adds). */
 static int patio__poller_set(patio__poller *p, const patio_hooks *h, patio__io *io,
                              unsigned old_events, unsigned new_events)
 {
-    struct kevent ch[2];
-    int n = 0;
+    struct kevent ch[3];
+    int n = 0, old_read = patio__kqueue_read_flags(old_events), new_read = patio__kqueue_read_flags(new_events);
     unsigned changed = old_events ^ new_events;
     PATIO__UNUSED(h);
-    if (changed & PATIO__READ)
-        patio__kevent_set(&ch[n++], io->fd, EVFILT_READ, new_events & PATIO__READ ? EV_ADD : EV_DELETE, io);
+    if (old_read != new_read) {
+        if (old_read) patio__kevent_set(&ch[n++], io->fd, EVFILT_READ, EV_DELETE, io);
+        if (new_read) patio__kevent_set(&ch[n++], io->fd, EVFILT_READ, new_read, io);
+    }
     if (changed & PATIO__WRITE)
         patio__kevent_set(&ch[n++], io->fd, EVFILT_WRITE, new_events & PATIO__WRITE ? EV_ADD : EV_DELETE, io);
     if (n == 0) return PATIO_OK;
@@ -1718,6 +1736,8 @@ static void patio__poller_remove(patio__poller *p, patio__io *io)
     if (p->start >= p->n) p->start = 0;
 }
 
+/* An fd watched for PATIO__ERROR alone keeps its entry with no events: poll
+ * reports POLLERR, POLLHUP and POLLNVAL whatever was asked. */
 static int patio__poller_set(patio__poller *p, const patio_hooks *h, patio__io *io,
                              unsigned old_events, unsigned new_events)
 {
@@ -3923,11 +3943,12 @@ static int patio__loop_fire_timers(patio_loop *l)
 
 /* ---- fd watchers (loop thread, or before the loop runs) ------------------ */
 
-/* Changes io's interest to events (PATIO__READ | PATIO__WRITE). */
+/* Changes io's interest to events (PATIO__READ | PATIO__WRITE, or
+ * PATIO__ERROR for errors and hang-ups only; 0 stops reports). */
 PATIO__MAYBE_UNUSED static int patio__io_update(patio_loop *l, patio__io *io, unsigned events)
 {
     int rc;
-    events &= PATIO__READ | PATIO__WRITE;
+    events &= PATIO__READ | PATIO__WRITE | PATIO__ERROR;
     if (!io->active) return PATIO_ERR_INVALID;
     rc = patio__poller_set(&l->poller, l->hooks, io, io->events, events);
     if (rc == PATIO_OK) io->events = events;
@@ -8228,6 +8249,7 @@ static void patio__tcp_conn_interest(patio__tcp_conn *c)
     } else if (c->state == PATIO__TC_TRANSPORT) {
         ev = c->hs_want == PATIO_TRANSPORT_WANT_WRITE ? PATIO__WRITE : PATIO__READ;
     } else {
+        ev = PATIO__ERROR; /* paused, it still hears of a reset: its calls fail at once (§8) */
         if (!c->pause) ev |= PATIO__READ;
         if (c->want == PATIO_TRANSPORT_WANT_WRITE) ev |= PATIO__WRITE;
         if (c->want == PATIO_TRANSPORT_WANT_READ) ev |= PATIO__READ;

@@ -1031,6 +1031,43 @@ static void test_inflight_limit(void)
     gate_destroy(&g_gate);
 }
 
+/* At its inflight limit the server reads no more from a peer; when that
+ * peer then resets the connection, the server's call waiting on it fails
+ * at once, not when a slot frees. */
+static void test_paused_connection_notices_reset(void)
+{
+    static const uint8_t names[] = { 0x91, 0xa4, 's', 'i', 'n', 'k' };
+    static const uint8_t req[] = { 0xc7, 0x0a, 0x01, 0x94, 0xa5, 'g', 'a', 't', 'e', 'd', 0x90, 0x80, 0xc0 };
+    patio_tcp_config cfg = cfg_for(1);
+    struct linger lg;
+    node s;
+    raw_frame f;
+    patio_call *call;
+    int fd;
+    if (!g_setup->raw) return;
+    gate_init(&g_gate);
+    cfg.max_inflight = 2;
+    CHECK(node_start_ex(&s, "server", &cfg, 0, 0, 0, 4) == 0);
+    fd = raw_connect_to("127.0.0.1", s.port);
+    CHECK(fd >= 0 && raw_handshake(fd, KEY, names, sizeof names, &f) == 0);
+    CHECK_EQ_INT(patio_tcp_wait_peers(s.b, 1, 5.0), PATIO_OK);
+    CHECK_EQ_INT(raw_send(fd, 10, 101, req, sizeof req), 0);
+    CHECK_EQ_INT(raw_send(fd, 10, 102, req, sizeof req), 0);
+    CHECK(gate_wait_arrived(&g_gate, 2)); /* both run: the server reads no more */
+    call = patio_call_async(s.b, "sink", "i", 1);
+    CHECK_EQ_INT(raw_recv(fd, &f), 1);
+    CHECK_EQ_INT(f.type, PATIO__PKT_REQUEST);
+    lg.l_onoff = 1;
+    lg.l_linger = 0;
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+    close(fd); /* a reset */
+    CHECK_EQ_INT(patio_call_wait(call, 5.0), PATIO_ERR_CONNECTION_LOST);
+    gate_open(&g_gate);
+    patio_call_free(call);
+    node_free(&s);
+    gate_destroy(&g_gate);
+}
+
 /* An executor with one worker and a queue of one: requests beyond wait in
  * the socket until the executor has room, and all of them complete. */
 static void test_executor_full(void)
@@ -2147,6 +2184,7 @@ static const tcase cases[] = {
     CASE(test_peer_lost_mid_call),
     CASE(test_peer_lost_with_many_calls),
     CASE(test_inflight_limit),
+    CASE(test_paused_connection_notices_reset),
     CASE(test_executor_full),
     CASE(test_executor_closed_while_request_waits),
     CASE(test_max_connections),

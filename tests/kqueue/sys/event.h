@@ -6,6 +6,9 @@
  *   - one registration per (fd, filter) pair, EVFILT_READ and EVFILT_WRITE,
  *     each with its own udata; EV_ADD adds or updates, EV_DELETE removes
  *     (ENOENT when absent), EV_ENABLE / EV_DISABLE switch reporting;
+ *   - EV_CLEAR (given when a filter is added): edge-triggered reports. epoll
+ *     has one registration per fd, so a filter with EV_CLEAR makes the
+ *     fd's other filter edge-triggered too;
  *   - kevent() applies the changes first, then waits for events; a change
  *     that fails is an EV_ERROR event (data = errno) when the event list has
  *     room, else kevent() returns -1 with errno set;
@@ -15,7 +18,7 @@
  *     would clear it before the program sees it);
  *   - data is the number of bytes readable (FIONREAD), 0 where unknown;
  *   - the kqueue fd itself is pollable (it is an epoll fd).
- * Not covered (EINVAL): other filters, EV_ONESHOT, EV_CLEAR, EV_RECEIPT.
+ * Not covered (EINVAL): other filters, EV_ONESHOT, EV_RECEIPT.
  * Unlike the kernel's, it cannot see an fd being closed: a program must
  * EV_DELETE before it closes an fd (patio.h does), or the fd's next user
  * inherits the registration. Thread-safe: one lock around the tables. */
@@ -65,7 +68,7 @@ struct kevent {
 /* ---- the registrations, per kqueue fd, per watched fd ------------------- */
 
 typedef struct kq_shim_filter {
-    int added, enabled;
+    int added, enabled, clear;
     void *udata;
 } kq_shim_filter;
 
@@ -145,6 +148,7 @@ static inline int kq_shim_sync(int kq, int fd, kq_shim_fd *f)
     int op;
     if (f->read.added && f->read.enabled) want |= EPOLLIN | EPOLLRDHUP;
     if (f->write.added && f->write.enabled) want |= EPOLLOUT;
+    if (want && ((f->read.added && f->read.clear) || (f->write.added && f->write.clear))) want |= EPOLLET;
     if (want == f->in_epoll) return 0;
     memset(&ev, 0, sizeof ev);
     ev.events = want;
@@ -169,7 +173,7 @@ static inline int kq_shim_change(int kq, kq_shim_queue *q, const struct kevent *
     kq_shim_filter *flt, saved;
     int err;
     if (k->filter != EVFILT_READ && k->filter != EVFILT_WRITE) return EINVAL;
-    if (k->flags & (EV_ONESHOT | EV_CLEAR | EV_RECEIPT)) return EINVAL;
+    if (k->flags & (EV_ONESHOT | EV_RECEIPT)) return EINVAL;
     if ((k->flags & EV_ADD) && fcntl(fd, F_GETFD) < 0) return EBADF;
     f = kq_shim_fd_of(q, fd, (k->flags & EV_ADD) != 0);
     if (!f) return (k->flags & EV_ADD) ? ENOMEM : ENOENT;
@@ -181,7 +185,10 @@ static inline int kq_shim_change(int kq, kq_shim_queue *q, const struct kevent *
         return kq_shim_sync(kq, fd, f);
     }
     if (k->flags & EV_ADD) {
-        if (!flt->added) flt->enabled = 1;
+        if (!flt->added) {
+            flt->enabled = 1;
+            flt->clear = (k->flags & EV_CLEAR) != 0;
+        }
         flt->added = 1;
         flt->udata = k->udata;
     } else if (!flt->added) {
