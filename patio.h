@@ -7836,7 +7836,8 @@ PATIO_API patio_broker *patio_memory_broker_new(patio_executor *ex)
 #define PATIO__TCP_PREAUTH_MAX 1024u            /* frame limit before authentication */
 #define PATIO__TCP_RBUF_MIN 16384u              /* first read buffer of a connection */
 #define PATIO__TCP_RBUF_BIG (256u * 1024u)      /* a busy connection's buffer grows to this */
-#define PATIO__TCP_OUT_HIGH (8u * 1024u * 1024u) /* unsent bytes above which reading pauses */
+#define PATIO__TCP_OUT_HIGH (8u * 1024u * 1024u) /* unsent bytes above which a connection takes
+                                                    on no new work (see patio__tcp_backlogged) */
 #define PATIO__TCP_POOL_MAX 4096u               /* request structs kept for reuse */
 #define PATIO__TCP_READS_PER_EVENT 64
 #define PATIO__TCP_KEEP_BUF (64u * 1024u)       /* larger buffers are released when idle */
@@ -8062,8 +8063,7 @@ enum {
 
 enum {
     PATIO__TC_PAUSE_INFLIGHT = 1,   /* max_inflight requests not answered */
-    PATIO__TC_PAUSE_STALLED = 2,    /* a request waits for room in the executor */
-    PATIO__TC_PAUSE_OUTPUT = 4      /* too many unsent bytes */
+    PATIO__TC_PAUSE_STALLED = 2     /* a request waits for room in the executor */
 };
 
 typedef struct patio__tcp_target patio__tcp_target;
@@ -8093,6 +8093,12 @@ struct patio__tcp_conn {
     patio__tcp_map pending;        /* serial -> patio_call * (our REQUESTs) */
     patio__tcp_map inflight;       /* serial -> patio__tcp_req * (theirs) */
     patio__tcp_req *stalled;
+    patio_writer held;             /* frames asking for an answer, held while the
+                                      output is backlogged: from held_pos on */
+    size_t held_pos, nheld;
+    int releasing;                 /* patio__tcp_release_held is running */
+    int read_deferred;             /* reading resumed meanwhile: it reads when done */
+    int passed_over;               /* calls went elsewhere or wait: it was backlogged */
     patio__tcp_route **routes;     /* names the peer offers */
     size_t nroutes, routes_cap;
     patio__timer hs_timer;
@@ -8264,6 +8270,7 @@ static void patio__tcp_conn_free(patio__tcp_conn *c)
     const patio_hooks *h = patio__tcp_hooks(c->tb);
     patio__free(h, c->rbuf);
     patio_writer_free(&c->out);
+    patio_writer_free(&c->held);
     patio__tcp_map_free(h, &c->pending);
     patio__tcp_map_free(h, &c->inflight);
     patio__free(h, c->routes);
@@ -8427,6 +8434,19 @@ static void patio__tcp_protocol_error(patio__tcp_conn *c, const char *fmt, ...)
 }
 
 static void patio__tcp_set_pause(patio__tcp_conn *c, int flag, int on);
+static void patio__tcp_drained(patio__tcp_conn *c);
+
+/* Unsent output above the mark: the peer reads slower than this side
+ * writes. The connection then takes on no new work that would add to its
+ * output: its REQUESTs wait unread by the executor, and new calls go to
+ * other connections or wait (patio__tcp_hold, patio__tcp_route_next). It
+ * goes on reading, though: the answers to its own calls are among what it
+ * reads, and a side that stopped reading because its output is stuck would
+ * wait for ever on a peer doing the same. */
+static int patio__tcp_backlogged(const patio__tcp_conn *c)
+{
+    return c->out.len - c->out_pos > PATIO__TCP_OUT_HIGH;
+}
 
 /* Writes queued frames until done or the transport would block. */
 static void patio__tcp_flush(patio__tcp_conn *c)
@@ -8461,7 +8481,8 @@ static void patio__tcp_flush(patio__tcp_conn *c)
         c->out.len -= c->out_pos;
         c->out_pos = 0;
     }
-    patio__tcp_set_pause(c, PATIO__TC_PAUSE_OUTPUT, c->out.len - c->out_pos > PATIO__TCP_OUT_HIGH);
+    if ((c->nheld || c->passed_over) && c->state != PATIO__TC_CLOSED && !patio__tcp_backlogged(c))
+        patio__tcp_drained(c);
     patio__tcp_conn_interest(c);
 }
 
@@ -8569,15 +8590,18 @@ static void patio__tcp_read(patio__tcp_conn *c)
 }
 
 /* Sets or clears a reason not to read; reading resumes (buffered frames
- * first) when the last reason goes. */
+ * first) when the last reason goes, or, while held frames are being
+ * served (they point into the buffer that new ones would join), right
+ * after. */
 static void patio__tcp_set_pause(patio__tcp_conn *c, int flag, int on)
 {
     int was = c->pause;
     if (on) c->pause |= flag;
     else c->pause &= ~flag;
     if (c->state == PATIO__TC_CLOSED) return;
-    if (was && !c->pause) patio__tcp_read(c);
+    if (was && !c->pause && !c->releasing) patio__tcp_read(c);
     else if (!was != !c->pause) patio__tcp_conn_interest(c);
+    if (was && !c->pause && c->releasing) c->read_deferred = 1;
 }
 
 /* Flushes connections with queued frames and frees closed ones; every
@@ -8732,6 +8756,7 @@ static patio__tcp_conn *patio__tcp_conn_new(patio__tcp_broker *tb, int fd, int i
     c->state = is_server ? PATIO__TC_TRANSPORT : PATIO__TC_CONNECTING;
     c->serial = patio__load(&tb->test_serial);
     patio_writer_init(&c->out, patio__tcp_hooks(tb));
+    patio_writer_init(&c->held, patio__tcp_hooks(tb));
     patio__tcp_addr_text(sa, c->peer, sizeof c->peer);
     c->hs_timer.fn = patio__tcp_hs_expired;
     if (patio__io_start(tb->base.loop, &c->io, fd, is_server ? PATIO__READ : PATIO__WRITE, patio__tcp_conn_io) != PATIO_OK) {
@@ -9060,13 +9085,29 @@ static int patio__tcp_routes_learn(patio__tcp_conn *c, const patio__frame *f)
 
 static void patio__tcp_call_to(patio__tcp_conn *c, patio_call *call);
 
+/* The next connection of r for a call, round robin; NULL when none can take
+ * one now. A backlogged one is passed over (and told, so that its drain
+ * wakes the calls that wait meanwhile): a call's REQUEST would only add to
+ * output the peer is not reading. */
+static patio__tcp_conn *patio__tcp_route_next(patio__tcp_route *r)
+{
+    size_t k;
+    for (k = 0; k < r->nconns; k++) {
+        patio__tcp_conn *c = r->conns[r->cursor % r->nconns];
+        r->cursor = (r->cursor + 1) % r->nconns;
+        if (!patio__tcp_backlogged(c)) return c;
+        c->passed_over = 1;
+    }
+    return NULL;
+}
+
 /* Sends the calls that waited for this route, in the order they came. */
 static void patio__tcp_route_wake(patio__tcp_broker *tb, patio__tcp_route *r)
 {
     size_t i;
-    for (i = 0; i < r->nwaiting && r->nconns; i++) {
-        patio__tcp_conn *c = r->conns[r->cursor % r->nconns];
-        r->cursor = (r->cursor + 1) % r->nconns;
+    for (i = 0; i < r->nwaiting; i++) {
+        patio__tcp_conn *c = patio__tcp_route_next(r);
+        if (!c) break;
         patio__tcp_call_to(c, r->waiting[i]);
     }
     if (i) memmove(r->waiting, r->waiting + i, (r->nwaiting - i) * sizeof *r->waiting);
@@ -9124,12 +9165,14 @@ static void patio__tcp_routes_drop(patio__tcp_conn *c)
 }
 
 /* Routes one call (its reference comes along): to the next connection
- * offering the name, or into the wait list of the name. */
+ * offering the name, or into the wait list of the name (also when every
+ * connection offering it is backlogged). */
 static void patio__tcp_route_call(patio__tcp_broker *tb, patio_call *call)
 {
     const char *name = call->name;
     size_t len = call->name_len;
     patio__tcp_route *r;
+    patio__tcp_conn *c;
     if (patio__load(&call->state) != PATIO__CALL_PENDING) {
         patio__call_release(call);
         return;
@@ -9140,9 +9183,8 @@ static void patio__tcp_route_call(patio__tcp_broker *tb, patio_call *call)
         return;
     }
     r = patio__tcp_route_get(tb, name, len);
-    if (r && r->nconns) {
-        patio__tcp_conn *c = r->conns[r->cursor % r->nconns];
-        r->cursor = (r->cursor + 1) % r->nconns;
+    c = r ? patio__tcp_route_next(r) : NULL;
+    if (c) {
         patio__tcp_call_to(c, call);
         return;
     }
@@ -9343,12 +9385,20 @@ static int patio__tcp_submit(patio__tcp_req *req)
     return rc;
 }
 
-/* Reading goes on when no reason to pause is left. */
+/* Requests received and not answered: those in the executor (or waiting
+ * for room in it) and those held unread (they count towards max_inflight,
+ * which so bounds what a backlogged connection holds). */
+static size_t patio__tcp_load(const patio__tcp_conn *c) { return c->inflight.count + c->nheld; }
+
+static void patio__tcp_release_held(patio__tcp_conn *c);
+
+/* Held requests go on, then reading goes on when no reason to pause is left. */
 static void patio__tcp_conn_recheck(patio__tcp_conn *c)
 {
+    patio__tcp_release_held(c);
     if (c->state == PATIO__TC_CLOSED) return;
     if (!c->stalled) patio__tcp_set_pause(c, PATIO__TC_PAUSE_STALLED, 0);
-    if (c->state != PATIO__TC_CLOSED && c->inflight.count < (size_t)c->tb->cfg.max_inflight)
+    if (c->state != PATIO__TC_CLOSED && patio__tcp_load(c) < (size_t)c->tb->cfg.max_inflight)
         patio__tcp_set_pause(c, PATIO__TC_PAUSE_INFLIGHT, 0);
 }
 
@@ -9553,17 +9603,89 @@ static void patio__tcp_on_request(patio__tcp_conn *c, const patio__frame *f)
         req->task.status = rc;
         patio__tcp_req_finished(req);
     }
-    if (c->state != PATIO__TC_CLOSED && c->inflight.count >= (size_t)tb->cfg.max_inflight)
+    if (c->state != PATIO__TC_CLOSED && patio__tcp_load(c) >= (size_t)tb->cfg.max_inflight)
         patio__tcp_set_pause(c, PATIO__TC_PAUSE_INFLIGHT, 1);
+}
+
+/* A frame that asks for an answer: a REQUEST or a DISCOVER_REQUEST. */
+static void patio__tcp_on_ask(patio__tcp_conn *c, const patio__frame *f)
+{
+    if (f->type == PATIO__PKT_REQUEST) patio__tcp_on_request(c, f);
+    else patio__tcp_answer_discover(c, f->serial);
+}
+
+/* While c is backlogged, frames asking for an answer are kept as they came
+ * instead of being served, and later ones queue behind them; the answers
+ * to our own calls are still handled at once. Held frames count towards
+ * max_inflight: at the limit reading pauses, as it does for requests that
+ * run (PROTOCOL.md §9). A request's timeout starts when it is served. */
+static void patio__tcp_hold(patio__tcp_conn *c, const patio__frame *f)
+{
+    size_t mark = patio__frame_begin(&c->held);
+    patio_write_raw(&c->held, f->payload, f->size);
+    if (patio__frame_end(&c->held, mark, f->type, f->serial, UINT32_MAX) != PATIO_OK) {
+        patio__tcp_conn_close(c, PATIO_LOG_ERROR, "out of memory for input");
+        return;
+    }
+    c->nheld++;
+    if (patio__tcp_load(c) >= (size_t)c->tb->cfg.max_inflight) patio__tcp_set_pause(c, PATIO__TC_PAUSE_INFLIGHT, 1);
+}
+
+/* Serves held frames in the order they came, while the output has room
+ * and the executor takes requests. */
+static void patio__tcp_release_held(patio__tcp_conn *c)
+{
+    if (c->releasing) return;
+    c->releasing = 1;
+    while (c->nheld && c->state != PATIO__TC_CLOSED && !c->stalled && !patio__tcp_backlogged(c)) {
+        patio__frame f;
+        int rc = patio__frame_parse(c->held.data + c->held_pos, c->held.len - c->held_pos, UINT32_MAX, &f);
+        PATIO_ASSERT(rc == 1);
+        PATIO__UNUSED(rc);
+        c->held_pos += PATIO__FRAME_HEADER + f.size; /* f stays valid: nothing is read meanwhile */
+        c->nheld--;
+        patio__tcp_on_ask(c, &f);
+    }
+    c->releasing = 0;
+    if (c->state == PATIO__TC_CLOSED) return;
+    if (c->read_deferred) {
+        c->read_deferred = 0;
+        if (!c->pause) patio__tcp_read(c);
+        if (c->state == PATIO__TC_CLOSED) return;
+    }
+    if (!c->nheld) {
+        c->held_pos = 0;
+        patio_writer_reset(&c->held);
+        if (c->held.cap > PATIO__TCP_KEEP_BUF) patio_writer_free(&c->held);
+    } else if (c->held_pos >= PATIO__TCP_KEEP_BUF && c->held_pos * 2 >= c->held.len) {
+        memmove(c->held.data, c->held.data + c->held_pos, c->held.len - c->held_pos);
+        c->held.len -= c->held_pos;
+        c->held_pos = 0;
+    }
+}
+
+/* c's output is below the mark again: held requests are served and the
+ * calls that passed c over are routed anew. */
+static void patio__tcp_drained(patio__tcp_conn *c)
+{
+    size_t i;
+    patio__tcp_conn_recheck(c);
+    if (!c->passed_over || c->state != PATIO__TC_READY) return;
+    c->passed_over = 0;
+    for (i = 0; i < c->nroutes && c->state == PATIO__TC_READY; i++)
+        if (c->routes[i]->nwaiting) patio__tcp_route_wake(c->tb, c->routes[i]);
 }
 
 static void patio__tcp_ready_frame(patio__tcp_conn *c, const patio__frame *f)
 {
     switch (f->type) {
-    case PATIO__PKT_REQUEST: patio__tcp_on_request(c, f); break;
+    case PATIO__PKT_REQUEST:
+    case PATIO__PKT_DISCOVER_REQUEST:
+        if (c->nheld || patio__tcp_backlogged(c)) patio__tcp_hold(c, f);
+        else patio__tcp_on_ask(c, f);
+        break;
     case PATIO__PKT_RESPONSE: patio__tcp_on_response(c, f); break;
     case PATIO__PKT_ERROR: patio__tcp_on_error(c, f); break;
-    case PATIO__PKT_DISCOVER_REQUEST: patio__tcp_answer_discover(c, f->serial); break;
     default:
         patio__tcp_protocol_error(c, "unexpected frame type %d (serial %lu)", f->type, (unsigned long)f->serial);
     }

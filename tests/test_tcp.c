@@ -1683,6 +1683,108 @@ static void test_route_learnt_in_discovery(void)
     quarantine_release();
 }
 
+/* ---- both sides with more output than the peer reads at once ------------ */
+
+enum { BULK_MAX_CALLS = 192, BULK_BLOB = 256 * 1024 }; /* 48 MiB: six times the backlog mark */
+
+static uint8_t *g_bulk_blob;
+
+/* Its one bin argument, back. */
+static int blob_echo(patio_task *t)
+{
+    const void *p;
+    size_t n;
+    if (patio_args(t, "y", &p, &n) != PATIO_OK) return PATIO_ERR_TYPE;
+    return patio_return(t, "y", p, n);
+}
+
+static int bulk_node_start(node *n, const char *id, int listen)
+{
+    patio_tcp_config cfg = cfg_for(listen);
+    memset(n, 0, sizeof *n);
+    n->id = id;
+    n->rpc = patio_registry_new(NULL);
+    patio_register(n->rpc, "blob_len", blob_len, NULL);
+    patio_register(n->rpc, "blob_echo", blob_echo, NULL);
+    n->ex = patio_thread_pool_new(n->rpc, 4);
+    n->b = patio_tcp_broker_new(n->ex, &cfg);
+    if (!n->b) return -1;
+    return listen ? patio_tcp_listen(n->b, "127.0.0.1", 0, &n->port) : 0;
+}
+
+typedef struct bulk_caller {
+    patio_broker *b;
+    const char *fn;
+    int n;         /* calls to make, at most BULK_MAX_CALLS */
+    int ok;        /* calls answered as expected */
+} bulk_caller;
+
+/* n calls of fn with a BULK_BLOB-byte argument, all started at
+ * once; counts the right answers. */
+static void *bulk_calls(void *arg)
+{
+    bulk_caller *bc = (bulk_caller *)arg;
+    patio_call *calls[BULK_MAX_CALLS];
+    patio_call_opts o;
+    int i;
+    memset(&o, 0, sizeof o);
+    o.timeout = 20;
+    for (i = 0; i < bc->n; i++) calls[i] = patio_call_start(bc->b, &o, bc->fn, "y", g_bulk_blob, (size_t)BULK_BLOB);
+    patio_wait_all(calls, (size_t)bc->n, 30);
+    for (i = 0; i < bc->n; i++) {
+        patio_reader r;
+        const void *p;
+        size_t n = 0;
+        int64_t len = 0;
+        if (patio_call_status(calls[i]) == PATIO_OK && patio_call_reader(calls[i], &r) == PATIO_OK &&
+            (strcmp(bc->fn, "blob_len") == 0 ? patio_read_int(&r, &len) == PATIO_OK && len == BULK_BLOB
+                                             : patio_read_bin(&r, &p, &n) == PATIO_OK && n == BULK_BLOB))
+            bc->ok++;
+        patio_call_free(calls[i]);
+    }
+    return NULL;
+}
+
+/* Each side calls the other with more argument bytes than the other reads
+ * at once (a), or one side has large calls and the other large results (b):
+ * both sides' output backs up, and every call must still complete, so
+ * neither side may stop reading the answers it waits for. */
+static void bulk_case(const char *fn, int n, int both)
+{
+    node s, c;
+    bulk_caller a, b;
+    pthread_t ta, tb;
+    g_bulk_blob = (uint8_t *)calloc(1, BULK_BLOB);
+    CHECK(bulk_node_start(&s, "server", 1) == 0);
+    CHECK(bulk_node_start(&c, "client", 0) == 0);
+    CHECK_EQ_INT(patio_tcp_connect(c.b, "127.0.0.1", s.port), PATIO_OK);
+    CHECK_EQ_INT(patio_tcp_wait_peers(c.b, 1, 5.0), PATIO_OK);
+    CHECK_EQ_INT(patio_tcp_wait_peers(s.b, 1, 5.0), PATIO_OK);
+    memset(&a, 0, sizeof a);
+    memset(&b, 0, sizeof b);
+    a.b = c.b;
+    a.fn = b.fn = fn;
+    a.n = b.n = n;
+    b.b = s.b;
+    CHECK(pthread_create(&ta, NULL, bulk_calls, &a) == 0);
+    if (both) CHECK(pthread_create(&tb, NULL, bulk_calls, &b) == 0);
+    pthread_join(ta, NULL);
+    if (both) pthread_join(tb, NULL);
+    CHECK_EQ_INT(a.ok, n);
+    if (both) CHECK_EQ_INT(b.ok, n);
+    {
+        patio_call *after = patio_call_sync(c.b, 5.0, "blob_len", "y", g_bulk_blob, (size_t)10);
+        CHECK_EQ_INT(patio_call_status(after), PATIO_OK); /* and the line still works */
+        patio_call_free(after);
+    }
+    node_free(&c);
+    node_free(&s);
+    free(g_bulk_blob);
+}
+
+static void test_output_backlog_both_directions(void) { bulk_case("blob_len", 96, 1); }
+static void test_output_backlog_large_results(void) { bulk_case("blob_echo", BULK_MAX_CALLS, 0); }
+
 /* ---- out of file descriptors ------------------------------------------- */
 
 static int g_accept_warnings; /* atomic */
@@ -2192,6 +2294,8 @@ static const tcase cases[] = {
     CASE(test_keepalive_config_checked),
     CASE(test_keepalive_settings),
     CASE(test_large_frame_buffer_grows_with_its_bytes),
+    CASE(test_output_backlog_both_directions),
+    CASE(test_output_backlog_large_results),
     CASE(test_accept_out_of_fds_pauses),
     CASE(test_route_learnt_in_discovery),
 #if defined(__linux__)
