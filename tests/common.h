@@ -36,6 +36,25 @@ static inline void deadline_in(struct timespec *ts, double seconds)
     if (ts->tv_nsec >= 1000000000L) { ts->tv_sec++; ts->tv_nsec -= 1000000000L; }
 }
 
+/* Waits until cond(arg) holds, checking every 2 ms for at most seconds;
+ * 1 if it did. */
+static inline int wait_until(int (*cond)(void *), void *arg, double seconds)
+{
+    struct timespec now, end, nap;
+    clock_gettime(CLOCK_MONOTONIC, &end);
+    end.tv_sec += (time_t)seconds;
+    end.tv_nsec += (long)((seconds - (double)(time_t)seconds) * 1e9);
+    if (end.tv_nsec >= 1000000000L) { end.tv_sec++; end.tv_nsec -= 1000000000L; }
+    nap.tv_sec = 0;
+    nap.tv_nsec = 2000000;
+    while (!cond(arg)) {
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        if (now.tv_sec > end.tv_sec || (now.tv_sec == end.tv_sec && now.tv_nsec > end.tv_nsec)) return 0;
+        nanosleep(&nap, NULL);
+    }
+    return 1;
+}
+
 /* Blocks until the gate opens (at most 10 s, so a broken test cannot hang). */
 static inline void gate_pass(gate *g)
 {

@@ -371,19 +371,6 @@ static void test_callbacks_on_loop_thread(void)
 /* A call that times out while patio_call_start is still handing it to the
  * broker: its callback, which frees it, runs on the loop thread meanwhile,
  * and the start must not touch the call after that. */
-/* Waits until cond(arg) holds (at most seconds). */
-static int wait_until(int (*cond)(void *), void *arg, double seconds)
-{
-    uint64_t end = patio__now_ns() + (uint64_t)(seconds * 1e9);
-    struct timespec ts;
-    ts.tv_sec = 0;
-    ts.tv_nsec = 2000000;
-    while (!cond(arg)) {
-        if (patio__now_ns() > end) return 0;
-        nanosleep(&ts, NULL);
-    }
-    return 1;
-}
 
 static int g_expired, g_finished;
 

@@ -173,20 +173,6 @@ static int64_t call_mul(patio_broker *b, int x, int y)
     return r;
 }
 
-/* Waits until cond(b) holds (at most seconds). */
-static int wait_until(int (*cond)(void *), void *arg, double seconds)
-{
-    double end = now_s() + seconds;
-    struct timespec ts;
-    ts.tv_sec = 0;
-    ts.tv_nsec = 2000000;
-    while (!cond(arg)) {
-        if (now_s() > end) return 0;
-        nanosleep(&ts, NULL);
-    }
-    return 1;
-}
-
 /* Waits for: at least `target` bytes read by b. */
 typedef struct bytes_wait {
     patio_broker *b;
