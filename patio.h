@@ -650,7 +650,10 @@ typedef struct patio_process_pool_config {
                                  larger result fails with OverflowError;
                                  0 = 16 MiB + 64 KiB */
     int inherit_fds;          /* 0 (default) = a worker closes every fd it
-                                 inherited except 0, 1, 2; 1 = keeps them */
+                                 inherited except 0, 1, 2; 1 = keeps them
+                                 (its own pool's sockets excepted, but those
+                                 of other pools too: their workers then see
+                                 no EOF at shutdown and are killed after 2 s) */
     int spin_us;              /* the I/O thread and idle workers poll this long
                                  before sleeping; 0 = never (default: workers are
                                  processes, often one per CPU, and spinning ones
