@@ -4408,11 +4408,14 @@ struct patio_task {
     patio_writer result;        /* one value, or an ext-2 exception when status is an error */
     int status;                 /* PATIO_OK, or the error (PATIO_ERR_REMOTE: the task failed) */
     double timeout;             /* the caller's timeout in seconds, < 0 = none */
-    int state;                  /* PATIO__TASK_*, atomic */
-    int finished;               /* atomic guard: a task finishes once */
     patio_task *next, *prev;    /* executor queue links */
     void (*on_done)(patio_task *t);   /* set by whoever submitted it */
     void *owner;
+    /* The two atomics come after what patio__task_init clears with memset:
+     * a caller's call may time out on the loop thread, which peeks at
+     * state, while its broker is still preparing the task. */
+    int state;                  /* PATIO__TASK_*, atomic */
+    int finished;               /* atomic guard: a task finishes once */
     char arg_message[160];      /* valid when arg_error; last, so it is never cleared */
 };
 
@@ -4424,7 +4427,9 @@ static void patio__task_init(patio_task *t, const patio__entry *entry, const pat
                              const uint8_t *args, size_t args_len,
                              const uint8_t *kwargs, size_t kwargs_len)
 {
-    memset(t, 0, offsetof(patio_task, arg_message));
+    memset(t, 0, offsetof(patio_task, state));
+    patio__store(&t->state, PATIO__TASK_NEW);
+    patio__store(&t->finished, 0);
     t->entry = entry;
     t->args = args_len ? args : patio__empty_array;
     t->args_len = args_len ? args_len : 1;
