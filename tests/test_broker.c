@@ -462,34 +462,51 @@ static int cancel_after_timeout(patio_broker *b, patio_call *c)
 
 static const patio_broker_vtable racing_vt = { "racing", later_send, cancel_after_timeout, NULL, later_destroy };
 
+/* A registry with "f", a null executor (the broker runs nothing) and a
+ * later_broker with the given vtable. */
+typedef struct own_env {
+    patio_registry *rpc;
+    patio_executor *ex;
+    later_broker *lb;
+} own_env;
+
+static own_env own_env_new(const patio_broker_vtable *vt)
+{
+    own_env e;
+    e.rpc = patio_registry_new(NULL);
+    patio_register(e.rpc, "f", mul, NULL);
+    e.ex = patio_null_executor_new(e.rpc);
+    e.lb = (later_broker *)calloc(1, sizeof *e.lb);
+    CHECK_EQ_INT(patio_broker_init(&e.lb->base, vt, e.ex, NULL), PATIO_OK);
+    return e;
+}
+
+static void own_env_free(own_env *e)
+{
+    patio_broker_free(&e->lb->base);
+    patio_executor_free(e->ex);
+    patio_registry_free(e->rpc);
+}
+
 static void test_cancel_loses_to_timeout(void)
 {
-    patio_registry *rpc = patio_registry_new(NULL);
-    patio_executor *ex = patio_null_executor_new(rpc);
-    later_broker *lb = (later_broker *)calloc(1, sizeof *lb);
-    patio_call *c;
-    CHECK_EQ_INT(patio_broker_init(&lb->base, &racing_vt, ex, NULL), PATIO_OK);
-    c = patio_call_async(&lb->base, "f", "i", 1);
+    own_env e = own_env_new(&racing_vt);
+    later_broker *lb = e.lb;
+    patio_call *c = patio_call_async(&lb->base, "f", "i", 1);
     CHECK_EQ_INT(patio_call_cancel(c), PATIO_ERR_INVALID);
     CHECK_EQ_INT(patio_call_status(c), PATIO_ERR_TIMEOUT);
     CHECK_EQ_STR(patio_call_error_type(c), "TimeoutError");
     patio_call_unref(lb->carried[0]);
     patio_call_free(c);
-    patio_broker_free(&lb->base);
-    patio_executor_free(ex);
-    patio_registry_free(rpc);
+    own_env_free(&e);
 }
 
 static void test_own_broker_late_answer(void)
 {
-    patio_registry *rpc = patio_registry_new(NULL);
-    patio_executor *ex;
-    later_broker *lb = (later_broker *)calloc(1, sizeof *lb);
+    own_env e = own_env_new(&later_vt);
+    later_broker *lb = e.lb;
     patio_call *c1, *c2;
     patio_call_opts o;
-    patio_register(rpc, "f", mul, NULL);
-    ex = patio_null_executor_new(rpc);
-    CHECK_EQ_INT(patio_broker_init(&lb->base, &later_vt, ex, NULL), PATIO_OK);
     memset(&o, 0, sizeof o);
     o.timeout = 0.02;
     c1 = patio_call_start(&lb->base, &o, "f", "i", 1);
@@ -504,9 +521,7 @@ static void test_own_broker_late_answer(void)
     CHECK_EQ_INT(patio_call_wait(c2, 5.0), PATIO_OK);
     CHECK_EQ_INT(patio_result_int(c2), 200);
     patio_call_free(c2);
-    patio_broker_free(&lb->base);
-    patio_executor_free(ex);
-    patio_registry_free(rpc);
+    own_env_free(&e);
 }
 
 /* ---- host-pumped loop: no library thread at all ---- */
