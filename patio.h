@@ -7849,6 +7849,7 @@ PATIO_API patio_broker *patio_memory_broker_new(patio_executor *ex)
 #define PATIO__TCP_POOL_MAX 4096u               /* request structs kept for reuse */
 #define PATIO__TCP_READS_PER_EVENT 64
 #define PATIO__TCP_KEEP_BUF (64u * 1024u)       /* larger buffers are released when idle */
+#define PATIO__TCP_EARLY_WRITE 4096u            /* queued bytes that leave before the flush */
 #define PATIO__TCP_RETRY_NS 2000000u            /* executor full: retry after 2 ms */
 
 #define PATIO__TCP_COUNT(tb, field, n) \
@@ -8210,8 +8211,29 @@ static void patio__tcp_routes_drop(patio__tcp_conn *c);
 static void patio__tcp_req_put(patio__tcp_broker *tb, patio__tcp_req *req);
 static void patio__tcp_target_conn_closed(patio__tcp_target *t, int was_ready);
 
+/* A long burst of frames (a read that brought hundreds of requests or
+ * answers) starts leaving as soon as this much is queued instead of at the
+ * end of the loop callback: the peer then works on the first part while
+ * this side builds the rest, and two loop threads on two cores overlap
+ * instead of taking turns. A failed write is left to the closing flush. */
+static void patio__tcp_write_early(patio__tcp_conn *c)
+{
+    size_t n = c->out.len - c->out_pos;
+    ptrdiff_t w;
+    if (n < PATIO__TCP_EARLY_WRITE || c->state != PATIO__TC_READY || c->want || c->out.err) return;
+    w = c->tb->tr->write(c->th, c->out.data + c->out_pos, n);
+    if (w > 0) {
+        c->out_pos += (size_t)w;
+        PATIO__TCP_COUNT(c->tb, bytes_out, w);
+    } else if (w == PATIO_TRANSPORT_WANT_READ || w == PATIO_TRANSPORT_WANT_WRITE) {
+        c->want = (int)w; /* TLS: the retry must offer the same bytes */
+        c->want_len = n;
+    }
+}
+
 static void patio__tcp_mark_dirty(patio__tcp_conn *c)
 {
+    patio__tcp_write_early(c);
     if (c->dirty || c->state == PATIO__TC_CLOSED) return;
     c->dirty = 1;
     c->dirty_next = c->tb->dirty;
