@@ -1771,6 +1771,104 @@ static void bulk_case(const char *fn, int n, int both)
 static void test_output_backlog_both_directions(void) { bulk_case("blob_len", 96, 1); }
 static void test_output_backlog_large_results(void) { bulk_case("blob_echo", BULK_MAX_CALLS, 0); }
 
+/* One REQUEST frame for blob_echo with a BULK_BLOB-byte argument. */
+static void bulk_request_frame(patio_writer *frame)
+{
+    patio_writer args;
+    size_t mark;
+    patio_writer_init(&args, NULL);
+    patio_write_array(&args, 1);
+    patio_write_bin(&args, g_bulk_blob, BULK_BLOB);
+    mark = patio__frame_begin(frame);
+    patio__write_call_request(frame, "blob_echo", 9, args.data, args.len, NULL, 0, 0, 0);
+    patio__frame_end(frame, mark, PATIO__PKT_REQUEST, 1, UINT32_MAX);
+    patio_writer_free(&args);
+}
+
+/* Sends the frame again and again, each time with the next serial (at
+ * most max times, for at most 20 s) until the socket has taken nothing for
+ * a second; the count sent. */
+static int send_until_stalled(int fd, patio_writer *frame, int max)
+{
+    double give_up = now_s() + 20.0;
+    size_t off = 0;
+    int sent = 0;
+    while (sent < max && now_s() < give_up) {
+        ssize_t n;
+        struct pollfd p;
+        if (off == 0) patio__put_be32(frame->data + 5, (uint32_t)sent + 1);
+        n = send(fd, frame->data + off, frame->len - off, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (n > 0) {
+            off += (size_t)n;
+            if (off == frame->len) { off = 0; sent++; }
+            continue;
+        }
+        if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) return -1;
+        p.fd = fd;
+        p.events = POLLOUT;
+        p.revents = 0;
+        if (poll(&p, 1, 1000) == 0) break;
+    }
+    return sent;
+}
+
+/* A peer that sends requests and never reads the answers: the server keeps
+ * at most its output mark of answers plus max_inflight requests for it,
+ * then reads no more from it; other peers are served all along, and the
+ * connection's memory goes when the peer goes. */
+static void test_never_reading_peer_is_bounded(void)
+{
+    enum { MAX_FRAMES = 400, INFLIGHT = 4 }; /* 400 frames: 100 MiB, far above the bound */
+    patio_tcp_config cfg = cfg_for(1);
+    patio_writer frame;
+    patio_tcp_stats st;
+    node s, c;
+    uint64_t bound, buffered;
+    int fd, sent;
+    if (!g_setup->raw) return;
+    g_bulk_blob = (uint8_t *)calloc(1, BULK_BLOB);
+    CHECK(bulk_node_start(&s, "server", 1) == 0);
+    patio_broker_free(s.b); /* again, with a small max_inflight */
+    cfg.max_inflight = INFLIGHT;
+    s.b = patio_tcp_broker_new(s.ex, &cfg);
+    CHECK(s.b && patio_tcp_listen(s.b, "127.0.0.1", 0, &s.port) == PATIO_OK);
+    fd = raw_ready_client(&s);
+    CHECK(fd >= 0);
+    patio_writer_init(&frame, NULL);
+    bulk_request_frame(&frame);
+    sent = send_until_stalled(fd, &frame, MAX_FRAMES);
+    CHECK(sent >= 0 && sent < MAX_FRAMES);
+    st = stats_of(s.b);
+    buffered = st.bytes_in - st.bytes_out;
+    /* read and not yet written: up to the output mark of answers, plus
+     * the answers of the requests that were running when it was reached,
+     * plus requests running or held, plus a read buffer with a frame */
+    bound = PATIO__TCP_OUT_HIGH + (uint64_t)(2 * INFLIGHT + 2) * frame.len + PATIO__TCP_RBUF_BIG;
+    CHECK(buffered <= bound);
+    CHECK(st.bytes_in > PATIO__TCP_OUT_HIGH); /* it did serve the peer until then */
+    CHECK(bulk_node_start(&c, "client", 0) == 0);
+    CHECK_EQ_INT(patio_tcp_connect(c.b, "127.0.0.1", s.port), PATIO_OK);
+    CHECK_EQ_INT(patio_tcp_wait_peers(c.b, 1, 5.0), PATIO_OK);
+    {
+        patio_call *other = patio_call_sync(c.b, 5.0, "blob_len", "y", g_bulk_blob, (size_t)10);
+        CHECK_EQ_INT(patio_call_status(other), PATIO_OK);
+        CHECK_EQ_INT(patio_result_int(other), 10);
+        patio_call_free(other);
+    }
+    close(fd);
+    CHECK_EQ_INT(patio_tcp_wait_peers(s.b, 1, 5.0), PATIO_OK);
+    {
+        open_count oc;
+        oc.b = s.b;
+        oc.n = 1;
+        CHECK(wait_until(has_open, &oc, 5.0)); /* the silent peer's connection is gone */
+    }
+    node_free(&c);
+    node_free(&s);
+    patio_writer_free(&frame);
+    free(g_bulk_blob);
+}
+
 /* ---- out of file descriptors ------------------------------------------- */
 
 static int g_accept_warnings; /* atomic */
@@ -2282,6 +2380,7 @@ static const tcase cases[] = {
     CASE(test_large_frame_buffer_grows_with_its_bytes),
     CASE(test_output_backlog_both_directions),
     CASE(test_output_backlog_large_results),
+    CASE(test_never_reading_peer_is_bounded),
     CASE(test_accept_out_of_fds_pauses),
     CASE(test_route_learnt_in_discovery),
 #if defined(__linux__)
