@@ -8211,6 +8211,23 @@ static void patio__tcp_routes_drop(patio__tcp_conn *c);
 static void patio__tcp_req_put(patio__tcp_broker *tb, patio__tcp_req *req);
 static void patio__tcp_target_conn_closed(patio__tcp_target *t, int was_ready);
 
+/* One write of queued output: > 0 bytes written, a PATIO_TRANSPORT_WANT_*
+ * (remembered: TLS must be offered the same bytes again), or an error. */
+static ptrdiff_t patio__tcp_write_some(patio__tcp_conn *c)
+{
+    size_t n = c->want ? c->want_len : c->out.len - c->out_pos;
+    ptrdiff_t w = c->tb->tr->write(c->th, c->out.data + c->out_pos, n);
+    if (w > 0) {
+        c->want = 0;
+        c->out_pos += (size_t)w;
+        PATIO__TCP_COUNT(c->tb, bytes_out, w);
+    } else if (w == PATIO_TRANSPORT_WANT_READ || w == PATIO_TRANSPORT_WANT_WRITE) {
+        c->want = (int)w;
+        c->want_len = n;
+    }
+    return w;
+}
+
 /* A long burst of frames (a read that brought hundreds of requests or
  * answers) starts leaving as soon as this much is queued instead of at the
  * end of the loop callback: the peer then works on the first part while
@@ -8218,17 +8235,9 @@ static void patio__tcp_target_conn_closed(patio__tcp_target *t, int was_ready);
  * instead of taking turns. A failed write is left to the closing flush. */
 static void patio__tcp_write_early(patio__tcp_conn *c)
 {
-    size_t n = c->out.len - c->out_pos;
-    ptrdiff_t w;
-    if (n < PATIO__TCP_EARLY_WRITE || c->state != PATIO__TC_READY || c->want || c->out.err) return;
-    w = c->tb->tr->write(c->th, c->out.data + c->out_pos, n);
-    if (w > 0) {
-        c->out_pos += (size_t)w;
-        PATIO__TCP_COUNT(c->tb, bytes_out, w);
-    } else if (w == PATIO_TRANSPORT_WANT_READ || w == PATIO_TRANSPORT_WANT_WRITE) {
-        c->want = (int)w; /* TLS: the retry must offer the same bytes */
-        c->want_len = n;
-    }
+    if (c->out.len - c->out_pos < PATIO__TCP_EARLY_WRITE || c->state != PATIO__TC_READY || c->want || c->out.err)
+        return;
+    (void)patio__tcp_write_some(c);
 }
 
 static void patio__tcp_mark_dirty(patio__tcp_conn *c)
@@ -8487,20 +8496,11 @@ static void patio__tcp_flush(patio__tcp_conn *c)
         return;
     }
     while (c->state != PATIO__TC_CLOSED && c->out_pos < c->out.len) {
-        size_t n = c->want ? c->want_len : c->out.len - c->out_pos;
-        ptrdiff_t w = tb->tr->write(c->th, c->out.data + c->out_pos, n);
-        if (w > 0) {
-            c->want = 0;
-            c->out_pos += (size_t)w;
-            PATIO__TCP_COUNT(tb, bytes_out, w);
-        } else if (w == PATIO_TRANSPORT_WANT_READ || w == PATIO_TRANSPORT_WANT_WRITE) {
-            c->want = (int)w;
-            c->want_len = n;
-            break;
-        } else {
-            patio__tcp_conn_close(c, PATIO_LOG_WARN, "write failed: %s", tb->tr->error(c->th));
-            return;
-        }
+        ptrdiff_t w = patio__tcp_write_some(c);
+        if (w > 0) continue;
+        if (w == PATIO_TRANSPORT_WANT_READ || w == PATIO_TRANSPORT_WANT_WRITE) break;
+        patio__tcp_conn_close(c, PATIO_LOG_WARN, "write failed: %s", tb->tr->error(c->th));
+        return;
     }
     if (c->out_pos == c->out.len) {
         c->out_pos = 0;
