@@ -1684,18 +1684,23 @@ static int blob_echo(patio_task *t)
     return patio_return(t, "y", p, n);
 }
 
-static int bulk_node_start(node *n, const char *id, int listen)
+static int bulk_node_start_ex(node *n, const char *id, int listen, const patio_tcp_config *cfg)
 {
-    patio_tcp_config cfg = cfg_for(listen);
     memset(n, 0, sizeof *n);
     n->id = id;
     n->rpc = patio_registry_new(NULL);
     patio_register(n->rpc, "blob_len", blob_len, NULL);
     patio_register(n->rpc, "blob_echo", blob_echo, NULL);
     n->ex = patio_thread_pool_new(n->rpc, 4);
-    n->b = patio_tcp_broker_new(n->ex, &cfg);
+    n->b = patio_tcp_broker_new(n->ex, cfg);
     if (!n->b) return -1;
     return listen ? patio_tcp_listen(n->b, "127.0.0.1", 0, &n->port) : 0;
+}
+
+static int bulk_node_start(node *n, const char *id, int listen)
+{
+    patio_tcp_config cfg = cfg_for(listen);
+    return bulk_node_start_ex(n, id, listen, &cfg);
 }
 
 typedef struct bulk_caller {
@@ -1827,11 +1832,8 @@ static void test_never_reading_peer_is_bounded(void)
     int fd, sent;
     if (!g_setup->raw) return;
     g_bulk_blob = (uint8_t *)calloc(1, BULK_BLOB);
-    CHECK(bulk_node_start(&s, "server", 1) == 0);
-    patio_broker_free(s.b); /* again, with a small max_inflight */
     cfg.max_inflight = INFLIGHT;
-    s.b = patio_tcp_broker_new(s.ex, &cfg);
-    CHECK(s.b && patio_tcp_listen(s.b, "127.0.0.1", 0, &s.port) == PATIO_OK);
+    CHECK(bulk_node_start_ex(&s, "server", 1, &cfg) == 0);
     fd = raw_ready_client(&s);
     CHECK(fd >= 0);
     patio_writer_init(&frame, NULL);
