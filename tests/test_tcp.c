@@ -935,6 +935,11 @@ static void count_lost(patio_call *call, void *user)
     if (patio_call_status(call) == PATIO_ERR_CONNECTION_LOST) __atomic_fetch_add(&g_lost_calls, 1, __ATOMIC_SEQ_CST);
 }
 
+static int lost_count_reached(void *arg)
+{
+    return __atomic_load_n(&g_lost_calls, __ATOMIC_SEQ_CST) >= *(const int *)arg;
+}
+
 typedef struct sent_wait {
     patio_broker *b;
     uint64_t calls;
@@ -979,6 +984,9 @@ static void test_peer_lost_with_many_calls(void)
         CHECK_EQ_INT(patio_call_status(calls[i]), PATIO_ERR_CONNECTION_LOST);
         patio_call_free(calls[i]);
     }
+    /* the callbacks run on the loop thread after the calls are done */
+    i = N;
+    CHECK(wait_until(lost_count_reached, &i, 10.0));
     CHECK_EQ_INT(__atomic_load_n(&g_lost_calls, __ATOMIC_SEQ_CST), N);
     CHECK_EQ_INT(stats_of(s.b).call_errors, N);
     free(calls);
