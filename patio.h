@@ -999,6 +999,11 @@ PATIO_API int patio_tcp_stats_get(patio_broker *b, patio_tcp_stats *out);
 #endif
 
 #define PATIO__UNUSED(x) ((void)(x))
+/* Padding that keeps a struct's hot part off the cache lines of whatever
+ * the allocator put next to it: a lock that one thread takes per call must
+ * not share a line with data other threads read per call. */
+#define PATIO__LINE 64
+#define PATIO__PAD(name) char name[PATIO__LINE]
 /* internal helpers that only some configurations call */
 #define PATIO__MAYBE_UNUSED __attribute__((unused))
 #define PATIO__CONTAINER(ptr, type, member) \
@@ -3349,9 +3354,11 @@ typedef struct patio__entry {
 #define PATIO__CALL_CACHE_MAX 2048
 
 typedef struct patio__obj_cache {
+    PATIO__PAD(pad_before);
     pthread_mutex_t mu;
     void *head;            /* freed objects, linked through their first word */
     size_t count;
+    PATIO__PAD(pad_after);
 } patio__obj_cache;
 
 struct patio_registry {
@@ -3677,11 +3684,14 @@ struct patio_loop {
     patio__io wake_io;
 
     /* Posted work: producers push onto a lock-free stack; the loop takes
-     * the whole stack at once and reverses it, which restores FIFO order. */
+     * the whole stack at once and reverses it, which restores FIFO order.
+     * Padded: producers write these lines once per post. */
+    PATIO__PAD(pad_posts);
     patio__post *posts;          /* atomic */
     /* 1 while the loop is awake or a wake-up is already on its way: only
      * the producer that flips it from 0 writes the wake fd. */
     int wake_pending;            /* atomic */
+    PATIO__PAD(pad_wake);
 
     /* Timers: a pairing heap on (deadline, seq), linked through the timers
      * themselves, so arming one never allocates and cannot fail. Other
@@ -4409,6 +4419,7 @@ struct patio_task {
     int status;                 /* PATIO_OK, or the error (PATIO_ERR_REMOTE: the task failed) */
     double timeout;             /* the caller's timeout in seconds, < 0 = none */
     patio_task *next, *prev;    /* executor queue links */
+    int in_queue;               /* under the executor's lock: linked in its queue */
     void (*on_done)(patio_task *t);   /* set by whoever submitted it */
     void *owner;
     /* The two atomics come after what patio__task_init clears with memset:
@@ -4756,6 +4767,17 @@ static void patio__tq_push(patio__task_queue *q, patio_task *t)
     if (q->tail) q->tail->next = t; else q->head = t;
     q->tail = t;
     q->count++;
+    t->in_queue = 1;
+}
+
+static void patio__tq_push_front(patio__task_queue *q, patio_task *t)
+{
+    t->prev = NULL;
+    t->next = q->head;
+    if (q->head) q->head->prev = t; else q->tail = t;
+    q->head = t;
+    q->count++;
+    t->in_queue = 1;
 }
 
 static void patio__tq_unlink(patio__task_queue *q, patio_task *t)
@@ -4764,6 +4786,7 @@ static void patio__tq_unlink(patio__task_queue *q, patio_task *t)
     if (t->next) t->next->prev = t->prev; else q->tail = t->prev;
     t->next = t->prev = NULL;
     q->count--;
+    t->in_queue = 0;
 }
 
 static patio_task *patio__tq_pop(patio__task_queue *q)
@@ -4773,10 +4796,12 @@ static patio_task *patio__tq_pop(patio__task_queue *q)
     return t;
 }
 
-/* Queued -> cancelled, under the owner's lock. */
+/* Queued -> cancelled, under the owner's lock. A task whose submitter is
+ * still pushing it into an inbox is QUEUED but not in q yet: it cannot be
+ * cancelled any more than a started one. */
 static int patio__tq_cancel(patio__task_queue *q, patio_task *t)
 {
-    if (patio__load(&t->state) != PATIO__TASK_QUEUED) return PATIO_ERR_STARTED;
+    if (patio__load(&t->state) != PATIO__TASK_QUEUED || !t->in_queue) return PATIO_ERR_STARTED;
     patio__tq_unlink(q, t);
     patio__store(&t->state, PATIO__TASK_CANCELLED);
     return PATIO_OK;
@@ -4807,6 +4832,77 @@ static int patio__tq_cancel_locked(pthread_mutex_t *mu, patio__task_queue *q, si
     return rc;
 }
 
+/* A lock-free inbox in front of a task queue. Submitters push with one
+ * compare-and-swap and never wait for the lock that the consumers hold
+ * while they take work; a consumer holding that lock moves the whole inbox
+ * into the queue at once. `pending` counts tasks accepted and not started
+ * (in the inbox or the queue, or a submitter between its reservation and
+ * its push): it bounds the queue, and a closing executor has taken
+ * everything it accepted once it reads 0. */
+typedef struct patio__inbox {
+    patio_task *head;      /* atomic: newest first, linked through next */
+    size_t pending;        /* atomic */
+} patio__inbox;
+
+/* Reserves room for a task: PATIO_OK, PATIO_ERR_CLOSED or PATIO_ERR_FULL.
+ * `closing` is read after the reservation is visible, so a closer that
+ * sets it and then waits for pending to drain misses no task. */
+static int patio__inbox_reserve(patio__inbox *in, const int *closing, size_t max_queue)
+{
+    size_t n = __atomic_fetch_add(&in->pending, 1, __ATOMIC_SEQ_CST);
+    int rc = PATIO_OK;
+    if (__atomic_load_n(closing, __ATOMIC_SEQ_CST)) rc = PATIO_ERR_CLOSED;
+    else if (n >= max_queue) rc = PATIO_ERR_FULL;
+    if (rc != PATIO_OK) __atomic_fetch_sub(&in->pending, 1, __ATOMIC_SEQ_CST);
+    return rc;
+}
+
+/* After a successful reservation: queues t (any thread, no lock). */
+static void patio__inbox_push(patio__inbox *in, patio_executor *ex, patio_task *t)
+{
+    t->executor = ex;
+    t->prev = NULL;
+    patio__store(&t->state, PATIO__TASK_QUEUED);
+    t->next = __atomic_load_n(&in->head, __ATOMIC_RELAXED);
+    while (!__atomic_compare_exchange_n(&in->head, &t->next, t, 1, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED)) {
+    }
+}
+
+static int patio__inbox_empty(patio__inbox *in)
+{
+    return __atomic_load_n(&in->head, __ATOMIC_SEQ_CST) == NULL;
+}
+
+/* Under the consumers' lock: appends the inbox to q, oldest first. */
+static void patio__inbox_move(patio__inbox *in, patio__task_queue *q)
+{
+    patio_task *t, *fifo = NULL;
+    if (patio__inbox_empty(in)) return; /* a load spares the line a swap would take */
+    t = __atomic_exchange_n(&in->head, NULL, __ATOMIC_SEQ_CST);
+    while (t) {
+        patio_task *next = t->next;
+        t->next = fifo;
+        fifo = t;
+        t = next;
+    }
+    while ((t = fifo) != NULL) {
+        fifo = t->next;
+        patio__tq_push(q, t);
+    }
+}
+
+/* Under the consumers' lock: the counterpart of patio__inbox_reserve for
+ * n tasks taken off the queue (started, cancelled, or failed). */
+static void patio__inbox_taken(patio__inbox *in, size_t n)
+{
+    if (n) __atomic_fetch_sub(&in->pending, n, __ATOMIC_SEQ_CST);
+}
+
+static size_t patio__inbox_pending(patio__inbox *in)
+{
+    return __atomic_load_n(&in->pending, __ATOMIC_SEQ_CST);
+}
+
 static int patio__spin_us(int cfg)
 {
     if (cfg < 0) return 0;
@@ -4827,9 +4923,13 @@ static int patio__spin_us(int cfg)
  * Each worker sleeps on a condition variable of its own, and work wakes
  * the one that went to sleep last: its cache is warm and it often has not
  * left its CPU yet, while a shared condition variable would wake the one
- * that slept longest, so every burst would start on a cold thread. */
+ * that slept longest, so every burst would start on a cold thread.
+ * Submitting takes no lock while a worker is sure to look at the queue
+ * anyway (see patio__pool_covered): tasks go to the inbox, and workers
+ * move it into the queue under the lock. */
 #define PATIO__POOL_HELP_NS 500000u
 #define PATIO__POOL_STANDBY_NS 1000000u
+#define PATIO__POOL_BATCH 16
 
 struct patio__pool;
 
@@ -4839,37 +4939,47 @@ typedef struct patio__pool_worker {
     int woken;             /* under mu: a waker picked this sleeper */
 } patio__pool_worker;
 
+/* Fields marked "sc" are written under mu with sequentially consistent
+ * stores, so that a submitter may read them without the lock; each such
+ * reading is paired with a re-check of the inbox by the worker that
+ * changes the field (see patio__pool_covered). */
 typedef struct patio__pool {
     patio_executor base;
+    PATIO__PAD(pad_before);
     pthread_mutex_t mu;
     patio__pool_worker *workers;  /* one per thread */
     int *idle;             /* sleepers other than the standby, the most recent last */
-    int nidle;
+    int nidle;             /* sc */
     patio__task_queue q;
-    size_t queued;         /* mirror of q.count for lock-free peeking by spinners */
     size_t max_queue;
     int nthreads;          /* threads started (the starting thread's count) */
     int size;              /* max_workers: set before any thread starts, then read-only */
-    int busy;              /* workers running a batch */
-    int standby;           /* index of the sleeper waiting with a timeout (see above), -1 = none */
+    int busy;              /* sc: workers running a batch */
+    int standby;           /* sc: index of the sleeper waiting with a timeout (see above), -1 = none */
     int want_standby;      /* a sleeper was woken to become the standby */
-    int waking;            /* a sleeper was signalled, and none has woken since */
+    int waking;            /* sc: a sleeper was signalled, and none has woken since */
+    int held;              /* sc: wake-ups held back while a burst is submitted */
     uint64_t taken;        /* batches taken so far: the queue's progress */
-    uint64_t task_ns;      /* atomic: moving average of a task's run time */
-    int spinner;           /* 1 while one idle worker polls (only one does, to spare the CPUs) */
-    int closing;
-    int held;              /* wake-ups held back while a burst is submitted */
     int spin_us;
+    PATIO__PAD(pad_mid);   /* below: written without mu */
+    patio__inbox in;
+    uint64_t task_ns;      /* atomic: moving average of a task's run time */
+    int spinner;           /* atomic: 1 while one idle worker polls (only one does, to spare the CPUs) */
+    int closing;           /* atomic */
     patio__spin_state spin;  /* updated only by the worker holding `spinner` */
     pthread_t *threads;
+    PATIO__PAD(pad_after);
 } patio__pool;
+
+#define PATIO__SC_SET(field, v) __atomic_store_n(&(field), (v), __ATOMIC_SEQ_CST)
+#define PATIO__SC_GET(field) __atomic_load_n(&(field), __ATOMIC_SEQ_CST)
 
 /* Under mu: takes entry i off the idle list and returns the worker's index. */
 static int patio__pool_unidle(patio__pool *p, int i)
 {
     int idx = p->idle[i];
     memmove(p->idle + i, p->idle + i + 1, (size_t)(p->nidle - i - 1) * sizeof *p->idle);
-    p->nidle--;
+    PATIO__SC_SET(p->nidle, p->nidle - 1);
     return idx;
 }
 
@@ -4878,14 +4988,15 @@ static patio__pool_worker *patio__pool_pick(patio__pool *p, int idx)
 {
     patio__pool_worker *w = &p->workers[idx];
     w->woken = 1;
-    p->waking = 1;
+    PATIO__SC_SET(p->waking, 1);
     return w;
 }
 
-/* Under mu, with tasks queued: the sleeper to wake, to run them or to
- * stand by while busy workers run theirs; NULL if none should wake. Work
- * goes to the sleeper that went to sleep last; standing by, which may
- * well end without work, to the one that has slept longest. */
+/* Under mu, with the inbox moved into the queue and tasks queued: the
+ * sleeper to wake, to run them or to stand by while busy workers run
+ * theirs; NULL if none should wake. Work goes to the sleeper that went to
+ * sleep last; standing by, which may well end without work, to the one
+ * that has slept longest. */
 static patio__pool_worker *patio__pool_wake_one(patio__pool *p)
 {
     int idx;
@@ -4899,8 +5010,24 @@ static patio__pool_worker *patio__pool_wake_one(patio__pool *p)
     }
     if (p->nidle) return patio__pool_pick(p, patio__pool_unidle(p, p->nidle - 1));
     idx = p->standby;
-    p->standby = -1;
+    PATIO__SC_SET(p->standby, -1);
     return patio__pool_pick(p, idx);
+}
+
+/* Without the lock, after a push: 1 if some worker is sure to look at the
+ * queue without being woken, by the rules of patio__pool_wake_one. Each
+ * rule pairs with the worker side: a worker stores the field, then looks
+ * at the inbox (all sequentially consistent), so either the submitter
+ * sees the new value and takes the lock, or the worker sees the task. */
+static int patio__pool_covered(patio__pool *p)
+{
+    int busy;
+    if (PATIO__SC_GET(p->held) || PATIO__SC_GET(p->spinner) || PATIO__SC_GET(p->waking)) return 1;
+    if (!PATIO__SC_GET(p->nidle) && PATIO__SC_GET(p->standby) < 0) return 1; /* nobody sleeps */
+    busy = PATIO__SC_GET(p->busy);
+    return busy && PATIO__SC_GET(p->standby) >= 0 &&
+           (uint64_t)patio__inbox_pending(&p->in) * patio__load(&p->task_ns) <=
+               (uint64_t)PATIO__POOL_HELP_NS * (uint64_t)busy;
 }
 
 /* Under mu: wakes every sleeper (tasks came back to the queue, or the
@@ -4909,21 +5036,28 @@ static void patio__pool_wake_all(patio__pool *p)
 {
     int i;
     for (i = 0; i < p->nidle; i++) pthread_cond_signal(&patio__pool_pick(p, p->idle[i])->cv);
-    p->nidle = 0;
+    PATIO__SC_SET(p->nidle, 0);
     if (p->standby >= 0) pthread_cond_signal(&patio__pool_pick(p, p->standby)->cv);
-    p->standby = -1;
+    PATIO__SC_SET(p->standby, -1);
+}
+
+/* Under mu: the sleeper to wake for what the inbox holds, if any. */
+static patio__pool_worker *patio__pool_wake_for_inbox(patio__pool *p)
+{
+    patio__inbox_move(&p->in, &p->q);
+    return p->q.head && !p->held ? patio__pool_wake_one(p) : NULL;
 }
 
 static int patio__pool_submit(patio_executor *ex, patio_task *t)
 {
     patio__pool *p = (patio__pool *)ex;
     patio__pool_worker *wake;
-    int rc;
+    int rc = patio__inbox_reserve(&p->in, &p->closing, p->max_queue);
+    if (rc != PATIO_OK) return rc;
+    patio__inbox_push(&p->in, ex, t);
+    if (patio__pool_covered(p)) return PATIO_OK;
     pthread_mutex_lock(&p->mu);
-    rc = patio__tq_admit(&p->q, p->max_queue, p->closing, ex, t);
-    if (rc != PATIO_OK) { pthread_mutex_unlock(&p->mu); return rc; }
-    patio__store(&p->queued, p->q.count);
-    wake = p->held ? NULL : patio__pool_wake_one(p);
+    wake = patio__pool_wake_for_inbox(p);
     pthread_mutex_unlock(&p->mu);
     if (wake) pthread_cond_signal(&wake->cv);
     return PATIO_OK;
@@ -4932,7 +5066,13 @@ static int patio__pool_submit(patio_executor *ex, patio_task *t)
 static int patio__pool_cancel(patio_executor *ex, patio_task *t)
 {
     patio__pool *p = (patio__pool *)ex;
-    return patio__tq_cancel_locked(&p->mu, &p->q, &p->queued, t);
+    int rc;
+    pthread_mutex_lock(&p->mu);
+    patio__inbox_move(&p->in, &p->q);
+    rc = patio__tq_cancel(&p->q, t);
+    if (rc == PATIO_OK) patio__inbox_taken(&p->in, 1);
+    pthread_mutex_unlock(&p->mu);
+    return rc;
 }
 
 /* Polls for work without the lock for up to the adaptive budget; 1 if
@@ -4945,7 +5085,7 @@ static int patio__pool_spin(patio__pool *p)
     start = patio__now_ns();
     until = start + budget;
     for (i = 0;; i++) {
-        if (patio__load(&p->queued) || patio__load(&p->closing)) {
+        if (patio__inbox_pending(&p->in) || patio__load(&p->closing)) {
             patio__spin_result(&p->spin, 1, patio__now_ns() - start);
             return 1;
         }
@@ -4960,6 +5100,30 @@ static int patio__pool_spin(patio__pool *p)
     }
 }
 
+/* Without the lock, when work is coming in: waits while the submitters
+ * are still adding to it (each look PATIO__POOL_SETTLE_NS apart, at most
+ * PATIO__POOL_SETTLE_MAX_NS in all), so the worker takes a burst in
+ * batches instead of racing the submitter for its tasks one by one; the
+ * two would otherwise trade the queue's lock and cache lines per task. */
+#define PATIO__POOL_SETTLE_NS 200u
+#define PATIO__POOL_SETTLE_MAX_NS 3000u
+
+static void patio__pool_settle(patio__pool *p)
+{
+    uint64_t start = patio__now_ns(), mark = start;
+    size_t last = patio__inbox_pending(&p->in), full = (size_t)p->size * 2u * PATIO__POOL_BATCH;
+    while (last && last < full) {
+        uint64_t now = patio__now_ns();
+        size_t n;
+        if (now - start >= PATIO__POOL_SETTLE_MAX_NS) return;
+        if (now - mark < PATIO__POOL_SETTLE_NS) { patio__cpu_relax(); continue; }
+        n = patio__inbox_pending(&p->in);
+        if (n <= last) return; /* the burst is in (or taken by another worker) */
+        last = n;
+        mark = now;
+    }
+}
+
 /* Sleeps (lock held) as the standby; returns 1 if it should take work:
  * it was woken for it, or the queue made no progress while it slept.
  * *idle counts the rounds in a row that found the pool idle. */
@@ -4967,37 +5131,48 @@ static int patio__pool_stand_by(patio__pool *p, patio__pool_worker *w, int *idle
 {
     uint64_t seen = p->taken, until = patio__now_ns() + PATIO__POOL_STANDBY_NS;
     int timed_out = 0;
-    p->standby = (int)(w - p->workers);
+    PATIO__SC_SET(p->standby, (int)(w - p->workers));
     p->want_standby = 0; /* a request for one is met */
-    while (!w->woken && !p->closing && !timed_out)
+    if (!patio__inbox_empty(&p->in)) { /* pushed by a submitter that saw no standby */
+        PATIO__SC_SET(p->standby, -1);
+        return 1;
+    }
+    while (!w->woken && !patio__load(&p->closing) && !timed_out)
         timed_out = patio__cond_wait_until(&w->cv, &p->mu, until) == ETIMEDOUT;
     if (w->woken) { /* the waker took it off the standby post */
         w->woken = 0;
-        p->waking = 0;
+        PATIO__SC_SET(p->waking, 0);
         return 1;
     }
-    p->standby = -1;
-    if (p->closing) return 1;
+    PATIO__SC_SET(p->standby, -1);
+    if (patio__load(&p->closing)) return 1;
     *idle = p->taken == seen && !p->busy && !p->q.head ? *idle + 1 : 0;
     return p->taken == seen;
 }
 
-/* Sleeps (lock held) until a waker picks this worker or the pool closes. */
-static void patio__pool_sleep(patio__pool *p, patio__pool_worker *w)
+/* Sleeps (lock held) until a waker picks this worker or the pool closes;
+ * returns 1 if a waker picked it. */
+static int patio__pool_sleep(patio__pool *p, patio__pool_worker *w)
 {
-    int i;
-    p->idle[p->nidle++] = (int)(w - p->workers);
-    while (!w->woken && !p->closing) pthread_cond_wait(&w->cv, &p->mu);
+    int i, me = (int)(w - p->workers);
+    p->idle[p->nidle] = me;
+    PATIO__SC_SET(p->nidle, p->nidle + 1);
+    if (!patio__inbox_empty(&p->in)) { /* pushed by a submitter that saw nobody asleep */
+        patio__pool_unidle(p, p->nidle - 1);
+        return 0;
+    }
+    while (!w->woken && !patio__load(&p->closing)) pthread_cond_wait(&w->cv, &p->mu);
     if (w->woken) {
         w->woken = 0;
-        p->waking = 0;
-        return;
+        PATIO__SC_SET(p->waking, 0);
+        return 1;
     }
     for (i = 0; i < p->nidle; i++) /* closing: leave the idle list */
-        if (p->idle[i] == (int)(w - p->workers)) {
+        if (p->idle[i] == me) {
             patio__pool_unidle(p, i);
             break;
         }
+    return 0;
 }
 
 /* Waits (lock held) until this worker should run queued tasks, or the
@@ -5008,28 +5183,32 @@ static void patio__pool_wait_for_work(patio__pool *p, patio__pool_worker *w)
     int take = 1, idle = 0;
     for (;;) {
         int expected = 0;
-        if (p->closing || (p->q.head && (take || !p->busy))) return;
+        patio__inbox_move(&p->in, &p->q);
+        if (patio__load(&p->closing) || (p->q.head && (take || !p->busy))) return;
         if (!p->q.head && p->spin_us && patio__cas(&p->spinner, &expected, 1)) {
+            int found;
             pthread_mutex_unlock(&p->mu);
-            patio__pool_spin(p);
-            patio__store(&p->spinner, 0);
+            found = patio__pool_spin(p);
+            if (found) patio__pool_settle(p);
+            PATIO__SC_SET(p->spinner, 0);
             pthread_mutex_lock(&p->mu);
             take = 1;
-            if (p->q.head || p->closing) continue;
+            patio__inbox_move(&p->in, &p->q);
+            if (p->q.head || patio__load(&p->closing)) continue;
         }
         /* the standby stays one until the pool was idle for two rounds:
          * work that comes in bursts would otherwise wake a new one each time */
         if (p->standby < 0 && p->size > 1 && (p->busy || idle < 2)) {
             take = patio__pool_stand_by(p, w, &idle);
-        } else {
-            patio__pool_sleep(p, w);
+        } else if (patio__pool_sleep(p, w)) {
             take = !p->want_standby;
             p->want_standby = 0; /* this one stands by now (next round) */
+        } else {
+            take = 1;
         }
     }
 }
 
-#define PATIO__POOL_BATCH 16
 #define PATIO__POOL_SLOW_NS 100000u
 
 /* Puts tasks a worker took but has not started back at the queue's head. */
@@ -5037,16 +5216,11 @@ static void patio__pool_give_back(patio__pool *p, patio_task **tasks, size_t n)
 {
     size_t i;
     pthread_mutex_lock(&p->mu);
+    __atomic_fetch_add(&p->in.pending, n, __ATOMIC_SEQ_CST);
     for (i = n; i-- > 0;) {
-        patio_task *t = tasks[i];
-        t->prev = NULL;
-        t->next = p->q.head;
-        if (p->q.head) p->q.head->prev = t; else p->q.tail = t;
-        p->q.head = t;
-        p->q.count++;
-        patio__store(&t->state, PATIO__TASK_QUEUED);
+        patio__tq_push_front(&p->q, tasks[i]);
+        patio__store(&tasks[i]->state, PATIO__TASK_QUEUED);
     }
-    patio__store(&p->queued, p->q.count);
     patio__pool_wake_all(p);
     pthread_mutex_unlock(&p->mu);
 }
@@ -5076,6 +5250,22 @@ static void patio__pool_run_batch(patio__pool *p, patio_task **batch, size_t n, 
     patio__store(&p->task_ns, pace - pace / 4 + avg / 4);
 }
 
+/* Under mu: takes a batch off the queue into `batch`; returns how many.
+ * Batches cut the locking for bursts of short tasks; a short queue is
+ * taken one by one so that idle workers share it. */
+static size_t patio__pool_take(patio__pool *p, patio_task **batch)
+{
+    size_t n, take = p->q.count / (2 * (size_t)p->size);
+    if (take < 1) take = 1;
+    if (take > PATIO__POOL_BATCH) take = PATIO__POOL_BATCH;
+    for (n = 0; n < take && p->q.head; n++) {
+        batch[n] = patio__tq_pop(&p->q);
+        patio__store(&batch[n]->state, PATIO__TASK_RUNNING);
+    }
+    patio__inbox_taken(&p->in, n);
+    return n;
+}
+
 static void *patio__pool_worker_main(void *arg)
 {
     patio__pool_worker *self = (patio__pool_worker *)arg;
@@ -5085,28 +5275,27 @@ static void *patio__pool_worker_main(void *arg)
     pthread_mutex_lock(&p->mu);
     for (;;) {
         patio__pool_worker *helper = NULL;
-        size_t n, take;
+        size_t n;
         patio__pool_wait_for_work(p, self);
-        if (!p->q.head) break; /* closing and drained */
-        /* Batches cut the locking for bursts of short tasks; a short queue
-         * is taken one by one so that idle workers share it. */
-        take = p->q.count / (2 * (size_t)p->size);
-        if (take < 1) take = 1;
-        if (take > PATIO__POOL_BATCH) take = PATIO__POOL_BATCH;
-        for (n = 0; n < take && p->q.head; n++) {
-            batch[n] = patio__tq_pop(&p->q);
-            patio__store(&batch[n]->state, PATIO__TASK_RUNNING);
+        if (!p->q.head) {
+            /* closing: done once no submitter is between its check and its push */
+            if (!patio__inbox_pending(&p->in)) break;
+            pthread_mutex_unlock(&p->mu);
+            sched_yield();
+            pthread_mutex_lock(&p->mu);
+            continue;
         }
-        patio__store(&p->queued, p->q.count);
+        n = patio__pool_take(p, batch);
         p->taken++;
-        p->busy++;
+        PATIO__SC_SET(p->busy, p->busy + 1);
         if (p->q.count) helper = patio__pool_wake_one(p);
         pthread_mutex_unlock(&p->mu);
         if (helper) pthread_cond_signal(&helper->cv);
         /* single tasks are timed one in 8: reading the clock is not free */
         patio__pool_run_batch(p, batch, n, n > 1 || (++singles & 7) == 0);
+        if (patio__inbox_pending(&p->in)) patio__pool_settle(p);
         pthread_mutex_lock(&p->mu);
-        p->busy--;
+        PATIO__SC_SET(p->busy, p->busy - 1);
     }
     pthread_mutex_unlock(&p->mu);
     return NULL;
@@ -5117,7 +5306,7 @@ static void patio__pool_shutdown(patio_executor *ex)
     patio__pool *p = (patio__pool *)ex;
     int i;
     pthread_mutex_lock(&p->mu);
-    patio__store(&p->closing, 1); /* idle workers poll it without the lock */
+    PATIO__SC_SET(p->closing, 1); /* idle workers poll it without the lock */
     patio__pool_wake_all(p);
     pthread_mutex_unlock(&p->mu);
     for (i = 0; i < p->nthreads; i++) pthread_join(p->threads[i], NULL);
@@ -5147,8 +5336,8 @@ static void patio__pool_hold_wakes(patio__pool *p, int hold)
 {
     patio__pool_worker *wake = NULL;
     pthread_mutex_lock(&p->mu);
-    p->held += hold ? 1 : -1;
-    if (!p->held && p->q.head) wake = patio__pool_wake_one(p);
+    PATIO__SC_SET(p->held, p->held + (hold ? 1 : -1));
+    if (!p->held) wake = patio__pool_wake_for_inbox(p);
     pthread_mutex_unlock(&p->mu);
     if (wake) pthread_cond_signal(&wake->cv);
 }
@@ -5207,37 +5396,76 @@ PATIO_API patio_executor *patio_thread_pool_new(patio_registry *r, int max_worke
 
 typedef struct patio__async {
     patio_executor base;
-    pthread_mutex_t mu;
+    PATIO__PAD(pad_before);
+    pthread_mutex_t mu;    /* the queue, `running`; taken by the loop thread */
     pthread_cond_t cv;
+    patio__inbox in;
     patio__task_queue q;
     size_t max_queue;
     int running;           /* started and not finished (includes PATIO_PENDING ones) */
     int max_workers;
-    int closing;
+    int closing;           /* atomic */
     int drain_posted;      /* atomic: a drain is queued on the loop */
+    int draining;          /* loop thread only: patio__async_drain runs tasks */
+    int ended_in_drain;    /* loop thread only: tasks that ended meanwhile, not yet counted off */
     patio__post drain;
+    PATIO__PAD(pad_after);
 } patio__async;
 
+/* The swap pairs with the drain's reset and its look at the inbox (both
+ * sequentially consistent): a task pushed after the drain looked finds
+ * drain_posted at 0 and posts a new drain. */
 static void patio__async_schedule(patio__async *a)
 {
-    if (patio__xchg(&a->drain_posted, 1) == 0) patio__loop_post(a->base.loop, &a->drain);
+    if (__atomic_exchange_n(&a->drain_posted, 1, __ATOMIC_SEQ_CST) == 0)
+        patio__loop_post(a->base.loop, &a->drain);
 }
 
-/* On the loop thread: start queued tasks while slots are free. */
+/* Under mu: nothing queued or running. */
+static int patio__async_idle_locked(patio__async *a)
+{
+    return a->running == 0 && patio__inbox_pending(&a->in) == 0;
+}
+
+#define PATIO__ASYNC_BATCH 32
+
+/* Under mu: counts off the tasks that ended during the drain, and takes
+ * the next batch to start into `batch`; returns how many. */
+static size_t patio__async_take(patio__async *a, patio_task **batch)
+{
+    size_t n = 0;
+    a->running -= a->ended_in_drain;
+    a->ended_in_drain = 0;
+    patio__inbox_move(&a->in, &a->q);
+    while (n < PATIO__ASYNC_BATCH && a->running < a->max_workers && a->q.head) {
+        patio_task *t = patio__tq_pop(&a->q);
+        a->running++;
+        patio__store(&t->state, PATIO__TASK_RUNNING);
+        batch[n++] = t;
+    }
+    patio__inbox_taken(&a->in, n);
+    if (!n && patio__async_idle_locked(a)) pthread_cond_broadcast(&a->cv);
+    return n;
+}
+
+/* On the loop thread: starts queued tasks while slots are free, a batch
+ * per lock. A task that ends during the drain is counted off at the next
+ * lock rather than taking the lock itself (see patio__async_finished). */
 static void patio__async_drain(patio__post *post)
 {
     patio__async *a = PATIO__CONTAINER(post, patio__async, drain);
-    patio__store(&a->drain_posted, 0);
+    patio_task *batch[PATIO__ASYNC_BATCH];
+    __atomic_store_n(&a->drain_posted, 0, __ATOMIC_SEQ_CST);
+    a->draining = 1;
     for (;;) {
-        patio_task *t;
+        size_t n, i;
         pthread_mutex_lock(&a->mu);
-        if (a->running >= a->max_workers || !a->q.head) { pthread_mutex_unlock(&a->mu); return; }
-        t = patio__tq_pop(&a->q);
-        a->running++;
-        patio__store(&t->state, PATIO__TASK_RUNNING);
+        n = patio__async_take(a, batch);
         pthread_mutex_unlock(&a->mu);
-        patio_task_run(t);
+        if (!n) break;
+        for (i = 0; i < n; i++) patio_task_run(batch[i]);
     }
+    a->draining = 0;
 }
 
 static int patio__async_attach(patio_executor *ex, patio_loop *loop)
@@ -5252,17 +5480,23 @@ static int patio__async_submit(patio_executor *ex, patio_task *t)
     patio__async *a = (patio__async *)ex;
     int rc;
     if (!ex->loop) return PATIO_ERR_CLOSED;
-    pthread_mutex_lock(&a->mu);
-    rc = patio__tq_admit(&a->q, a->max_queue, a->closing, ex, t);
-    pthread_mutex_unlock(&a->mu);
-    if (rc == PATIO_OK) patio__async_schedule(a);
-    return rc;
+    rc = patio__inbox_reserve(&a->in, &a->closing, a->max_queue);
+    if (rc != PATIO_OK) return rc;
+    patio__inbox_push(&a->in, ex, t);
+    patio__async_schedule(a);
+    return PATIO_OK;
 }
 
 static int patio__async_cancel(patio_executor *ex, patio_task *t)
 {
     patio__async *a = (patio__async *)ex;
-    return patio__tq_cancel_locked(&a->mu, &a->q, NULL, t);
+    int rc;
+    pthread_mutex_lock(&a->mu);
+    patio__inbox_move(&a->in, &a->q);
+    rc = patio__tq_cancel(&a->q, t);
+    if (rc == PATIO_OK) patio__inbox_taken(&a->in, 1);
+    pthread_mutex_unlock(&a->mu);
+    return rc;
 }
 
 static void patio__async_finished(patio_executor *ex, patio_task *t)
@@ -5270,10 +5504,14 @@ static void patio__async_finished(patio_executor *ex, patio_task *t)
     patio__async *a = (patio__async *)ex;
     int more;
     PATIO__UNUSED(t);
+    if (patio_loop_in_loop_thread(ex->loop) && a->draining) {
+        a->ended_in_drain++;
+        return;
+    }
     pthread_mutex_lock(&a->mu);
     a->running--;
     more = a->q.head != NULL;
-    if (!a->running && !a->q.head) pthread_cond_broadcast(&a->cv);
+    if (patio__async_idle_locked(a)) pthread_cond_broadcast(&a->cv);
     pthread_mutex_unlock(&a->mu);
     if (more) patio__async_schedule(a);
 }
@@ -5282,7 +5520,7 @@ static int patio__async_idle(patio__async *a)
 {
     int idle;
     pthread_mutex_lock(&a->mu);
-    idle = a->running == 0 && a->q.head == NULL;
+    idle = patio__async_idle_locked(a);
     pthread_mutex_unlock(&a->mu);
     return idle;
 }
@@ -5292,9 +5530,7 @@ static int patio__async_idle(patio__async *a)
 static void patio__async_shutdown(patio_executor *ex)
 {
     patio__async *a = (patio__async *)ex;
-    pthread_mutex_lock(&a->mu);
-    a->closing = 1;
-    pthread_mutex_unlock(&a->mu);
+    __atomic_store_n(&a->closing, 1, __ATOMIC_SEQ_CST);
     if (!ex->loop) return;
     if (patio_loop_in_loop_thread(ex->loop)) {
         patio__log(ex->hooks, PATIO_LOG_WARN, "async executor: shutdown from the loop thread does not wait");
@@ -5303,7 +5539,7 @@ static void patio__async_shutdown(patio_executor *ex)
     while (!patio__async_idle(a)) {
         if (patio_loop_run_once(ex->loop, 10) == PATIO_ERR_INVALID) {
             pthread_mutex_lock(&a->mu);
-            if (a->running || a->q.head)
+            if (!patio__async_idle_locked(a))
                 patio__cond_wait_until(&a->cv, &a->mu, patio__now_ns() + 10000000u);
             pthread_mutex_unlock(&a->mu);
         }
@@ -5336,7 +5572,7 @@ PATIO_API patio_executor *patio_async_executor_new_ex(patio_registry *r, const p
     a->max_queue = cfg->max_queue ? cfg->max_queue : PATIO_DEFAULT_QUEUE_SIZE;
     a->drain.fn = patio__async_drain;
     if (a->max_workers < 1) { patio__free(&r->hooks, a); return NULL; }
-    pthread_mutex_init(&a->mu, NULL);
+    patio__mutex_init_hot(&a->mu);
     patio__cond_init(&a->cv);
     return &a->base;
 }
@@ -6000,11 +6236,7 @@ static void patio__pp_take_back(patio__ppool *p, patio__pp_worker *w)
             if (s->end <= w->out_off) break; /* written in full: the worker may run it */
             w->count--;
             patio__store(&t->state, PATIO__TASK_QUEUED);
-            t->prev = NULL;
-            t->next = p->q.head;
-            if (p->q.head) p->q.head->prev = t; else p->q.tail = t;
-            p->q.head = t;
-            p->q.count++;
+            patio__tq_push_front(&p->q, t);
         }
         patio__store(&p->queued, p->q.count);
         pthread_mutex_unlock(&p->mu);
@@ -6823,20 +7055,22 @@ typedef struct patio__lane {
 typedef struct patio__task_counter {
     size_t n;                 /* atomic */
     int closing;              /* atomic mirror of core->closing, read by enders */
-    char pad[64 - sizeof(size_t) - sizeof(int)];
+    char pad[PATIO__LINE - sizeof(size_t) - sizeof(int)];
 } patio__task_counter;
 
 /* Broker-private bookkeeping behind patio_broker.internal. */
 typedef struct patio__broker_core {
+    PATIO__PAD(pad_before);   /* mu is taken once or twice per call */
     pthread_mutex_t mu;
     pthread_cond_t cv;
     patio_broker *broker;
     patio__call_list other;   /* pending calls not in a lane */
     patio__lane lanes[PATIO__LANES];
     int closing;
-    char pad[64];
+    PATIO__PAD(pad_mid);
     patio__task_counter tasks_started;
     patio__task_counter tasks_ended;
+    PATIO__PAD(pad_after);
 } patio__broker_core;
 
 static patio__broker_core *patio__core(const patio_broker *b) { return (patio__broker_core *)b->internal; }
