@@ -4404,7 +4404,25 @@ enum {
     PATIO__TASK_CANCELLED = 4
 };
 
+/* A task usually runs on another thread than the one that prepared it,
+ * and its memory is used again for the next one: so what the running
+ * thread writes sits together at the front, and a task moves few cache
+ * lines between the two threads and back. */
 struct patio_task {
+    /* Written while it runs. The two atomics are never cleared with
+     * memset: a caller's call may time out on the loop thread, which peeks
+     * at state, while its broker is still preparing the task. */
+    int state;                  /* PATIO__TASK_*, atomic */
+    int finished;               /* atomic guard: a task finishes once */
+    int status;                 /* PATIO_OK, or the error (PATIO_ERR_REMOTE: the task failed) */
+    int arg_error;              /* a type mismatch was seen: fail with TypeError */
+    uint32_t argc, argi;
+    patio_reader argr;          /* positioned at the next unread argument */
+    patio_writer result;        /* one value, or an ext-2 exception when status is an error */
+    patio_task *next, *prev;    /* executor queue links */
+    int in_queue;               /* under the executor's lock: linked in its queue */
+    uint8_t result_small[40];   /* room for a small result (see patio__task_small_result) */
+    /* Set by whoever submits it, then only read. */
     const patio__entry *entry;
     patio_executor *executor;
     patio_broker *broker;
@@ -4412,21 +4430,9 @@ struct patio_task {
     size_t args_len;
     const uint8_t *kwargs;      /* the whole kwargs map object; NULL = {} */
     size_t kwargs_len;
-    patio_reader argr;          /* positioned at the next unread argument */
-    uint32_t argc, argi;
-    int arg_error;              /* a type mismatch was seen: fail with TypeError */
-    patio_writer result;        /* one value, or an ext-2 exception when status is an error */
-    int status;                 /* PATIO_OK, or the error (PATIO_ERR_REMOTE: the task failed) */
     double timeout;             /* the caller's timeout in seconds, < 0 = none */
-    patio_task *next, *prev;    /* executor queue links */
-    int in_queue;               /* under the executor's lock: linked in its queue */
     void (*on_done)(patio_task *t);   /* set by whoever submitted it */
     void *owner;
-    /* The two atomics come after what patio__task_init clears with memset:
-     * a caller's call may time out on the loop thread, which peeks at
-     * state, while its broker is still preparing the task. */
-    int state;                  /* PATIO__TASK_*, atomic */
-    int finished;               /* atomic guard: a task finishes once */
     char arg_message[160];      /* valid when arg_error; last, so it is never cleared */
 };
 
@@ -4438,7 +4444,7 @@ static void patio__task_init(patio_task *t, const patio__entry *entry, const pat
                              const uint8_t *args, size_t args_len,
                              const uint8_t *kwargs, size_t kwargs_len)
 {
-    memset(t, 0, offsetof(patio_task, state));
+    memset(&t->status, 0, offsetof(patio_task, arg_message) - offsetof(patio_task, status));
     patio__store(&t->state, PATIO__TASK_NEW);
     patio__store(&t->finished, 0);
     t->entry = entry;
@@ -4447,6 +4453,12 @@ static void patio__task_init(patio_task *t, const patio__entry *entry, const pat
     t->kwargs = kwargs_len ? kwargs : NULL;
     t->kwargs_len = kwargs_len;
     patio_writer_init(&t->result, hooks);
+}
+
+/* Lets the result live in the task itself while it is small. */
+static void patio__task_small_result(patio_task *t, const patio_hooks *hooks)
+{
+    patio__writer_init_small(&t->result, hooks, t->result_small, sizeof t->result_small);
 }
 
 static void patio__task_reset_args(patio_task *t)
@@ -6998,37 +7010,41 @@ typedef struct patio__waiter {
 static patio__waiter patio__waiter_fired_mark;
 #define PATIO__WAITER_FIRED (&patio__waiter_fired_mark)
 
+/* The fields that whoever finishes a call writes come first, then the
+ * local task (whose own hot part leads it): a call finished on another
+ * thread and then reused moves few cache lines between the two. */
 struct patio_call {
+    /* Written by the finisher, read by the owner (cleared at start). */
     int refs;                 /* atomic: user + in flight + task + timer */
     int state;                /* atomic PATIO__CALL_* */
     int status;
-    patio_broker *broker;     /* valid until the call finished */
+    int timer_armed;
+    patio__waiter *waiter;    /* atomic */
+    const patio_writer *result;
+    patio_call_cb on_done;
+    void *on_done_user;
     patio_loop *loop;
+    int listed;
+    patio_task task;          /* local execution by the memory broker */
+    /* Set at start. */
+    patio_broker *broker;     /* valid until the call finished */
     const patio_hooks *hooks;
     char *name;
     size_t name_len;          /* routing looks the name up once per call */
     patio_writer args;        /* encoded positional arguments (array) */
-    patio_writer kwargs;      /* encoded keyword arguments (map), empty = none */
-    patio_writer own_result;  /* a value set by patio_call_succeed */
-    const patio_writer *result;
-    char *err_type, *err_msg;
     double timeout;           /* < 0 = none */
-    patio__timer timer;
-    int timer_armed;
-    patio__post done_post;    /* delivers on_done on the loop thread */
-    patio_call_cb on_done;
-    void *on_done_user;
-    patio__waiter *waiter;    /* atomic */
+    uint64_t deadline_ns;
     patio_call *next, *prev;  /* broker's pending list */
-    int listed;
     struct patio__lane *lane; /* the timeout lane listing it; NULL = the other list */
     patio__obj_cache *cache;  /* where its memory goes back */
-    uint64_t deadline_ns;
-    patio_task task;          /* local execution by the memory broker */
-    /* small names, arguments and results live here: no allocation */
+    char *err_type, *err_msg;
+    patio_writer kwargs;      /* encoded keyword arguments (map), empty = none */
+    patio_writer own_result;  /* a value set by patio_call_succeed */
+    patio__timer timer;
+    patio__post done_post;    /* delivers on_done on the loop thread */
+    /* small names and arguments live here: no allocation */
     char name_inline[48];
     uint8_t args_inline[96];
-    uint8_t result_inline[48];
 };
 
 /* Pending calls with the same timeout finish their waits in the order
@@ -7261,8 +7277,15 @@ static patio_call *patio__call_new(patio_broker *b, const char *name)
     c->broker = b;
     c->loop = b->loop;
     c->hooks = b->hooks;
-    c->task.state = 0;
+    c->task.state = PATIO__TASK_NEW; /* nobody else sees the call yet */
+    c->timeout = 0;
+    c->deadline_ns = 0;
+    c->next = c->prev = NULL;
+    c->lane = NULL;
+    c->err_type = c->err_msg = NULL;
+    memset(&c->timer, 0, sizeof c->timer);
     c->timer.fn = patio__call_timed_out;
+    c->done_post.next = NULL;
     c->done_post.fn = patio__call_deliver;
     patio__writer_init_small(&c->args, b->hooks, c->args_inline, sizeof c->args_inline);
     patio_writer_init(&c->kwargs, b->hooks);
@@ -7999,7 +8022,7 @@ static void patio__memory_send(patio_broker *b, patio_call *c)
     patio_writer_free(&c->task.result);
     patio__task_init(&c->task, e, b->hooks, c->args.data, c->args.len,
                      c->kwargs.len ? c->kwargs.data : NULL, c->kwargs.len);
-    patio__writer_init_small(&c->task.result, b->hooks, c->result_inline, sizeof c->result_inline);
+    patio__task_small_result(&c->task, b->hooks);
     c->task.broker = b;
     c->task.timeout = c->timeout;
     c->task.owner = c;
@@ -9500,7 +9523,7 @@ static void patio__tcp_call_succeed(patio_call *call, const uint8_t *value, size
     patio_writer *w = &call->task.result;
     if (patio__load(&call->state) != PATIO__CALL_PENDING) return;
     patio_writer_free(w);
-    patio__writer_init_small(w, call->hooks, call->result_inline, sizeof call->result_inline);
+    patio__task_small_result(&call->task, call->hooks);
     if (patio_write_raw(w, value, len) != PATIO_OK) {
         patio_call_fail_with(call, w->err, "MemoryError", "out of memory");
         return;
