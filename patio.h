@@ -7083,6 +7083,13 @@ typedef struct patio__broker_core {
     patio__call_list other;   /* pending calls not in a lane */
     patio__lane lanes[PATIO__LANES];
     int closing;
+    /* Freed call objects kept for this broker's next calls. They come back
+     * under mu, with the unlisting, and go out one ahead: listing a call
+     * also puts a spare in `ready`, which the next call takes with one
+     * swap. So a call costs no lock of the registry's shared cache. */
+    patio_call *spares;       /* linked through next */
+    size_t nspares;
+    patio_call *ready;        /* atomic */
     PATIO__PAD(pad_mid);
     patio__task_counter tasks_started;
     patio__task_counter tasks_ended;
@@ -7091,7 +7098,7 @@ typedef struct patio__broker_core {
 
 static patio__broker_core *patio__core(const patio_broker *b) { return (patio__broker_core *)b->internal; }
 
-static void patio__call_unlist(patio_call *c);
+static int patio__call_unlist(patio_call *c);
 
 /* A finished call stays on its broker's list until its last reference goes:
  * unlisting then happens on the thread that frees it (usually the one that
@@ -7100,7 +7107,6 @@ static void patio__call_release(patio_call *c)
 {
     const patio_hooks *h;
     if (patio__fetch_sub(&c->refs, 1) != 1) return;
-    if (c->broker && patio__load(&c->listed)) patio__call_unlist(c);
     h = c->hooks;
     patio_writer_free(&c->args);
     patio_writer_free(&c->kwargs);
@@ -7109,6 +7115,7 @@ static void patio__call_release(patio_call *c)
     patio__free(h, c->err_type);
     patio__free(h, c->err_msg);
     if (c->name != c->name_inline) patio__free(h, c->name);
+    if (c->broker && patio__load(&c->listed) && patio__call_unlist(c)) return;
     patio__cache_give(c->cache, h, c);
 }
 
@@ -7147,12 +7154,33 @@ static void patio__call_unlink_locked(patio__broker_core *core, patio_call *c)
     if (lane && !lane->calls.head) patio__timer_stop(core->broker->loop, &lane->timer);
 }
 
-static void patio__call_unlist(patio_call *c)
+/* Unlists a call whose last reference went, and keeps its memory as one
+ * of the broker's spares if there is room: returns 1 if it did. */
+static int patio__call_unlist(patio_call *c)
 {
     patio__broker_core *core = patio__core(c->broker);
+    int kept = 0;
     pthread_mutex_lock(&core->mu);
     patio__call_unlink_locked(core, c);
+    if (core->nspares < PATIO__CALL_CACHE_MAX) {
+        c->next = core->spares;
+        core->spares = c;
+        core->nspares++;
+        kept = 1;
+    }
     pthread_mutex_unlock(&core->mu);
+    return kept;
+}
+
+/* Under core->mu: moves a spare to `ready` if that is empty. Only this
+ * stores to `ready` (takers swap it to NULL), so nothing is lost. */
+static void patio__core_ready_spare(patio__broker_core *core)
+{
+    patio_call *c = core->spares;
+    if (!c || patio__load(&core->ready)) return;
+    core->spares = c->next;
+    core->nspares--;
+    patio__store(&core->ready, c);
 }
 
 /* Lock-free unless this completion is the one the sleeper waits for. The
@@ -7269,8 +7297,10 @@ PATIO_API int patio_call_fail_with(patio_call *c, int status, const char *type, 
 
 static patio_call *patio__call_new(patio_broker *b, const char *name)
 {
-    patio_call *c = (patio_call *)patio__cache_take(&b->registry->call_cache, b->hooks, sizeof *c,
-                                                    offsetof(patio_call, task));
+    patio_call *c = patio__xchg(&patio__core(b)->ready, (patio_call *)NULL);
+    if (c) memset(c, 0, offsetof(patio_call, task));
+    else c = (patio_call *)patio__cache_take(&b->registry->call_cache, b->hooks, sizeof *c,
+                                             offsetof(patio_call, task));
     if (!c) return NULL;
     c->cache = &b->registry->call_cache;
     c->refs = 2; /* the user's and the in-flight reference */
@@ -7363,6 +7393,7 @@ static int patio__call_enlist(patio_broker *b, patio_call *c, int *in_lane)
     } else {
         patio__list_append(&core->other, c);
     }
+    patio__core_ready_spare(core);
     pthread_mutex_unlock(&core->mu);
     *in_lane = lane != NULL;
     return PATIO_OK;
@@ -7924,6 +7955,12 @@ PATIO_API void patio_broker_deinit(patio_broker *b)
     if (b->owns_loop && b->loop) patio_loop_free(b->loop);
     b->loop = NULL;
     if (core) {
+        patio_call *c = patio__xchg(&core->ready, (patio_call *)NULL);
+        if (c) patio__free(b->hooks, c);
+        while ((c = core->spares) != NULL) {
+            core->spares = c->next;
+            patio__free(b->hooks, c);
+        }
         pthread_mutex_destroy(&core->mu);
         pthread_cond_destroy(&core->cv);
         patio__free(b->hooks, core);
