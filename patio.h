@@ -5116,7 +5116,8 @@ static int patio__pool_spin(patio__pool *p)
  * are still adding to it (each look PATIO__POOL_SETTLE_NS apart, at most
  * PATIO__POOL_SETTLE_MAX_NS in all), so the worker takes a burst in
  * batches instead of racing the submitter for its tasks one by one; the
- * two would otherwise trade the queue's lock and cache lines per task. */
+ * two would otherwise trade the queue's lock and cache lines per task.
+ * A single task is taken at once: waiting would only add to its latency. */
 #define PATIO__POOL_SETTLE_NS 200u
 #define PATIO__POOL_SETTLE_MAX_NS 3000u
 
@@ -5124,7 +5125,7 @@ static void patio__pool_settle(patio__pool *p)
 {
     uint64_t start = patio__now_ns(), mark = start;
     size_t last = patio__inbox_pending(&p->in), full = (size_t)p->size * 2u * PATIO__POOL_BATCH;
-    while (last && last < full) {
+    while (last > 1 && last < full) {
         uint64_t now = patio__now_ns();
         size_t n;
         if (now - start >= PATIO__POOL_SETTLE_MAX_NS) return;
