@@ -409,6 +409,61 @@ static const patio_executor_vtable inline_vt = {
     "inline", inline_submit, NULL, NULL, NULL, NULL, inline_destroy
 };
 
+/* Submitters come and go with pauses of different lengths, so workers keep
+ * going from running to polling, standing by and sleeping while tasks
+ * arrive: submitting takes no lock when a worker is sure to look at the
+ * queue, and a task pushed at the moment a worker decides to sleep must
+ * still run. A stranded task would end its call with a timeout. The pauses
+ * make the idle gaps; nothing here waits for a result by sleeping. */
+typedef struct come_and_go {
+    patio_broker *broker;
+    int seed;
+    int right;
+} come_and_go;
+
+static void *come_and_go_main(void *arg)
+{
+    static const long pauses_ns[] = { 0, 2000, 20000, 200000, 0, 500 };
+    come_and_go *s = (come_and_go *)arg;
+    int i;
+    for (i = 0; i < 400; i++) {
+        struct timespec ts;
+        patio_call *c = patio_call_sync(s->broker, 10.0, "mul", "ii", s->seed, i);
+        s->right += patio_call_status(c) == PATIO_OK && patio_result_int(c) == (int64_t)s->seed * i;
+        patio_call_free(c);
+        ts.tv_sec = 0;
+        ts.tv_nsec = pauses_ns[(i + s->seed) % 6];
+        if (ts.tv_nsec) nanosleep(&ts, NULL);
+    }
+    return NULL;
+}
+
+static void check_come_and_go(const char *kind, int spin_us)
+{
+    env e = env_new_spin(kind, 3, 0, spin_us);
+    pthread_t th[4];
+    come_and_go s[4];
+    int i;
+    for (i = 0; i < 4; i++) {
+        s[i].broker = e.broker;
+        s[i].seed = i + 1;
+        s[i].right = 0;
+        CHECK(pthread_create(&th[i], NULL, come_and_go_main, &s[i]) == 0);
+    }
+    for (i = 0; i < 4; i++) {
+        pthread_join(th[i], NULL);
+        CHECK_EQ_INT(s[i].right, 400);
+    }
+    env_free(&e);
+}
+
+static void test_submitters_that_come_and_go(void)
+{
+    check_come_and_go("thread", 0);
+    check_come_and_go("thread", -1); /* workers never poll: every idle one sleeps */
+    check_come_and_go("async", 0);
+}
+
 static void test_user_executor(void)
 {
     patio_registry *rpc = patio_registry_new(NULL);
@@ -445,5 +500,6 @@ int main(void)
     RUN(test_async_max_workers_and_later);
     RUN(test_async_free_from_its_task);
     RUN(test_user_executor);
+    RUN(test_submitters_that_come_and_go);
     return th_summary("test_executor");
 }
