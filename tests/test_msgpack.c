@@ -1350,6 +1350,11 @@ static void check_bad_pack_format(const char *fmt)
 static void test_pack_invalid_formats(void)
 {
     patio_writer w;
+    uint8_t room[16];
+    /* a buffer with room: the small ints are stored before the bad letter is seen */
+    patio_writer_init_fixed(&w, room, sizeof room);
+    CHECK_EQ_INT(patio_pack(&w, "iii x", 1, 2, 3), PATIO_ERR_INVALID);
+    CHECK_EQ_INT(w.len, 0);
     check_bad_pack_format("x");
     check_bad_pack_format("i x");
     check_bad_pack_format("[");
