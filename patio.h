@@ -2508,27 +2508,31 @@ static int patio__pack_one(patio_writer *w, const char *f, va_list *ap)
 
 /* Packs a format without brackets in one pass, checking as it goes (the
  * common case: a call's arguments); 0 if the format needs the checked
- * path, with nothing written. Small non-negative ints, the most common
- * arguments of all, take one byte without a call. */
+ * path, with nothing written and no error set, so that a bad format is
+ * reported as such even after a write failed. Small non-negative ints,
+ * the most common arguments of all, take one byte without a call. */
 static int patio__pack_flat(patio_writer *w, const char *fmt, va_list *ap)
 {
     size_t start = w->len;
     const char *f;
-    for (f = fmt; *f && !w->err; f++) {
+    for (f = fmt; *f; f++) {
         switch (*f) {
         case 'i': {
-            int v = va_arg(*ap, int);
+            int v;
+            if (w->err) break;
+            v = va_arg(*ap, int);
             if (v >= 0 && v < 0x80 && w->len < w->cap && !w->max_len) w->data[w->len++] = (uint8_t)v;
             else patio_write_int(w, v);
             break;
         }
         case 'n': case 'b': case 'I': case 'u': case 'U': case 'd': case 's': case 'S': case 'y': case 'v':
-            patio__pack_one(w, f, ap);
+            if (!w->err) patio__pack_one(w, f, ap);
             break;
         case ' ':
             break;
         default:
             w->len = start;
+            w->err = 0;
             return 0;
         }
     }

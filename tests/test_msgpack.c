@@ -1355,6 +1355,10 @@ static void test_pack_invalid_formats(void)
     patio_writer_init_fixed(&w, room, sizeof room);
     CHECK_EQ_INT(patio_pack(&w, "iii x", 1, 2, 3), PATIO_ERR_INVALID);
     CHECK_EQ_INT(w.len, 0);
+    /* a bad format is reported as such even when the buffer fills first */
+    patio_writer_init_fixed(&w, room, 2);
+    CHECK_EQ_INT(patio_pack(&w, "iii x", 1, 2, 3), PATIO_ERR_INVALID);
+    CHECK_EQ_INT(w.len, 0);
     check_bad_pack_format("x");
     check_bad_pack_format("i x");
     check_bad_pack_format("[");
