@@ -7735,18 +7735,31 @@ static size_t patio__waiter_unregister(patio__waiter *w, patio_call *const *call
  * threads finishing its calls may need. */
 #define PATIO__WAIT_SPIN_US (PATIO_SPIN_US < 50 ? PATIO_SPIN_US : 50)
 
+/* While polling, a waiter gives its CPU away this often: the worker that
+ * runs its call may have been woken onto this very CPU (the scheduler
+ * often places a woken thread beside its waker), and would otherwise wait
+ * for the whole poll to end. */
+#define PATIO__WAIT_YIELD_NS 1000u
+
 /* Sleeps (or pumps) until `target` registered calls notified, or the
  * deadline; polls briefly first, since a sleep/wake costs far more. */
 static void patio__wait_block(patio__waiter *w, int target, uint64_t deadline, patio_loop *pump)
 {
-    uint64_t spin_until = patio__now_ns() + (PATIO__WAIT_SPIN_US > 0 ? (uint64_t)PATIO__WAIT_SPIN_US * 1000u : 0);
+    uint64_t start = patio__now_ns(), next_yield = start + PATIO__WAIT_YIELD_NS;
+    uint64_t spin_until = start + (PATIO__WAIT_SPIN_US > 0 ? (uint64_t)PATIO__WAIT_SPIN_US * 1000u : 0);
     unsigned i = 0;
     while (patio__load(&w->notified) < target) {
         uint64_t now;
         if ((++i & 31) != 0) { patio__cpu_relax(); continue; }
         now = patio__now_ns();
         if (now >= deadline) return;
-        if (now < spin_until) continue;
+        if (now < spin_until) {
+            if (now >= next_yield) {
+                sched_yield();
+                next_yield = now + PATIO__WAIT_YIELD_NS;
+            }
+            continue;
+        }
         if (pump) {
             patio_loop_run_once(pump, deadline - now < 1000000u ? 0 : 1);
             continue;
