@@ -2820,11 +2820,25 @@ PATIO_API int patio_read_bool(patio_reader *r, int *out)
     return PATIO_OK;
 }
 
+/* The first byte of the next item, or -1 at the end or after an error:
+ * the typed reads decide the one-byte forms (most of the traffic) from it
+ * without the general parse. */
+static int patio__reader_byte(const patio_reader *r)
+{
+    return r->err || r->pos >= r->end ? -1 : *r->pos;
+}
+
 PATIO_API int patio_read_int(patio_reader *r, int64_t *out)
 {
     patio_value v;
     const uint8_t *next;
-    int rc = patio__reader_look(r, &v, &next);
+    int b = patio__reader_byte(r), rc;
+    if (b >= 0 && (b <= 0x7f || b >= 0xe0)) { /* fixint */
+        if (out) *out = b <= 0x7f ? b : b - 0x100;
+        r->pos++;
+        return PATIO_OK;
+    }
+    rc = patio__reader_look(r, &v, &next);
     if (rc != PATIO_OK) return rc;
     if (v.type == PATIO_UINT) return PATIO_ERR_OVERFLOW;
     if (v.type != PATIO_INT) return PATIO_ERR_TYPE;
@@ -2894,7 +2908,13 @@ static int patio__read_container(patio_reader *r, patio_type type, uint32_t *cou
 {
     patio_value v;
     const uint8_t *next;
-    int rc = patio__reader_look(r, &v, &next);
+    int b = patio__reader_byte(r), rc;
+    if (b >= 0 && (b & 0xf0) == (type == PATIO_ARRAY ? 0x90 : 0x80)) { /* fixarray, fixmap */
+        if (count) *count = (uint32_t)(b & 0x0f);
+        r->pos++;
+        return PATIO_OK;
+    }
+    rc = patio__reader_look(r, &v, &next);
     if (rc != PATIO_OK) return rc;
     if (v.type != type) return PATIO_ERR_TYPE;
     if (count) *count = v.v.count;
@@ -3050,18 +3070,20 @@ static int patio__check_ext(patio_reader *r, const patio_value *v, int depth_lef
     return rc == PATIO_OK ? PATIO_OK : patio__reader_fail(r);
 }
 
-/* Steps over the next object if it is one byte with nothing in it to
- * check (nil, bool, a fixint): most arguments are. 1 if it did. */
+/* 1 for an object of one byte with nothing in it to check (nil, bool, a
+ * fixint): most arguments are. */
+static int patio__is_tiny(uint8_t b)
+{
+    return b <= 0x7f || b >= 0xe0 || b == 0xc0 || b == 0xc2 || b == 0xc3;
+}
+
+/* Steps over the next object if it is a tiny one; 1 if it did. */
 static int patio__skip_tiny(patio_reader *r)
 {
-    uint8_t b;
-    if (r->err || r->pos >= r->end) return 0;
-    b = *r->pos;
-    if (b <= 0x7f || b >= 0xe0 || b == 0xc0 || b == 0xc2 || b == 0xc3) {
-        r->pos++;
-        return 1;
-    }
-    return 0;
+    int b = patio__reader_byte(r);
+    if (b < 0 || !patio__is_tiny((uint8_t)b)) return 0;
+    r->pos++;
+    return 1;
 }
 
 /* Checks one complete object; depth_left is how many container levels may
@@ -3129,12 +3151,50 @@ static int patio__take_raw(patio_reader *r, int depth_left, int check, const uin
  * (bytes this process's own parent wrote) args and kwargs are only walked
  * to find their ends, not checked value by value; everything from a peer
  * is checked. */
+/* The usual CallRequest read byte by byte: a fixstr name, a fixarray of
+ * one-byte values (nil, bool, fixint), no kwargs, and a nil or float64
+ * timeout, filling out as patio__parse_call_body would. 0 for any other
+ * shape, which the general path then reads (and judges). */
+static int patio__call_body_fast(const uint8_t *p, size_t len, patio__call_request *out)
+{
+    const uint8_t *end = p + len, *q = p + 2;
+    size_t n, i;
+    if (len < 6 || p[0] != 0x94 || (p[1] & 0xe0) != 0xa0) return 0;
+    n = p[1] & 0x1fu;
+    if ((size_t)(end - q) < n + 3 || !patio__utf8_valid(q, n)) return 0;
+    out->func = (const char *)q;
+    out->func_len = n;
+    q += n;
+    if ((*q & 0xf0) != 0x90) return 0;
+    n = *q & 0x0fu;
+    if ((size_t)(end - q) < n + 3) return 0;
+    for (i = 1; i <= n; i++)
+        if (!patio__is_tiny(q[i])) return 0;
+    out->args = q;
+    out->args_len = n + 1;
+    out->argc = (uint32_t)n;
+    q += n + 1;
+    if (*q != 0x80) return 0;
+    out->kwargs = q++;
+    out->kwargs_len = 1;
+    if (*q == 0xc0) return end - q == 1;
+    if (*q == 0xcb && end - q == 9) {
+        uint64_t bits = patio__get_be(q + 1, 8);
+        memcpy(&out->timeout, &bits, sizeof out->timeout);
+        out->has_timeout = 1;
+        return 1;
+    }
+    return 0;
+}
+
 static int patio__parse_call_body(const uint8_t *p, size_t len, int depth_left, int check,
                                   patio__call_request *out)
 {
     patio_reader r;
     patio_value v;
     uint32_t n;
+    memset(out, 0, sizeof *out);
+    if (depth_left >= 2 && patio__call_body_fast(p, len, out)) return PATIO_OK;
     memset(out, 0, sizeof *out);
     patio_reader_init(&r, p, len);
     if (depth_left <= 0) return PATIO_ERR_DECODE;
@@ -3250,6 +3310,8 @@ PATIO__MAYBE_UNUSED static int patio__decode_call_request(const uint8_t *p, size
     patio_reader r;
     patio_value v;
     memset(out, 0, sizeof *out);
+    if (len >= 3 && p[0] == 0xc7 && p[1] == len - 3 && p[2] == 1) /* ext 8, the usual header */
+        return patio__parse_call_body(p + 3, len - 3, patio__depth_limit(max_depth), check, out);
     patio_reader_init(&r, p, len);
     if (patio_read(&r, &v) != PATIO_OK || v.type != PATIO_EXT || v.v.ext.type != 1 || r.pos != r.end)
         return PATIO_ERR_DECODE;

@@ -944,6 +944,91 @@ static void test_call_request_ext16(void)
     patio_writer_free(&w);
 }
 
+/* Decodes [name, rest...] as a REQUEST with the name as a fixstr (the form
+ * the byte-by-byte path reads) or as a str 8 (the form only the general
+ * path reads). */
+static int decode_named(const char *name, const char *rest_hex, int long_name, int max_depth,
+                        int check, patio__call_request *cr, uint8_t **bytes)
+{
+    unsigned char body[300];
+    size_t n = 0, len = strlen(name);
+    patio_writer w;
+    uint8_t *copy;
+    int rc;
+    body[n++] = 0x94;
+    if (long_name) { body[n++] = 0xd9; body[n++] = (unsigned char)len; }
+    else body[n++] = (unsigned char)(0xa0 | len);
+    memcpy(body + n, name, len);
+    n += len;
+    n += th_hex(rest_hex, body + n, sizeof body - n);
+    patio_writer_init(&w, NULL);
+    patio_write_ext(&w, 1, body, n);
+    copy = copy_alloc(w.data, w.len);
+    rc = patio__decode_call_request(copy, w.len, max_depth, check, cr);
+    *bytes = copy; /* cr points into them: the caller frees them */
+    patio_writer_free(&w);
+    return rc;
+}
+
+/* The usual request shape is read by a byte-by-byte path; every request,
+ * usual or not, valid or not, must decode exactly as when the general
+ * path reads it (at every depth limit, checked or only walked). */
+static void test_call_request_fast_path_agrees(void)
+{
+    static const char *const names[] = { "mul", "", "caf\xc3\xa9", "bad\xc3", "x\xed\xa0\x80" };
+    static const char *const rests[] = {
+        "93 01 02 03 80 c0", "90 80 c0", "93 c0 c2 c3 80 c0", "92 ff e0 80 c0",
+        "93 01 02 03 80 cb 3ff8000000000000", "91 01 80 05", "91 01 80 ca 3fc00000",
+        "91 d0 05 80 c0", "91 a1 61 80 c0", "91 01 81 a1 61 02 c0", "91 c1 80 c0",
+        "91 01 80 c0 c0", "91 01 80 cb 3ff80000", "91 01 80 c3", "92 01 80 c0", "9f 01 80 c0",
+        "91 01 90 c0", "91 01 80", "98 01 02 03 04 05 06 07 08 80 c0", "9f 01 80 c0 00 00 00 00 00 00 00 00 00 00 00 00 00",
+    };
+    size_t i, k, d;
+    for (i = 0; i < sizeof names / sizeof *names; i++) {
+        char name[16];
+        size_t len = 0;
+        const char *s = names[i];
+        while (*s) { /* the \x escapes above, as bytes */
+            if (s[0] == '\\' && s[1] == 'x') {
+                unsigned v;
+                sscanf(s + 2, "%2x", &v);
+                name[len++] = (char)v;
+                s += 4;
+            } else {
+                name[len++] = *s++;
+            }
+        }
+        name[len] = 0;
+        for (k = 0; k < sizeof rests / sizeof *rests; k++) {
+            for (d = 0; d < 4; d++) {
+                static const int depths[4] = { 0, 1, 2, 3 };
+                patio__call_request a, b;
+                uint8_t *abytes, *bbytes;
+                int check = (int)(d & 1), ra, rb;
+                memset(&a, 0x5a, sizeof a);
+                memset(&b, 0xa5, sizeof b);
+                ra = decode_named(name, rests[k], 0, depths[d], check, &a, &abytes);
+                rb = decode_named(name, rests[k], 1, depths[d], check, &b, &bbytes);
+                if (ra != rb)
+                    fprintf(stderr, "    name %zu rest '%s' depth %d check %d: %d vs %d\n", i, rests[k],
+                            depths[d], check, ra, rb);
+                CHECK_EQ_INT(ra, rb);
+                if (ra == PATIO_OK && rb == PATIO_OK) {
+                    CHECK_EQ_MEM(a.func, a.func_len, b.func, b.func_len);
+                    CHECK_EQ_MEM(a.args, a.args_len, b.args, b.args_len);
+                    CHECK_EQ_MEM(a.kwargs, a.kwargs_len, b.kwargs, b.kwargs_len);
+                    CHECK_EQ_INT(a.argc, b.argc);
+                    CHECK_EQ_INT(a.kwargc, b.kwargc);
+                    CHECK_EQ_INT(a.has_timeout, b.has_timeout);
+                    CHECK(a.timeout == b.timeout);
+                }
+                free(abytes);
+                free(bbytes);
+            }
+        }
+    }
+}
+
 /* Ext 1/2 anywhere inside a value are checked there (args of a request,
  * a map value, an array element). */
 static void test_nested_ext_checked(void)
@@ -1532,6 +1617,7 @@ int main(void)
     RUN(test_ext_types_checked);
     RUN(test_call_request_shape);
     RUN(test_call_request_ext16);
+    RUN(test_call_request_fast_path_agrees);
     RUN(test_nested_ext_checked);
     RUN(test_trailing_bytes);
     RUN(test_huge_length_claims);
