@@ -654,10 +654,11 @@ typedef struct patio_process_pool_config {
                                  (its own pool's sockets excepted, but those
                                  of other pools too: their workers then see
                                  no EOF at shutdown and are killed after 2 s) */
-    int spin_us;              /* the I/O thread and idle workers poll this long
-                                 before sleeping; 0 = never (default: workers are
-                                 processes, often one per CPU, and spinning ones
-                                 take the CPU from those with work) */
+    int spin_us;              /* the I/O thread and idle workers poll at most
+                                 this long before sleeping, less when work has
+                                 not come back that soon lately (polling yields
+                                 the CPU to processes with work);
+                                 0 = PATIO_SPIN_US, <0 = never */
 } patio_process_pool_config;
 
 /* Register every function first. NULL on an invalid configuration, out of
@@ -1033,6 +1034,36 @@ static uint64_t patio__now_ns(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* The monotonic clock for loops that would read it once per item. Reading
+ * it costs tens of nanoseconds, as much as a small task; where the CPU has
+ * a cheap cycle counter (x86's TSC), a read that comes within
+ * PATIO__CLOCK_REUSE_TICKS of the last real one returns that one instead.
+ * No TSC ticks slower than 1 GHz, so the value is never more than
+ * PATIO__CLOCK_REUSE_TICKS ns old. A counter that goes backwards (another
+ * CPU's) reads as a large gap: a real read. */
+#define PATIO__CLOCK_REUSE_TICKS 5000u
+
+typedef struct patio__clock {
+    uint64_t ns;      /* the last real read; 0 = none yet */
+    uint64_t ticks;   /* the cycle counter at that read */
+} patio__clock;
+
+static uint64_t patio__clock_sync(patio__clock *c)
+{
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+    c->ticks = __builtin_ia32_rdtsc();
+#endif
+    return c->ns = patio__now_ns();
+}
+
+static uint64_t patio__clock_now(patio__clock *c)
+{
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+    if (c->ns && __builtin_ia32_rdtsc() - c->ticks < PATIO__CLOCK_REUSE_TICKS) return c->ns;
+#endif
+    return patio__clock_sync(c);
 }
 
 /* Seconds (may be fractional, <= 0 or infinite) to a deadline in ns;
@@ -5344,13 +5375,14 @@ static void patio__pool_give_back(patio__pool *p, patio_task **tasks, size_t n)
 static void patio__pool_run_batch(patio__pool *p, patio_task **batch, size_t n, int measure)
 {
     uint64_t first, start, avg, pace;
+    patio__clock clock = { 0, 0 };
     size_t i;
     if (n == 1 && !measure) { patio_task_run(batch[0]); return; }
-    first = start = patio__now_ns();
+    first = start = patio__clock_sync(&clock);
     for (i = 0; i < n; i++) {
         uint64_t end;
         patio_task_run(batch[i]);
-        end = patio__now_ns();
+        end = patio__clock_now(&clock);
         if (end - start > PATIO__POOL_SLOW_NS && i + 1 < n) {
             patio__pool_give_back(p, batch + i + 1, n - i - 1);
             i++;
@@ -5359,7 +5391,7 @@ static void patio__pool_run_batch(patio__pool *p, patio_task **batch, size_t n, 
         start = end;
     }
     /* the pace the wake-up rule goes by (weight 1/4; races lose a sample) */
-    avg = (patio__now_ns() - first) / i;
+    avg = (patio__clock_sync(&clock) - first) / i;
     pace = patio__load(&p->task_ns);
     patio__store(&p->task_ns, pace - pace / 4 + avg / 4);
 }
@@ -5955,13 +5987,14 @@ typedef struct patio__pw {
     const patio_hooks *hooks;
     int fd;
     uint32_t max_frame;
-    uint64_t spin_ns;        /* poll this long for more calls before blocking */
+    patio__spin_state spin;  /* polling for more calls before blocking */
     const patio__entry *last; /* the function called last: most calls repeat it */
     uint8_t *in;
     size_t in_len, in_cap;
     patio_writer out;        /* answer frames not yet written */
     patio_writer result;     /* lent to each task: small results do not allocate */
     uint64_t oldest;         /* start of the oldest call whose answer is unsent */
+    patio__clock clock;
     int flush_now;           /* an answer the parent should see at once */
 } patio__pw;
 
@@ -6043,11 +6076,11 @@ static void patio__pw_call(patio__pw *w, const patio__frame *f, uint64_t receive
 {
     patio__call_request req;
     const patio__entry *e;
-    uint64_t start = patio__now_ns();
+    uint64_t start = patio__clock_now(&w->clock);
     if (w->out.len && (w->flush_now || start - w->oldest >= PATIO__PP_BATCH_NS ||
                        w->out.len >= PATIO__PP_BATCH_BYTES)) {
         patio__pw_flush(w);
-        start = patio__now_ns(); /* a slow write must not count against the next batch */
+        start = patio__clock_sync(&w->clock); /* a slow write must not count against the next batch */
     }
     if (!w->out.len) w->oldest = start;
     if (patio__decode_call_request(f->payload, f->size, 0, 0, &req) != PATIO_OK) {
@@ -6096,20 +6129,27 @@ static void patio__pw_reserve(patio__pw *w)
  * blocks. The parent closing the socket ends the worker. */
 static uint64_t patio__pw_read(patio__pw *w)
 {
-    uint64_t until = w->spin_ns ? patio__now_ns() + w->spin_ns : 0;
+    uint64_t budget = patio__spin_budget(&w->spin), start = budget ? patio__now_ns() : 0, now;
+    int polling = budget != 0;
     ssize_t n;
     patio__pw_reserve(w);
     for (;;) {
-        n = recv(w->fd, w->in + w->in_len, w->in_cap - w->in_len, until ? MSG_DONTWAIT : 0);
+        n = recv(w->fd, w->in + w->in_len, w->in_cap - w->in_len, polling ? MSG_DONTWAIT : 0);
         if (n > 0) break;
         if (n == 0) _exit(0);
         if (errno == EINTR) continue;
         if (errno != EAGAIN && errno != EWOULDBLOCK) _exit(0);
-        if (until && patio__now_ns() >= until) until = 0;
+        if (polling && patio__now_ns() - start >= budget) {
+            patio__spin_result(&w->spin, 0, budget);
+            polling = 0;
+            continue;
+        }
         sched_yield(); /* polling must not keep the CPU from a process with work */
     }
     w->in_len += (size_t)n;
-    return patio__now_ns();
+    now = patio__clock_sync(&w->clock);
+    if (polling) patio__spin_result(&w->spin, 1, now - start);
+    return now;
 }
 
 #if defined(__GNUC__)
@@ -6123,7 +6163,7 @@ static void patio__pw_main(const patio_registry *reg, int fd, uint32_t max_frame
     w.hooks = &reg->hooks;
     w.fd = fd;
     w.max_frame = max_frame;
-    w.spin_ns = spin_ns;
+    patio__spin_init(&w.spin, spin_ns);
     patio_writer_init(&w.out, w.hooks);
     patio_writer_init(&w.result, w.hooks);
     for (;;) {
@@ -6199,7 +6239,8 @@ typedef struct patio__ppool {
     size_t queued;         /* atomic mirror of q.count, for the spinning I/O thread */
     int nworkers, max_calls, kill_on_timeout, inherit_fds;
     uint32_t max_frame;
-    uint64_t spin_ns;
+    uint64_t spin_ns;      /* the ceiling of the adaptive polling below */
+    patio__spin_state spin; /* I/O thread: polling before it blocks */
     patio__pp_worker *w;
     struct pollfd *pfd;    /* I/O thread: the wake fd, then worker sockets */
     int *pfd_worker;
@@ -6778,16 +6819,25 @@ static nfds_t patio__pp_poll_set(patio__ppool *p)
 }
 
 /* Before sleeping, polls briefly for answers and new calls: they usually
- * follow within microseconds, and a wake-up costs far more. 1 if some came. */
+ * follow within microseconds, and a wake-up costs far more. 1 if some came.
+ * The budget adapts (see patio__spin_budget): a pool whose work comes
+ * back later than that stops polling. */
 static int patio__pp_spin(patio__ppool *p, nfds_t n, uint64_t now)
 {
-    uint64_t until = now + p->spin_ns;
+    uint64_t budget = patio__spin_budget(&p->spin), t = now;
     unsigned i;
+    if (!budget) return 0;
     for (i = 0;; i++) {
-        if (poll(p->pfd, n, 0) > 0) return 1;
-        if (patio__load(&p->queued) && patio__pp_free_slots(p, now)) return 1;
+        if (poll(p->pfd, n, 0) > 0 || (patio__load(&p->queued) && patio__pp_free_slots(p, now))) {
+            patio__spin_result(&p->spin, 1, t - now);
+            return 1;
+        }
         if ((i & 7) == 7) {
-            if (patio__now_ns() >= until) return 0;
+            t = patio__now_ns();
+            if (t - now >= budget) {
+                patio__spin_result(&p->spin, 0, budget);
+                return 0;
+            }
             sched_yield(); /* a worker process with work may share this CPU */
         }
         patio__cpu_relax();
@@ -6804,7 +6854,7 @@ static void patio__pp_wait(patio__ppool *p, uint64_t due, uint64_t now)
         uint64_t d = due == UINT64_MAX ? UINT64_MAX : (due - now + 999999u) / 1000000u;
         ms = d > (uint64_t)INT_MAX ? -1 : (int)d;
     }
-    if (ms != 0 && p->spin_ns && patio__pp_spin(p, n, now)) ms = 0;
+    if (ms != 0 && patio__pp_spin(p, n, now)) ms = 0;
     if (ms != 0) {
         pthread_mutex_lock(&p->mu);
         if (p->q.head && patio__pp_free_slots(p, now)) ms = 0;
@@ -6997,7 +7047,9 @@ static int patio__pp_configure(patio__ppool *p, const patio_process_pool_config 
     p->max_calls = cfg->max_calls_per_worker ? cfg->max_calls_per_worker : PATIO__PP_DEFAULT_CALLS;
     p->kill_on_timeout = cfg->kill_on_timeout < 0 ? -1 : 1;
     p->inherit_fds = cfg->inherit_fds != 0;
-    p->spin_ns = cfg->spin_us > 0 ? (uint64_t)cfg->spin_us * 1000u : 0;
+    /* the I/O thread waits on its sockets as a loop does: the same ceiling */
+    p->spin_ns = cfg->spin_us < 0 ? 0 : (uint64_t)(cfg->spin_us ? cfg->spin_us : PATIO_SPIN_US) * 1000u;
+    patio__spin_init(&p->spin, p->spin_ns);
     if (cfg->max_frame_size > UINT32_MAX) return PATIO_ERR_INVALID;
     p->max_frame = cfg->max_frame_size ? (uint32_t)cfg->max_frame_size : PATIO__PP_DEFAULT_FRAME;
     if (p->nworkers < 1 || p->nworkers > PATIO__PP_MAX_WORKERS) return PATIO_ERR_INVALID;

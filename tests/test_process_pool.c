@@ -6,8 +6,8 @@
  * with calls queued, and hygiene: every child reaped, no fd leaked, the
  * parent's fds not held by workers. Calls go through the memory broker, and
  * through a TCP server when the TCP broker is built in. Every wait is
- * bounded; the only sleeps are the tasks under test and the poll in
- * wait_workers. */
+ * bounded; the only sleeps are the tasks under test, the poll in
+ * wait_workers, and the quiet period whose CPU use one test measures. */
 #define PATIO_IMPLEMENTATION
 #include "patio.h"
 #include "harness.h"
@@ -304,8 +304,76 @@ static void check_gather(int spin_us)
     env_free(&e);
 }
 
-static void test_gather(void) { check_gather(0); }
-static void test_gather_spinning(void) { check_gather(50); }
+static void test_gather(void) { check_gather(0); }          /* polls before sleeping */
+static void test_gather_without_polling(void) { check_gather(-1); }
+
+/* CPU time (user + system) a process used so far, in clock ticks; -1 if
+ * /proc cannot tell. */
+static long cpu_ticks(long pid)
+{
+    char path[64], buf[1024], *p;
+    unsigned long utime = 0, stime = 0;
+    FILE *f;
+    size_t n;
+    int field;
+    snprintf(path, sizeof path, "/proc/%ld/stat", pid);
+    if (!(f = fopen(path, "r"))) return -1;
+    n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    p = strrchr(buf, ')'); /* the name may hold spaces; fields follow it */
+    if (!p) return -1;
+    for (field = 2; field < 13 && p; field++) p = strchr(p + 1, ' ');
+    if (!p || sscanf(p + 1, "%lu %lu", &utime, &stime) != 2) return -1;
+    return (long)(utime + stime);
+}
+
+static long self_cpu_ticks(void)
+{
+    return cpu_ticks((long)getpid());
+}
+
+/* Polling is for work that comes back soon: once calls stop, the workers
+ * and the I/O thread go to sleep instead of polling on. Over 600 ms of
+ * quiet after a burst, the pool may use a little CPU (the polls that end
+ * each burst), not the CPUs that polling on would burn. */
+static void test_idle_pool_stops_polling(void)
+{
+    patio_process_pool_config cfg;
+    patio_call *calls[200];
+    long pids[2], before[3], after[3], used = 0, clk = sysconf(_SC_CLK_TCK);
+    struct timespec quiet = { 0, 600000000L };
+    int i, k, sixes = 0;
+    env e;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.max_workers = 2;
+    cfg.spin_us = 1000; /* long polls, so that a pool that kept polling would show */
+    e = env_new_cfg(&cfg, NULL);
+    for (k = 0; k < 5; k++) { /* bursts teach the pool that work comes back at once */
+        for (i = 0; i < 200; i++) calls[i] = patio_call_async(e.broker, "mul", "iii", 1, 2, 3);
+        CHECK_EQ_INT(patio_wait_all(calls, 200, 20.0), PATIO_OK);
+        for (i = 0; i < 200; i++) {
+            sixes += patio_call_status(calls[i]) == PATIO_OK && patio_result_int(calls[i]) == 6;
+            patio_call_free(calls[i]);
+        }
+    }
+    CHECK_EQ_INT(sixes, 1000);
+    CHECK_EQ_INT(patio_process_pool_pids(e.ex, pids, 2), 2);
+    before[0] = cpu_ticks(pids[0]);
+    before[1] = cpu_ticks(pids[1]);
+    before[2] = self_cpu_ticks();
+    while (nanosleep(&quiet, &quiet) != 0 && errno == EINTR) {}
+    after[0] = cpu_ticks(pids[0]);
+    after[1] = cpu_ticks(pids[1]);
+    after[2] = self_cpu_ticks();
+    for (i = 0; i < 3; i++) {
+        CHECK(before[i] >= 0 && after[i] >= before[i]);
+        used += after[i] - before[i];
+    }
+    /* three pollers that went on would use about 3 x 600 ms */
+    CHECK(used * 1000 / clk < 150);
+    env_free(&e);
+}
 
 /* A 4 MiB binary goes to a worker and comes back intact. */
 static void test_large_arguments_and_results(void)
@@ -780,7 +848,10 @@ int main(void)
 {
     RUN(test_multiply);
     RUN(test_gather);
-    RUN(test_gather_spinning);
+    RUN(test_gather_without_polling);
+#if defined(__linux__)
+    RUN(test_idle_pool_stops_polling);
+#endif
     RUN(test_large_arguments_and_results);
     RUN(test_frame_limit);
     RUN(test_segfault);

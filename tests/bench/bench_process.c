@@ -177,13 +177,17 @@ static void task_done(patio_task *t)
     }
 }
 
-/* For one call, spins briefly first (as patio's own waits do); a window
- * waits on the condvar at once, leaving the CPUs to the pool. */
+/* For one call, polls briefly first, giving the CPU away between looks
+ * (as patio's own waits do: the pool's threads may need this CPU); a
+ * window waits on the condvar at once, leaving the CPUs to the pool. */
 static void wait_done(int target)
 {
     uint64_t spin_until = patio__now_ns() + (target == 1 ? 50000u : 0u);
     unsigned i = 0;
-    while (patio__load(&g_count.done) < target && ((++i & 63) || patio__now_ns() < spin_until)) patio__cpu_relax();
+    while (patio__load(&g_count.done) < target && ((++i & 63) || patio__now_ns() < spin_until)) {
+        if ((i & 63) == 0) sched_yield();
+        patio__cpu_relax();
+    }
     pthread_mutex_lock(&g_count.mu);
     while (patio__load(&g_count.done) < target) patio__cond_wait_until(&g_count.cv, &g_count.mu, patio__now_ns() + 100000000u);
     pthread_mutex_unlock(&g_count.mu);
