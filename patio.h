@@ -68,7 +68,7 @@
      PATIO_DEFAULT_TIMEOUT         [86400.0] seconds, a call's default timeout
      PATIO_DEFAULT_MAX_WORKERS     [4] thread pool / async executor workers
      PATIO_DEFAULT_QUEUE_SIZE      [65536] executor queue bound
-     PATIO_SPIN_US                 [100] how long an idle loop polls before sleeping
+     PATIO_SPIN_US                 [100] how long an idle loop (or process pool) polls before sleeping
      PATIO_POOL_SPIN_US            [20] how long an idle thread-pool worker polls
      PATIO_MAX_DEPTH               [64] MessagePack nesting limit
      PATIO_USE_EPOLL / PATIO_USE_KQUEUE / PATIO_USE_POLL
@@ -141,7 +141,9 @@
  * most: waking a sleeping thread on another core costs far more than a short
  * spin, and a loop waiting for a network peer's answer often waits tens of
  * microseconds. The budget adapts, so loops that catch nothing soon stop
- * polling. A blocking wait for calls polls for at most 50 us of it. */
+ * polling. A blocking wait for calls polls for at most 50 us of it. The
+ * process pool's I/O thread and idle worker processes use it too: their
+ * work goes through sockets, and each sleep and wake-up costs syscalls. */
 #ifndef PATIO_SPIN_US
 #define PATIO_SPIN_US 100
 #endif
