@@ -3179,15 +3179,10 @@ static int patio__take_raw(patio_reader *r, int depth_left, int check, const uin
     return PATIO_OK;
 }
 
-/* A CallRequest body: exactly one [func: str, args: array, kwargs: map with
- * str keys, timeout: nil | int | float], nothing after it. With check = 0
- * (bytes this process's own parent wrote) args and kwargs are only walked
- * to find their ends, not checked value by value; everything from a peer
- * is checked. */
 /* The usual CallRequest read byte by byte: a fixstr name, a fixarray of
  * one-byte values (nil, bool, fixint), no kwargs, and a nil or float64
- * timeout, filling out as patio__parse_call_body would. 0 for any other
- * shape, which the general path then reads (and judges). */
+ * timeout, filling every field of out as patio__parse_call_body would. 0
+ * for any other shape, which the general path then reads (and judges). */
 static int patio__call_body_fast(const uint8_t *p, size_t len, patio__call_request *out)
 {
     const uint8_t *end = p + len, *q = p + 2;
@@ -3210,6 +3205,9 @@ static int patio__call_body_fast(const uint8_t *p, size_t len, patio__call_reque
     if (*q != 0x80) return 0;
     out->kwargs = q++;
     out->kwargs_len = 1;
+    out->kwargc = 0;
+    out->has_timeout = 0;
+    out->timeout = 0;
     if (*q == 0xc0) return end - q == 1;
     if (*q == 0xcb && end - q == 9) {
         uint64_t bits = patio__get_be(q + 1, 8);
@@ -3220,13 +3218,17 @@ static int patio__call_body_fast(const uint8_t *p, size_t len, patio__call_reque
     return 0;
 }
 
+/* A CallRequest body: exactly one [func: str, args: array, kwargs: map with
+ * str keys, timeout: nil | int | float], nothing after it. With check = 0
+ * (bytes this process's own parent wrote) args and kwargs are only walked
+ * to find their ends, not checked value by value; everything from a peer
+ * is checked. */
 static int patio__parse_call_body(const uint8_t *p, size_t len, int depth_left, int check,
                                   patio__call_request *out)
 {
     patio_reader r;
     patio_value v;
     uint32_t n;
-    memset(out, 0, sizeof *out);
     if (depth_left >= 2 && patio__call_body_fast(p, len, out)) return PATIO_OK;
     memset(out, 0, sizeof *out);
     patio_reader_init(&r, p, len);
@@ -3342,9 +3344,9 @@ PATIO__MAYBE_UNUSED static int patio__decode_call_request(const uint8_t *p, size
 {
     patio_reader r;
     patio_value v;
-    memset(out, 0, sizeof *out);
     if (len >= 3 && p[0] == 0xc7 && p[1] == len - 3 && p[2] == 1) /* ext 8, the usual header */
         return patio__parse_call_body(p + 3, len - 3, patio__depth_limit(max_depth), check, out);
+    memset(out, 0, sizeof *out);
     patio_reader_init(&r, p, len);
     if (patio_read(&r, &v) != PATIO_OK || v.type != PATIO_EXT || v.v.ext.type != 1 || r.pos != r.end)
         return PATIO_ERR_DECODE;
