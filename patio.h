@@ -4580,9 +4580,21 @@ static void patio__task_init(patio_task *t, const patio__entry *entry, const pat
                              const uint8_t *args, size_t args_len,
                              const uint8_t *kwargs, size_t kwargs_len)
 {
-    memset(&t->status, 0, offsetof(patio_task, arg_message) - offsetof(patio_task, status));
+    /* field by field: a memset of the whole task would also clear
+     * result_small, and costs more than the stores (calls start at high rates) */
     patio__store(&t->state, PATIO__TASK_NEW);
     patio__store(&t->finished, 0);
+    t->status = PATIO_OK;
+    t->arg_error = 0;
+    t->argc = t->argi = 0;
+    patio_reader_init(&t->argr, NULL, 0);
+    t->next = t->prev = NULL;
+    t->in_queue = 0;
+    t->executor = NULL;
+    t->broker = NULL;
+    t->timeout = 0;
+    t->on_done = NULL;
+    t->owner = NULL;
     t->entry = entry;
     t->args = args_len ? args : patio__empty_array;
     t->args_len = args_len ? args_len : 1;
@@ -7241,6 +7253,11 @@ typedef struct patio__broker_core {
     patio__call_list other;   /* pending calls not in a lane */
     patio__lane lanes[PATIO__LANES];
     int closing;
+    /* Set by the memory broker, whose send runs every listed call as a
+     * task: listing then counts the task as started and takes the task's
+     * reference, under the lock it holds anyway, which spares a call two
+     * atomic additions. */
+    int sends_run_tasks;
     /* Freed call objects kept for this broker's next calls. They come back
      * under mu, with the unlisting, and go out one ahead: listing a call
      * also puts a spare in `ready`, which the next call takes with one
@@ -7550,6 +7567,10 @@ static int patio__call_enlist(patio_broker *b, patio_call *c, int *in_lane)
         if (lane->calls.head == c) patio__timer_start(b->loop, &lane->timer, c->deadline_ns);
     } else {
         patio__list_append(&core->other, c);
+    }
+    if (core->sends_run_tasks) {
+        c->refs++; /* nobody else sees the call before the unlock */
+        __atomic_store_n(&core->tasks_started.n, core->tasks_started.n + 1, __ATOMIC_RELAXED);
     }
     patio__core_ready_spare(core);
     pthread_mutex_unlock(&core->mu);
@@ -8223,8 +8244,11 @@ static void patio__memory_send(patio_broker *b, patio_call *c)
 {
     const patio__entry *e = patio__registry_find(b->registry, c->name, c->name_len);
     int rc;
+    /* the task was counted as started, with its reference, at listing */
     if (!e) {
+        patio__broker_task_ended(b);
         patio__call_finish(c, PATIO_ERR_NOT_FOUND, NULL, "KeyError", c->name);
+        patio__call_release(c);
         return;
     }
     patio_writer_free(&c->task.result);
@@ -8235,8 +8259,6 @@ static void patio__memory_send(patio_broker *b, patio_call *c)
     c->task.timeout = c->timeout;
     c->task.owner = c;
     c->task.on_done = patio__memory_task_done;
-    patio__fetch_add(&c->refs, 1);
-    patio__broker_task_started(b);
     rc = b->executor->vt->submit(b->executor, &c->task);
     if (rc != PATIO_OK) {
         patio__broker_task_ended(b);
@@ -8271,6 +8293,7 @@ PATIO_API patio_broker *patio_memory_broker_new_ex(patio_executor *ex, const pat
         patio__free(ex->hooks, b);
         return NULL;
     }
+    patio__core(b)->sends_run_tasks = 1; /* no call is started before this returns */
     return b;
 }
 
