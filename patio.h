@@ -4967,31 +4967,6 @@ static int patio__tq_cancel(patio__task_queue *q, patio_task *t)
     return PATIO_OK;
 }
 
-/* Under the owner's lock: queues t unless the executor is closing or its
- * queue is full (back-pressure instead of growth). */
-static int patio__tq_admit(patio__task_queue *q, size_t max_queue, int closing,
-                           patio_executor *ex, patio_task *t)
-{
-    if (closing) return PATIO_ERR_CLOSED;
-    if (q->count >= max_queue) return PATIO_ERR_FULL;
-    t->executor = ex;
-    patio__store(&t->state, PATIO__TASK_QUEUED);
-    patio__tq_push(q, t);
-    return PATIO_OK;
-}
-
-/* Cancels a queued task under mu; `mirror` (may be NULL) is the queue
- * length kept for lock-free peeking. */
-static int patio__tq_cancel_locked(pthread_mutex_t *mu, patio__task_queue *q, size_t *mirror, patio_task *t)
-{
-    int rc;
-    pthread_mutex_lock(mu);
-    rc = patio__tq_cancel(q, t);
-    if (mirror) patio__store(mirror, q->count);
-    pthread_mutex_unlock(mu);
-    return rc;
-}
-
 /* A lock-free inbox in front of a task queue. Submitters push with one
  * compare-and-swap and never wait for the lock that the consumers hold
  * while they take work; a consumer holding that lock moves the whole inbox
@@ -5061,6 +5036,19 @@ static void patio__inbox_taken(patio__inbox *in, size_t n)
 static size_t patio__inbox_pending(patio__inbox *in)
 {
     return __atomic_load_n(&in->pending, __ATOMIC_SEQ_CST);
+}
+
+/* Cancels a task still in the inbox or in q, the queue behind it that the
+ * consumers guard with mu. */
+static int patio__inbox_cancel(pthread_mutex_t *mu, patio__inbox *in, patio__task_queue *q, patio_task *t)
+{
+    int rc;
+    pthread_mutex_lock(mu);
+    patio__inbox_move(in, q);
+    rc = patio__tq_cancel(q, t);
+    if (rc == PATIO_OK) patio__inbox_taken(in, 1);
+    pthread_mutex_unlock(mu);
+    return rc;
 }
 
 static int patio__spin_us(int cfg)
@@ -5226,13 +5214,7 @@ static int patio__pool_submit(patio_executor *ex, patio_task *t)
 static int patio__pool_cancel(patio_executor *ex, patio_task *t)
 {
     patio__pool *p = (patio__pool *)ex;
-    int rc;
-    pthread_mutex_lock(&p->mu);
-    patio__inbox_move(&p->in, &p->q);
-    rc = patio__tq_cancel(&p->q, t);
-    if (rc == PATIO_OK) patio__inbox_taken(&p->in, 1);
-    pthread_mutex_unlock(&p->mu);
-    return rc;
+    return patio__inbox_cancel(&p->mu, &p->in, &p->q, t);
 }
 
 /* Polls for work without the lock for up to the adaptive budget; 1 if
@@ -5652,13 +5634,7 @@ static int patio__async_submit(patio_executor *ex, patio_task *t)
 static int patio__async_cancel(patio_executor *ex, patio_task *t)
 {
     patio__async *a = (patio__async *)ex;
-    int rc;
-    pthread_mutex_lock(&a->mu);
-    patio__inbox_move(&a->in, &a->q);
-    rc = patio__tq_cancel(&a->q, t);
-    if (rc == PATIO_OK) patio__inbox_taken(&a->in, 1);
-    pthread_mutex_unlock(&a->mu);
-    return rc;
+    return patio__inbox_cancel(&a->mu, &a->in, &a->q, t);
 }
 
 static void patio__async_finished(patio_executor *ex, patio_task *t)
@@ -6142,7 +6118,10 @@ static void patio__pw_reserve(patio__pw *w)
 
 /* Waits for input: polls briefly first (the next calls usually follow the
  * answers closely, and waking a sleeping process costs far more), then
- * blocks. The parent closing the socket ends the worker. */
+ * blocks in poll() for POLLIN. Not in recv(): the parent reading our
+ * answers frees their buffers, which wakes everyone blocked in a read on
+ * this socket for nothing, while poll() sleeps through all but input.
+ * The parent closing the socket ends the worker. */
 static uint64_t patio__pw_read(patio__pw *w)
 {
     uint64_t budget = patio__spin_budget(&w->spin), start = budget ? patio__now_ns() : 0, now;
@@ -6150,7 +6129,7 @@ static uint64_t patio__pw_read(patio__pw *w)
     ssize_t n;
     patio__pw_reserve(w);
     for (;;) {
-        n = recv(w->fd, w->in + w->in_len, w->in_cap - w->in_len, polling ? MSG_DONTWAIT : 0);
+        n = recv(w->fd, w->in + w->in_len, w->in_cap - w->in_len, MSG_DONTWAIT);
         if (n > 0) break;
         if (n == 0) _exit(0);
         if (errno == EINTR) continue;
@@ -6158,9 +6137,16 @@ static uint64_t patio__pw_read(patio__pw *w)
         if (polling && patio__now_ns() - start >= budget) {
             patio__spin_result(&w->spin, 0, budget);
             polling = 0;
-            continue;
         }
-        sched_yield(); /* polling must not keep the CPU from a process with work */
+        if (polling) {
+            sched_yield(); /* polling must not keep the CPU from a process with work */
+        } else {
+            struct pollfd pfd;
+            pfd.fd = w->fd;
+            pfd.events = POLLIN;
+            pfd.revents = 0;
+            if (poll(&pfd, 1, -1) < 0 && errno != EINTR) _exit(0);
+        }
     }
     w->in_len += (size_t)n;
     now = patio__clock_sync(&w->clock);
@@ -6227,6 +6213,7 @@ typedef struct patio__pp_worker {
     uint32_t serial;
     uint64_t head_since;  /* when ring[head] became the call the worker runs */
     uint64_t call_ns;     /* moving average of the time between its answers */
+    unsigned depth;       /* patio__pp_depth, refreshed once per dispatch */
     patio_writer out;     /* request frames not yet written */
     size_t out_off;
     unsigned unsent;      /* calls whose frames are (partly) in out */
@@ -6239,20 +6226,26 @@ typedef struct patio__pp_worker {
     char reason[200];     /* why we killed it, told to the calls it held */
 } patio__pp_worker;
 
+enum { PATIO__IO_AWAKE = 0, PATIO__IO_ASLEEP = 1, PATIO__IO_WOKEN = 2 };
+
 typedef struct patio__ppool {
     patio_executor base;
-    pthread_mutex_t mu;    /* held briefly by submitters and the I/O thread: spins before sleeping */
+    /* Submitters push to the lock-free inbox and take no lock: the I/O
+     * thread moves it into q under mu (which cancel also takes). The
+     * fields marked "sc" are sequentially consistent, paired as in
+     * patio__pp_submit and patio__pp_wait, so that a submitter never misses
+     * the I/O thread going to sleep. */
+    pthread_mutex_t mu;
     patio__task_queue q;   /* under mu */
+    patio__inbox in;       /* its `pending` counts every task not yet given to a worker */
     size_t max_queue;
-    int closing;           /* under mu */
-    int io_sleeping;       /* under mu: the I/O thread is about to block */
-    int woken;             /* under mu: a wake-up is on its way */
-    int held;              /* under mu: wake-ups held back while a burst is submitted */
+    int closing;           /* sc */
+    int io_state;          /* sc: PATIO__IO_AWAKE, _ASLEEP or _WOKEN (see patio__pp_wait) */
+    int held;              /* sc: wake-ups held back while a burst is submitted */
     int live;              /* under mu: workers in state ALIVE */
     patio__wake wake;
     pthread_t io;
     int io_running;
-    size_t queued;         /* atomic mirror of q.count, for the spinning I/O thread */
     int nworkers, max_calls, kill_on_timeout, inherit_fds;
     uint32_t max_frame;
     uint64_t spin_ns;      /* the ceiling of the adaptive polling below */
@@ -6293,6 +6286,18 @@ static void patio__pp_child(patio__ppool *p, int fd)
     patio__pw_main(p->base.registry, fd, p->max_frame, p->spin_ns);
 }
 
+/* How many calls a worker may hold: about PATIO__PP_BUSY_NS of work at
+ * its recent pace (so tiny calls travel in deep batches while a call
+ * that turns out long holds up little behind it), at least 2 (the next
+ * call is there when one ends), at most max_calls_per_worker. */
+static unsigned patio__pp_depth(const patio__ppool *p, const patio__pp_worker *w)
+{
+    uint64_t depth = PATIO__PP_BUSY_NS / (w->call_ns ? w->call_ns : 1);
+    if (depth < 2) depth = 2;
+    if (depth > (uint64_t)p->max_calls) depth = (uint64_t)p->max_calls;
+    return (unsigned)depth;
+}
+
 static int patio__pp_spawn(patio__ppool *p, patio__pp_worker *w)
 {
     int sv[2];
@@ -6314,6 +6319,7 @@ static int patio__pp_spawn(patio__ppool *p, patio__pp_worker *w)
     w->fd = sv[0];
     w->head = w->count = w->unsent = 0;
     w->call_ns = PATIO__PP_BUSY_NS / PATIO__PP_START_DEPTH;
+    w->depth = patio__pp_depth(p, w);
     w->in_len = 0;
     patio_writer_reset(&w->out);
     w->out_off = 0;
@@ -6406,10 +6412,10 @@ static void patio__pp_take_back(patio__ppool *p, patio__pp_worker *w)
             patio_task *t = s->task;
             if (s->end <= w->out_off) break; /* written in full: the worker may run it */
             w->count--;
+            __atomic_fetch_add(&p->in.pending, 1, __ATOMIC_SEQ_CST);
             patio__store(&t->state, PATIO__TASK_QUEUED);
             patio__tq_push_front(&p->q, t);
         }
-        patio__store(&p->queued, p->q.count);
         pthread_mutex_unlock(&p->mu);
     }
     w->unsent = 0;
@@ -6558,35 +6564,21 @@ static void patio__pp_read(patio__ppool *p, patio__pp_worker *w)
 
 /* ---- the parent: sending calls ----------------------------------------- */
 
-/* How many calls a worker may hold: about PATIO__PP_BUSY_NS of work at
- * its recent pace (so tiny calls travel in deep batches while a call
- * that turns out long holds up little behind it), at least 2 (the next
- * call is there when one ends), at most max_calls_per_worker. */
-static unsigned patio__pp_depth(const patio__ppool *p, const patio__pp_worker *w)
-{
-    uint64_t depth = PATIO__PP_BUSY_NS / (w->call_ns ? w->call_ns : 1);
-    if (depth < 2) depth = 2;
-    if (depth > (uint64_t)p->max_calls) depth = (uint64_t)p->max_calls;
-    return (unsigned)depth;
-}
-
 /* Calls a worker can take now. A worker whose current call has run for
  * PATIO__PP_BUSY_NS gets no more until it answers: what is queued waits in
  * the parent for whichever worker frees up first, instead of behind it. */
-static unsigned patio__pp_room(const patio__ppool *p, const patio__pp_worker *w, uint64_t now)
+static unsigned patio__pp_room(const patio__pp_worker *w, uint64_t now)
 {
-    unsigned depth;
     if (w->state != PATIO__PW_ALIVE) return 0;
     if (w->count && now - w->head_since >= PATIO__PP_BUSY_NS) return 0;
-    depth = patio__pp_depth(p, w);
-    return w->count < depth ? depth - w->count : 0;
+    return w->count < w->depth ? w->depth - w->count : 0;
 }
 
 static unsigned patio__pp_free_slots(const patio__ppool *p, uint64_t now)
 {
     unsigned n = 0;
     int i;
-    for (i = 0; i < p->nworkers; i++) n += patio__pp_room(p, &p->w[i], now);
+    for (i = 0; i < p->nworkers; i++) n += patio__pp_room(&p->w[i], now);
     return n;
 }
 
@@ -6598,7 +6590,7 @@ static patio__pp_worker *patio__pp_pick(patio__ppool *p, uint64_t now)
     int i;
     for (i = 0; i < p->nworkers; i++) {
         patio__pp_worker *w = &p->w[i];
-        if (!patio__pp_room(p, w, now)) continue;
+        if (!patio__pp_room(w, now)) continue;
         if (w->count == 0) return w;
         if (!best || w->count < best->count || (w->count == best->count && w->head_since > best->head_since))
             best = w;
@@ -6645,17 +6637,23 @@ static void patio__pp_send(patio__ppool *p, patio_task *t, uint64_t now)
 static void patio__pp_dispatch(patio__ppool *p)
 {
     patio_task *batch[PATIO__PP_BATCH];
-    uint64_t now = patio__now_ns();
-    unsigned room = patio__pp_free_slots(p, now);
+    uint64_t now;
+    unsigned room;
+    int i;
+    if (!patio__inbox_pending(&p->in)) return;
+    for (i = 0; i < p->nworkers; i++) p->w[i].depth = patio__pp_depth(p, &p->w[i]);
+    now = patio__now_ns();
+    room = patio__pp_free_slots(p, now);
     while (room > 0) {
         size_t n = 0, i;
         pthread_mutex_lock(&p->mu);
+        patio__inbox_move(&p->in, &p->q);
         while (n < room && n < PATIO__PP_BATCH && p->q.head) {
             batch[n] = patio__tq_pop(&p->q);
             patio__store(&batch[n]->state, PATIO__TASK_RUNNING);
             n++;
         }
-        patio__store(&p->queued, p->q.count);
+        patio__inbox_taken(&p->in, n);
         pthread_mutex_unlock(&p->mu);
         if (!n) return;
         for (i = 0; i < n; i++) patio__pp_send(p, batch[i], now);
@@ -6742,9 +6740,7 @@ static void patio__pp_respawn(patio__ppool *p, uint64_t now)
 {
     int i, needed;
     if (p->respawn_at && now < p->respawn_at) return;
-    pthread_mutex_lock(&p->mu);
-    needed = !p->closing || p->q.head != NULL;
-    pthread_mutex_unlock(&p->mu);
+    needed = !PATIO__SC_GET(p->closing) || patio__inbox_pending(&p->in);
     if (!needed) return;
     p->respawn_at = 0;
     for (i = 0; i < p->nworkers; i++) {
@@ -6764,9 +6760,12 @@ static void patio__pp_fail_queue(patio__ppool *p)
     for (;;) {
         patio_task *t;
         pthread_mutex_lock(&p->mu);
+        patio__inbox_move(&p->in, &p->q);
         t = patio__tq_pop(&p->q);
-        if (t) patio__store(&t->state, PATIO__TASK_RUNNING);
-        patio__store(&p->queued, p->q.count);
+        if (t) {
+            patio__store(&t->state, PATIO__TASK_RUNNING);
+            patio__inbox_taken(&p->in, 1);
+        }
         pthread_mutex_unlock(&p->mu);
         if (!t) return;
         patio__task_fail_code(t, PATIO_ERR_WORKER_DIED, "RuntimeError", "no worker process could be started");
@@ -6786,12 +6785,11 @@ static unsigned patio__pp_in_flight(const patio__ppool *p)
 /* 1 when shutting down and every task has finished. */
 static int patio__pp_done(patio__ppool *p)
 {
-    int closing, queued, i, any = 0;
-    pthread_mutex_lock(&p->mu);
-    closing = p->closing;
-    queued = p->q.head != NULL;
-    pthread_mutex_unlock(&p->mu);
-    if (!closing) return 0;
+    int queued, i, any = 0;
+    if (!PATIO__SC_GET(p->closing)) return 0;
+    /* a submitter between its reservation and its push counts as queued:
+     * it pushes, then wakes this thread */
+    queued = patio__inbox_pending(&p->in) != 0;
     for (i = 0; i < p->nworkers; i++) any |= p->w[i].state != PATIO__PW_EMPTY;
     if (queued && !any && p->respawn_at) patio__pp_fail_queue(p);
     return !queued && patio__pp_in_flight(p) == 0;
@@ -6844,7 +6842,7 @@ static int patio__pp_spin(patio__ppool *p, nfds_t n, uint64_t now)
     unsigned i;
     if (!budget) return 0;
     for (i = 0;; i++) {
-        if (poll(p->pfd, n, 0) > 0 || (patio__load(&p->queued) && patio__pp_free_slots(p, now))) {
+        if (poll(p->pfd, n, 0) > 0 || (patio__inbox_pending(&p->in) && patio__pp_free_slots(p, now))) {
             patio__spin_result(&p->spin, 1, t - now);
             return 1;
         }
@@ -6861,7 +6859,12 @@ static int patio__pp_spin(patio__ppool *p, nfds_t n, uint64_t now)
 }
 
 /* Waits until a worker socket or the wake fd is ready, or until `due`.
- * Submitters write the wake fd only while we announce that we sleep. */
+ * Submitters write the wake fd only while we announce that we sleep: we
+ * store ASLEEP and then look at the inbox, a submitter pushes and then
+ * looks at io_state (all sequentially consistent), so either we see its
+ * task or it sees us asleep. The first submitter to turn ASLEEP into
+ * WOKEN writes the wake fd; we swap the state back to AWAKE after the
+ * poll, so a wake-up is never taken for one still to come. */
 static void patio__pp_wait(patio__ppool *p, uint64_t due, uint64_t now)
 {
     nfds_t n = patio__pp_poll_set(p), k;
@@ -6872,18 +6875,12 @@ static void patio__pp_wait(patio__ppool *p, uint64_t due, uint64_t now)
     }
     if (ms != 0 && patio__pp_spin(p, n, now)) ms = 0;
     if (ms != 0) {
-        pthread_mutex_lock(&p->mu);
-        if (p->q.head && patio__pp_free_slots(p, now)) ms = 0;
-        else p->io_sleeping = sleeping = 1;
-        pthread_mutex_unlock(&p->mu);
+        PATIO__SC_SET(p->io_state, PATIO__IO_ASLEEP);
+        sleeping = 1;
+        if (patio__inbox_pending(&p->in) && patio__pp_free_slots(p, now)) ms = 0;
     }
     ready = poll(p->pfd, n, ms);
-    if (sleeping) {
-        pthread_mutex_lock(&p->mu);
-        p->io_sleeping = 0;
-        p->woken = 0;
-        pthread_mutex_unlock(&p->mu);
-    }
+    if (sleeping) __atomic_exchange_n(&p->io_state, PATIO__IO_AWAKE, __ATOMIC_SEQ_CST);
     if (ready <= 0) return;
     if (p->pfd[0].revents & POLLIN) patio__wake_drain(&p->wake);
     for (k = 1; k < n; k++) {
@@ -6965,9 +6962,7 @@ static void patio__pp_stop_workers(patio__ppool *p)
 static void patio__pp_shutdown(patio_executor *ex)
 {
     patio__ppool *p = (patio__ppool *)ex;
-    pthread_mutex_lock(&p->mu);
-    p->closing = 1;
-    pthread_mutex_unlock(&p->mu);
+    PATIO__SC_SET(p->closing, 1);
     if (p->io_running) {
         patio__wake_signal(&p->wake);
         pthread_join(p->io, NULL);
@@ -6999,32 +6994,33 @@ static void patio__pp_destroy(patio_executor *ex)
 
 /* ---- the parent: the executor interface -------------------------------- */
 
+/* After a push (or a release of held wake-ups): wakes the I/O thread if
+ * it sleeps, once per sleep (see patio__pp_wait). */
+static void patio__pp_wake_io(patio__ppool *p)
+{
+    int asleep = PATIO__IO_ASLEEP;
+    if (PATIO__SC_GET(p->io_state) == PATIO__IO_ASLEEP &&
+        __atomic_compare_exchange_n(&p->io_state, &asleep, PATIO__IO_WOKEN, 0, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED))
+        patio__wake_signal(&p->wake);
+}
+
 static int patio__pp_submit(patio_executor *ex, patio_task *t)
 {
     patio__ppool *p = (patio__ppool *)ex;
-    int wake, rc;
+    int rc;
     if (!t || !t->entry) return PATIO_ERR_INVALID;
-    pthread_mutex_lock(&p->mu);
-    rc = patio__tq_admit(&p->q, p->max_queue, p->closing, ex, t);
-    if (rc != PATIO_OK) { pthread_mutex_unlock(&p->mu); return rc; }
-    patio__store(&p->queued, p->q.count);
-    wake = !p->held && p->io_sleeping && !p->woken;
-    if (wake) p->woken = 1;
-    pthread_mutex_unlock(&p->mu);
-    if (wake) patio__wake_signal(&p->wake);
+    rc = patio__inbox_reserve(&p->in, &p->closing, p->max_queue);
+    if (rc != PATIO_OK) return rc;
+    patio__inbox_push(&p->in, ex, t);
+    if (!PATIO__SC_GET(p->held)) patio__pp_wake_io(p);
     return PATIO_OK;
 }
 
 /* See patio__executor_hold_wakes. */
 static void patio__pp_hold_wakes(patio__ppool *p, int hold)
 {
-    int wake;
-    pthread_mutex_lock(&p->mu);
-    p->held += hold ? 1 : -1;
-    wake = !p->held && p->q.head && p->io_sleeping && !p->woken;
-    if (wake) p->woken = 1;
-    pthread_mutex_unlock(&p->mu);
-    if (wake) patio__wake_signal(&p->wake);
+    if (__atomic_add_fetch(&p->held, hold ? 1 : -1, __ATOMIC_SEQ_CST) == 0 && patio__inbox_pending(&p->in))
+        patio__pp_wake_io(p);
 }
 
 /* Only a task still in the parent's queue can be cancelled: once written
@@ -7032,7 +7028,7 @@ static void patio__pp_hold_wakes(patio__ppool *p, int hold)
 static int patio__pp_cancel(patio_executor *ex, patio_task *t)
 {
     patio__ppool *p = (patio__ppool *)ex;
-    return patio__tq_cancel_locked(&p->mu, &p->q, &p->queued, t);
+    return patio__inbox_cancel(&p->mu, &p->in, &p->q, t);
 }
 
 static const patio_executor_vtable patio__pp_vt = {
