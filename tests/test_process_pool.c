@@ -307,6 +307,37 @@ static void check_gather(int spin_us)
 static void test_gather(void) { check_gather(0); }          /* polls before sleeping */
 static void test_gather_without_polling(void) { check_gather(-1); }
 
+/* Bursts of every size, one after another, so that calls keep arriving
+ * just as the I/O thread goes to sleep or wakes: each burst must finish
+ * (a missed wake-up leaves one waiting until its timeout). */
+static void check_bursts(int spin_us)
+{
+    enum { ROUNDS = 400, MAX_BURST = 256 };
+    patio_process_pool_config cfg;
+    static patio_call *calls[MAX_BURST];
+    int r, i, stalled = 0, wrong = 0;
+    env e;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.max_workers = 4;
+    cfg.spin_us = spin_us;
+    e = env_new_cfg(&cfg, NULL);
+    for (r = 0; r < ROUNDS && !stalled; r++) {
+        int n = 1 + (r * 37) % MAX_BURST;
+        for (i = 0; i < n; i++) calls[i] = patio_call_async(e.broker, "mul", "iii", 1, 2, 3);
+        stalled += patio_wait_all(calls, (size_t)n, 10.0) != PATIO_OK;
+        for (i = 0; i < n; i++) {
+            wrong += patio_call_status(calls[i]) != PATIO_OK || patio_result_int(calls[i]) != 6;
+            patio_call_free(calls[i]);
+        }
+    }
+    CHECK_EQ_INT(stalled, 0);
+    CHECK_EQ_INT(wrong, 0);
+    env_free(&e);
+}
+
+static void test_bursts_never_stall(void) { check_bursts(0); }
+static void test_bursts_never_stall_without_polling(void) { check_bursts(-1); }
+
 /* CPU time (user + system) a process used so far, in clock ticks; -1 if
  * /proc cannot tell. */
 static long cpu_ticks(long pid)
@@ -849,6 +880,8 @@ int main(void)
     RUN(test_multiply);
     RUN(test_gather);
     RUN(test_gather_without_polling);
+    RUN(test_bursts_never_stall);
+    RUN(test_bursts_never_stall_without_polling);
 #if defined(__linux__)
     RUN(test_idle_pool_stops_polling);
 #endif
