@@ -284,23 +284,32 @@ static void test_multiply(void)
     CHECK_EQ_INT(count.allocs, count.frees);
 }
 
+/* Starts n calls of mul(1, 2, 3), waits for all (at most `timeout` s),
+ * frees them; returns how many gave 6, and the wait's result in *waited. */
+static int gather_mul(patio_broker *b, patio_call **calls, int n, double timeout, int *waited)
+{
+    int i, sixes = 0;
+    for (i = 0; i < n; i++) calls[i] = patio_call_async(b, "mul", "iii", 1, 2, 3);
+    *waited = patio_wait_all(calls, (size_t)n, timeout);
+    for (i = 0; i < n; i++) {
+        sixes += patio_call_status(calls[i]) == PATIO_OK && patio_result_int(calls[i]) == 6;
+        patio_call_free(calls[i]);
+    }
+    return sixes;
+}
+
 static void check_gather(int spin_us)
 {
     patio_process_pool_config cfg;
     patio_call *calls[100];
+    int waited;
     env e;
     memset(&cfg, 0, sizeof cfg);
     cfg.max_workers = 4;
     cfg.spin_us = spin_us;
     e = env_new_cfg(&cfg, NULL);
-    int i, sixes = 0;
-    for (i = 0; i < 100; i++) calls[i] = patio_call_async(e.broker, "mul", "iii", 1, 2, 3);
-    CHECK_EQ_INT(patio_wait_all(calls, 100, 20.0), PATIO_OK);
-    for (i = 0; i < 100; i++) {
-        sixes += patio_call_status(calls[i]) == PATIO_OK && patio_result_int(calls[i]) == 6;
-        patio_call_free(calls[i]);
-    }
-    CHECK_EQ_INT(sixes, 100);
+    CHECK_EQ_INT(gather_mul(e.broker, calls, 100, 20.0, &waited), 100);
+    CHECK_EQ_INT(waited, PATIO_OK);
     env_free(&e);
 }
 
@@ -315,20 +324,16 @@ static void check_bursts(int spin_us)
     enum { ROUNDS = 400, MAX_BURST = 256 };
     patio_process_pool_config cfg;
     static patio_call *calls[MAX_BURST];
-    int r, i, stalled = 0, wrong = 0;
+    int r, stalled = 0, wrong = 0;
     env e;
     memset(&cfg, 0, sizeof cfg);
     cfg.max_workers = 4;
     cfg.spin_us = spin_us;
     e = env_new_cfg(&cfg, NULL);
     for (r = 0; r < ROUNDS && !stalled; r++) {
-        int n = 1 + (r * 37) % MAX_BURST;
-        for (i = 0; i < n; i++) calls[i] = patio_call_async(e.broker, "mul", "iii", 1, 2, 3);
-        stalled += patio_wait_all(calls, (size_t)n, 10.0) != PATIO_OK;
-        for (i = 0; i < n; i++) {
-            wrong += patio_call_status(calls[i]) != PATIO_OK || patio_result_int(calls[i]) != 6;
-            patio_call_free(calls[i]);
-        }
+        int n = 1 + (r * 37) % MAX_BURST, waited;
+        wrong += n - gather_mul(e.broker, calls, n, 10.0, &waited);
+        stalled += waited != PATIO_OK;
     }
     CHECK_EQ_INT(stalled, 0);
     CHECK_EQ_INT(wrong, 0);
@@ -374,19 +379,15 @@ static void test_idle_pool_stops_polling(void)
     patio_call *calls[200];
     long pids[2], before[3], after[3], used = 0, clk = sysconf(_SC_CLK_TCK);
     struct timespec quiet = { 0, 600000000L };
-    int i, k, sixes = 0;
+    int i, k, waited, sixes = 0;
     env e;
     memset(&cfg, 0, sizeof cfg);
     cfg.max_workers = 2;
     cfg.spin_us = 1000; /* long polls, so that a pool that kept polling would show */
     e = env_new_cfg(&cfg, NULL);
     for (k = 0; k < 5; k++) { /* bursts teach the pool that work comes back at once */
-        for (i = 0; i < 200; i++) calls[i] = patio_call_async(e.broker, "mul", "iii", 1, 2, 3);
-        CHECK_EQ_INT(patio_wait_all(calls, 200, 20.0), PATIO_OK);
-        for (i = 0; i < 200; i++) {
-            sixes += patio_call_status(calls[i]) == PATIO_OK && patio_result_int(calls[i]) == 6;
-            patio_call_free(calls[i]);
-        }
+        sixes += gather_mul(e.broker, calls, 200, 20.0, &waited);
+        CHECK_EQ_INT(waited, PATIO_OK);
     }
     CHECK_EQ_INT(sixes, 1000);
     CHECK_EQ_INT(patio_process_pool_pids(e.ex, pids, 2), 2);
