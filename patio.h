@@ -6863,12 +6863,12 @@ static int patio__pp_spin(patio__ppool *p, nfds_t n, uint64_t now)
  * store ASLEEP and then look at the inbox, a submitter pushes and then
  * looks at io_state (all sequentially consistent), so either we see its
  * task or it sees us asleep. The first submitter to turn ASLEEP into
- * WOKEN writes the wake fd; we swap the state back to AWAKE after the
+ * WOKEN writes the wake fd; we set the state back to AWAKE after the
  * poll, so a wake-up is never taken for one still to come. */
 static void patio__pp_wait(patio__ppool *p, uint64_t due, uint64_t now)
 {
     nfds_t n = patio__pp_poll_set(p), k;
-    int ms = 0, sleeping = 0, ready;
+    int ms = 0, announced = 0, ready;
     if (due > now) {
         uint64_t d = due == UINT64_MAX ? UINT64_MAX : (due - now + 999999u) / 1000000u;
         ms = d > (uint64_t)INT_MAX ? -1 : (int)d;
@@ -6876,11 +6876,11 @@ static void patio__pp_wait(patio__ppool *p, uint64_t due, uint64_t now)
     if (ms != 0 && patio__pp_spin(p, n, now)) ms = 0;
     if (ms != 0) {
         PATIO__SC_SET(p->io_state, PATIO__IO_ASLEEP);
-        sleeping = 1;
+        announced = 1;
         if (patio__inbox_pending(&p->in) && patio__pp_free_slots(p, now)) ms = 0;
     }
     ready = poll(p->pfd, n, ms);
-    if (sleeping) __atomic_exchange_n(&p->io_state, PATIO__IO_AWAKE, __ATOMIC_SEQ_CST);
+    if (announced) PATIO__SC_SET(p->io_state, PATIO__IO_AWAKE);
     if (ready <= 0) return;
     if (p->pfd[0].revents & POLLIN) patio__wake_drain(&p->wake);
     for (k = 1; k < n; k++) {
