@@ -4992,8 +4992,11 @@ static int patio__inbox_reserve(patio__inbox *in, const int *closing, size_t max
     return rc;
 }
 
-/* After a successful reservation: queues t (any thread, no lock). */
-static void patio__inbox_push(patio__inbox *in, patio_executor *ex, patio_task *t)
+/* After a successful reservation: queues t (any thread, no lock).
+ * Returns 1 if the inbox was empty. If it was not, the task already there
+ * covers t: no consumer has taken it yet, and whoever does takes t with it
+ * in the same swap, so t needs no wake-up of its own. */
+static int patio__inbox_push(patio__inbox *in, patio_executor *ex, patio_task *t)
 {
     t->executor = ex;
     t->prev = NULL;
@@ -5001,6 +5004,7 @@ static void patio__inbox_push(patio__inbox *in, patio_executor *ex, patio_task *
     t->next = __atomic_load_n(&in->head, __ATOMIC_RELAXED);
     while (!__atomic_compare_exchange_n(&in->head, &t->next, t, 1, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED)) {
     }
+    return t->next == NULL;
 }
 
 static int patio__inbox_empty(patio__inbox *in)
@@ -5202,8 +5206,7 @@ static int patio__pool_submit(patio_executor *ex, patio_task *t)
     patio__pool_worker *wake;
     int rc = patio__inbox_reserve(&p->in, &p->closing, p->max_queue);
     if (rc != PATIO_OK) return rc;
-    patio__inbox_push(&p->in, ex, t);
-    if (patio__pool_covered(p)) return PATIO_OK;
+    if (!patio__inbox_push(&p->in, ex, t) || patio__pool_covered(p)) return PATIO_OK;
     pthread_mutex_lock(&p->mu);
     wake = patio__pool_wake_for_inbox(p);
     pthread_mutex_unlock(&p->mu);
@@ -5416,11 +5419,12 @@ static void *patio__pool_worker_main(void *arg)
     patio__pool *p = self->pool;
     patio_task *batch[PATIO__POOL_BATCH];
     unsigned singles = 0;
+    int busy = 0;
     pthread_mutex_lock(&p->mu);
     for (;;) {
         patio__pool_worker *helper = NULL;
         size_t n;
-        patio__pool_wait_for_work(p, self);
+        if (!busy) patio__pool_wait_for_work(p, self);
         if (!p->q.head) {
             /* closing: done once no submitter is between its check and its push */
             if (!patio__inbox_pending(&p->in)) break;
@@ -5431,7 +5435,8 @@ static void *patio__pool_worker_main(void *arg)
         }
         n = patio__pool_take(p, batch);
         p->taken++;
-        PATIO__SC_SET(p->busy, p->busy + 1);
+        if (!busy) PATIO__SC_SET(p->busy, p->busy + 1);
+        busy = 1;
         if (p->q.count) helper = patio__pool_wake_one(p);
         pthread_mutex_unlock(&p->mu);
         if (helper) pthread_cond_signal(&helper->cv);
@@ -5439,7 +5444,16 @@ static void *patio__pool_worker_main(void *arg)
         patio__pool_run_batch(p, batch, n, n > 1 || (++singles & 7) == 0);
         if (patio__inbox_pending(&p->in)) patio__pool_settle(p);
         pthread_mutex_lock(&p->mu);
-        PATIO__SC_SET(p->busy, p->busy - 1);
+        /* More work: take it still counted as busy. Dropping the count
+         * only to raise it again would show submitters a pool with nobody
+         * busy, and send them to this lock to wake a sleeper for nothing.
+         * Without work, the count drops before wait_for_work looks at the
+         * inbox again, which a submitter that saw this worker busy relies on. */
+        patio__inbox_move(&p->in, &p->q);
+        if (!p->q.head) {
+            PATIO__SC_SET(p->busy, p->busy - 1);
+            busy = 0;
+        }
     }
     pthread_mutex_unlock(&p->mu);
     return NULL;
@@ -7826,8 +7840,20 @@ static int patio__must_pump(patio_loop *loop)
     return patio_loop_run_once(loop, 0) != PATIO_ERR_INVALID;
 }
 
-/* Registers w on every pending call; returns how many took it. *shared
- * counts calls another thread already waits on (they are polled). */
+/* Whether the wait is over. For "all", calls before *first are known to
+ * be done: each look starts there, so a finished prefix is read once. */
+static int patio__wait_met(patio_call *const *calls, size_t n, int any, size_t *index, size_t *first)
+{
+    size_t i = *first;
+    if (any) return patio__calls_done(calls, n, 1, index);
+    while (i < n && patio__load(&calls[i]->state) == PATIO__CALL_DONE) i++;
+    *first = i;
+    return i == n;
+}
+
+/* Registers w on every call that is still pending; returns how many took
+ * it. *shared counts calls another thread already waits on (they are
+ * polled). A finished call is skipped with a load: it notifies nobody. */
 static size_t patio__waiter_register(patio__waiter *w, patio_call *const *calls, size_t n,
                                      unsigned char *mine, size_t *shared)
 {
@@ -7835,6 +7861,8 @@ static size_t patio__waiter_register(patio__waiter *w, patio_call *const *calls,
     *shared = 0;
     for (i = 0; i < n; i++) {
         patio__waiter *expected = NULL;
+        mine[i] = 0;
+        if (patio__load(&calls[i]->state) == PATIO__CALL_DONE) continue;
         mine[i] = (unsigned char)patio__cas(&calls[i]->waiter, &expected, w);
         k += mine[i];
         if (!mine[i] && expected != PATIO__WAITER_FIRED) (*shared)++;
@@ -7876,25 +7904,36 @@ static size_t patio__waiter_unregister(patio__waiter *w, patio_call *const *call
  * for the whole poll to end. */
 #define PATIO__WAIT_YIELD_NS 1000u
 
+/* Polls the calls themselves, with plain loads, for up to the spin budget
+ * (never past the deadline); 1 if the wait is over. Calls in flight
+ * usually finish within it, and then no call pays for registering a
+ * waiter: an atomic operation on each, and another to take it back. */
+static int patio__wait_spin(patio_call *const *calls, size_t n, int any, size_t *index,
+                            size_t *first, uint64_t deadline)
+{
+    uint64_t now = patio__now_ns(), next_yield = now + PATIO__WAIT_YIELD_NS;
+    uint64_t until = now + (uint64_t)PATIO__WAIT_SPIN_US * 1000u;
+    unsigned i = 0;
+    if (until > deadline) until = deadline;
+    for (;;) {
+        if (patio__wait_met(calls, n, any, index, first)) return 1;
+        if ((++i & 7) != 0) { patio__cpu_relax(); continue; }
+        now = patio__now_ns();
+        if (now >= until) return 0;
+        if (now >= next_yield) {
+            sched_yield();
+            next_yield = now + PATIO__WAIT_YIELD_NS;
+        }
+    }
+}
+
 /* Sleeps (or pumps) until `target` registered calls notified, or the
- * deadline; polls briefly first, since a sleep/wake costs far more. */
+ * deadline. */
 static void patio__wait_block(patio__waiter *w, int target, uint64_t deadline, patio_loop *pump)
 {
-    uint64_t start = patio__now_ns(), next_yield = start + PATIO__WAIT_YIELD_NS;
-    uint64_t spin_until = start + (PATIO__WAIT_SPIN_US > 0 ? (uint64_t)PATIO__WAIT_SPIN_US * 1000u : 0);
-    unsigned i = 0;
     while (patio__load(&w->notified) < target) {
-        uint64_t now;
-        if ((++i & 31) != 0) { patio__cpu_relax(); continue; }
-        now = patio__now_ns();
+        uint64_t now = patio__now_ns();
         if (now >= deadline) return;
-        if (now < spin_until) {
-            if (now >= next_yield) {
-                sched_yield();
-                next_yield = now + PATIO__WAIT_YIELD_NS;
-            }
-            continue;
-        }
         if (pump) {
             patio_loop_run_once(pump, deadline - now < 1000000u ? 0 : 1);
             continue;
@@ -7918,25 +7957,18 @@ static void patio__waiter_drain(patio__waiter *w, size_t fired)
     }
 }
 
-static int patio__wait(patio_call *const *calls, size_t n, double timeout, int any, size_t *index)
+/* Registers a waiter on the calls still pending from calls[first] on and
+ * sleeps (or pumps the loop) until the wait is over or the deadline. */
+static int patio__wait_registered(patio_call *const *calls, size_t n, int any, size_t *index,
+                                  size_t first, uint64_t deadline, patio_loop *loop)
 {
     patio__waiter w;
     unsigned char small[64];
     unsigned char *mine = small;
-    patio_loop *loop = NULL;
-    uint64_t deadline;
-    size_t i, fired, registered, shared;
+    size_t m = n - first, seen = first, fired, registered, shared;
     int rc;
-    if (!calls && n) return PATIO_ERR_INVALID;
-    for (i = 0; i < n; i++) if (!calls[i]) return PATIO_ERR_INVALID;
-    if (patio__calls_done(calls, n, any, index)) return PATIO_OK;
-    if (n == 0) return any ? PATIO_ERR_INVALID : PATIO_OK;
-    for (i = 0; i < n && !loop; i++)
-        if (patio__load(&calls[i]->state) != PATIO__CALL_DONE) loop = calls[i]->loop;
-    if (loop && patio_loop_in_loop_thread(loop)) return PATIO_ERR_INVALID; /* would deadlock */
-    deadline = timeout < 0 ? UINT64_MAX : patio__deadline_after(timeout);
-    if (n > sizeof small) {
-        mine = (unsigned char *)patio__malloc(calls[0]->hooks, n);
+    if (m > sizeof small) {
+        mine = (unsigned char *)patio__malloc(calls[0]->hooks, m);
         if (!mine) return PATIO_ERR_NOMEM;
     }
     pthread_mutex_init(&w.mu, NULL);
@@ -7944,21 +7976,38 @@ static int patio__wait(patio_call *const *calls, size_t n, double timeout, int a
     w.notified = 0;
     w.exited = 0;
     w.target = INT_MAX;
-    registered = patio__waiter_register(&w, calls, n, mine, &shared);
+    registered = patio__waiter_register(&w, calls + first, m, mine, &shared);
     /* calls that finished before we registered count at once */
-    if (!patio__calls_done(calls, n, any, index)) {
+    if (!patio__wait_met(calls, n, any, index, &seen)) {
         if (shared) patio__wait_poll(calls, n, any, index, deadline);
         else patio__wait_block(&w, any ? 1 : (int)registered, deadline,
                                loop && patio__must_pump(loop) ? loop : NULL);
     }
-    rc = patio__calls_done(calls, n, any, index) ? PATIO_OK : PATIO_ERR_TIMEOUT;
+    rc = patio__wait_met(calls, n, any, index, &seen) ? PATIO_OK : PATIO_ERR_TIMEOUT;
     /* Calls that fired hold w until they notified: wait for exactly those. */
-    fired = patio__waiter_unregister(&w, calls, n, mine);
+    fired = patio__waiter_unregister(&w, calls + first, m, mine);
     patio__waiter_drain(&w, fired);
     pthread_mutex_destroy(&w.mu);
     pthread_cond_destroy(&w.cv);
     if (mine != small) patio__free(calls[0]->hooks, mine);
     return rc;
+}
+
+static int patio__wait(patio_call *const *calls, size_t n, double timeout, int any, size_t *index)
+{
+    patio_loop *loop = NULL;
+    uint64_t deadline;
+    size_t i, first = 0;
+    if (!calls && n) return PATIO_ERR_INVALID;
+    for (i = 0; i < n; i++) if (!calls[i]) return PATIO_ERR_INVALID;
+    if (n == 0) return any ? PATIO_ERR_INVALID : PATIO_OK;
+    if (patio__wait_met(calls, n, any, index, &first)) return PATIO_OK;
+    for (i = first; i < n && !loop; i++)
+        if (patio__load(&calls[i]->state) != PATIO__CALL_DONE) loop = calls[i]->loop;
+    if (loop && patio_loop_in_loop_thread(loop)) return PATIO_ERR_INVALID; /* would deadlock */
+    deadline = timeout < 0 ? UINT64_MAX : patio__deadline_after(timeout);
+    if (patio__wait_spin(calls, n, any, index, &first, deadline)) return PATIO_OK;
+    return patio__wait_registered(calls, n, any, index, first, deadline, loop);
 }
 
 PATIO_API int patio_call_wait(patio_call *c, double timeout)
