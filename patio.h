@@ -1241,6 +1241,32 @@ static void patio__free(const patio_hooks *h, void *p)
     else free(p);
 }
 
+/* Zeroed memory that starts on a cache line and fills whole lines, for
+ * objects that threads hand to one another (calls): two such objects never
+ * share a line, so a worker finishing one never takes the line that the
+ * owner of its neighbour is writing. The block's own address is kept in
+ * the word before the object; free it with patio__free_lines. */
+static void *patio__calloc_lines(const patio_hooks *h, size_t n)
+{
+    size_t size = (n + PATIO__LINE - 1) & ~(size_t)(PATIO__LINE - 1);
+    char *raw, *obj;
+    if (size < n || size > SIZE_MAX - PATIO__LINE - sizeof(void *)) return NULL;
+    raw = (char *)patio__malloc(h, size + PATIO__LINE + sizeof(void *));
+    if (!raw) return NULL;
+    obj = (char *)(((uintptr_t)raw + sizeof(void *) + PATIO__LINE - 1) & ~(uintptr_t)(PATIO__LINE - 1));
+    memcpy(obj - sizeof(void *), &raw, sizeof raw);
+    memset(obj, 0, size);
+    return obj;
+}
+
+static void patio__free_lines(const patio_hooks *h, void *obj)
+{
+    void *raw;
+    if (!obj) return;
+    memcpy(&raw, (char *)obj - sizeof(void *), sizeof raw);
+    patio__free(h, raw);
+}
+
 static char *patio__strndup(const patio_hooks *h, const char *s, size_t n)
 {
     char *d = (char *)patio__malloc(h, n + 1);
@@ -3511,7 +3537,8 @@ struct patio_registry {
 };
 
 /* An object of `size` bytes whose first `zeroed` bytes are zero, from the
- * cache when it has one (the rest is left as it was: buffers need no zeroing). */
+ * cache when it has one (the rest is left as it was: buffers need no
+ * zeroing). Objects start on a cache line: see patio__calloc_lines. */
 static void *patio__cache_take(patio__obj_cache *cache, const patio_hooks *h, size_t size, size_t zeroed)
 {
     void *obj;
@@ -3519,7 +3546,7 @@ static void *patio__cache_take(patio__obj_cache *cache, const patio_hooks *h, si
     obj = cache->head;
     if (obj) { cache->head = *(void **)obj; cache->count--; }
     pthread_mutex_unlock(&cache->mu);
-    if (!obj) return patio__calloc(h, size);
+    if (!obj) return patio__calloc_lines(h, size);
     memset(obj, 0, zeroed);
     return obj;
 }
@@ -3534,7 +3561,7 @@ static void patio__cache_give(patio__obj_cache *cache, const patio_hooks *h, voi
         obj = NULL;
     }
     pthread_mutex_unlock(&cache->mu);
-    if (obj) patio__free(h, obj);
+    patio__free_lines(h, obj);
 }
 
 /* FNV-1a: names are short and this runs once per call. */
@@ -3624,7 +3651,7 @@ PATIO_API void patio_registry_free(patio_registry *r)
     while (r->call_cache.head) {
         void *obj = r->call_cache.head;
         r->call_cache.head = *(void **)obj;
-        patio__free(&h, obj);
+        patio__free_lines(&h, obj);
     }
     pthread_mutex_destroy(&r->call_cache.mu);
     for (i = 0; i < r->count; i++) patio__free(&h, r->entries[i].name);
@@ -5103,7 +5130,6 @@ typedef struct patio__pool {
     int *idle;             /* sleepers other than the standby, the most recent last */
     int nidle;             /* sc */
     patio__task_queue q;
-    size_t max_queue;
     int nthreads;          /* threads started (the starting thread's count) */
     int size;              /* max_workers: set before any thread starts, then read-only */
     int busy;              /* sc: workers running a batch */
@@ -5114,10 +5140,14 @@ typedef struct patio__pool {
     uint64_t taken;        /* batches taken so far: the queue's progress */
     int spin_us;
     PATIO__PAD(pad_mid);   /* below: written without mu */
+    /* What a submit reads, on a line of its own: workers write the lines
+     * around it for every batch, and a submit would pay for each. */
     patio__inbox in;
+    size_t max_queue;
+    int closing;           /* atomic */
+    PATIO__PAD(pad_inbox);
     uint64_t task_ns;      /* atomic: moving average of a task's run time */
     int spinner;           /* atomic: 1 while one idle worker polls (only one does, to spare the CPUs) */
-    int closing;           /* atomic */
     patio__spin_state spin;  /* updated only by the worker holding `spinner` */
     pthread_t *threads;
     PATIO__PAD(pad_after);
@@ -5557,16 +5587,19 @@ typedef struct patio__async {
     PATIO__PAD(pad_before);
     pthread_mutex_t mu;    /* the queue, `running`; taken by the loop thread */
     pthread_cond_t cv;
-    patio__inbox in;
     patio__task_queue q;
-    size_t max_queue;
     int running;           /* started and not finished (includes PATIO_PENDING ones) */
     int max_workers;
-    int closing;           /* atomic */
-    int drain_posted;      /* atomic: a drain is queued on the loop */
     int draining;          /* loop thread only: patio__async_drain runs tasks */
     int ended_in_drain;    /* loop thread only: tasks that ended meanwhile, not yet counted off */
     patio__post drain;
+    /* What a submit touches, apart from what the loop thread writes for
+     * every batch: sharing their line would cost a submit a miss each time. */
+    PATIO__PAD(pad_mid);
+    patio__inbox in;
+    size_t max_queue;
+    int closing;           /* atomic */
+    int drain_posted;      /* atomic: a drain is queued on the loop */
     PATIO__PAD(pad_after);
 } patio__async;
 
@@ -5640,8 +5673,7 @@ static int patio__async_submit(patio_executor *ex, patio_task *t)
     if (!ex->loop) return PATIO_ERR_CLOSED;
     rc = patio__inbox_reserve(&a->in, &a->closing, a->max_queue);
     if (rc != PATIO_OK) return rc;
-    patio__inbox_push(&a->in, ex, t);
-    patio__async_schedule(a);
+    if (patio__inbox_push(&a->in, ex, t)) patio__async_schedule(a);
     return PATIO_OK;
 }
 
@@ -6251,11 +6283,13 @@ typedef struct patio__ppool {
      * the I/O thread going to sleep. */
     pthread_mutex_t mu;
     patio__task_queue q;   /* under mu */
+    PATIO__PAD(pad_inbox); /* below, what a submit touches; the I/O thread writes q per batch */
     patio__inbox in;       /* its `pending` counts every task not yet given to a worker */
     size_t max_queue;
     int closing;           /* sc */
     int io_state;          /* sc: PATIO__IO_AWAKE, _ASLEEP or _WOKEN (see patio__pp_wait) */
     int held;              /* sc: wake-ups held back while a burst is submitted */
+    PATIO__PAD(pad_after_inbox);
     int live;              /* under mu: workers in state ALIVE */
     patio__wake wake;
     pthread_t io;
@@ -7025,8 +7059,7 @@ static int patio__pp_submit(patio_executor *ex, patio_task *t)
     if (!t || !t->entry) return PATIO_ERR_INVALID;
     rc = patio__inbox_reserve(&p->in, &p->closing, p->max_queue);
     if (rc != PATIO_OK) return rc;
-    patio__inbox_push(&p->in, ex, t);
-    if (!PATIO__SC_GET(p->held)) patio__pp_wake_io(p);
+    if (patio__inbox_push(&p->in, ex, t) && !PATIO__SC_GET(p->held)) patio__pp_wake_io(p);
     return PATIO_OK;
 }
 
@@ -8193,10 +8226,10 @@ PATIO_API void patio_broker_deinit(patio_broker *b)
     b->loop = NULL;
     if (core) {
         patio_call *c = patio__xchg(&core->ready, (patio_call *)NULL);
-        if (c) patio__free(b->hooks, c);
+        patio__free_lines(b->hooks, c);
         while ((c = core->spares) != NULL) {
             core->spares = c->next;
-            patio__free(b->hooks, c);
+            patio__free_lines(b->hooks, c);
         }
         pthread_mutex_destroy(&core->mu);
         pthread_cond_destroy(&core->cv);
