@@ -5025,13 +5025,15 @@ static int patio__inbox_reserve(patio__inbox *in, const int *closing, size_t max
  * in the same swap, so t needs no wake-up of its own. */
 static int patio__inbox_push(patio__inbox *in, patio_executor *ex, patio_task *t)
 {
+    patio_task *before;
     t->executor = ex;
     t->prev = NULL;
     patio__store(&t->state, PATIO__TASK_QUEUED);
-    t->next = __atomic_load_n(&in->head, __ATOMIC_RELAXED);
-    while (!__atomic_compare_exchange_n(&in->head, &t->next, t, 1, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED)) {
-    }
-    return t->next == NULL;
+    /* `before` is ours: once t is in, a consumer may rewrite t->next */
+    before = __atomic_load_n(&in->head, __ATOMIC_RELAXED);
+    do t->next = before;
+    while (!__atomic_compare_exchange_n(&in->head, &before, t, 1, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED));
+    return before == NULL;
 }
 
 static int patio__inbox_empty(patio__inbox *in)
