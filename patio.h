@@ -2125,6 +2125,14 @@ PATIO__MAYBE_UNUSED static int patio__consttime_equal(const void *a, const void 
  * >>msgpack  MessagePack writer, reader, validation, CallRequest, exception
  * ======================================================================== */
 
+/* Big-endian stores and loads. Where the compiler says the CPU is
+ * little-endian, each is one unaligned access and a byte swap; spelled
+ * byte by byte, not every compiler merges them. */
+#if defined(__GNUC__) && defined(__BYTE_ORDER__) && defined(__ORDER_LITTLE_ENDIAN__) && \
+    __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define PATIO__SWAP_BE 1
+#endif
+
 static void patio__put_be16(uint8_t *p, uint16_t v)
 {
     p[0] = (uint8_t)(v >> 8);
@@ -2133,10 +2141,15 @@ static void patio__put_be16(uint8_t *p, uint16_t v)
 
 static void patio__put_be32(uint8_t *p, uint32_t v)
 {
+#ifdef PATIO__SWAP_BE
+    v = __builtin_bswap32(v);
+    memcpy(p, &v, sizeof v);
+#else
     p[0] = (uint8_t)(v >> 24);
     p[1] = (uint8_t)(v >> 16);
     p[2] = (uint8_t)(v >> 8);
     p[3] = (uint8_t)v;
+#endif
 }
 
 static void patio__put_be64(uint8_t *p, uint64_t v)
@@ -2145,11 +2158,30 @@ static void patio__put_be64(uint8_t *p, uint64_t v)
     patio__put_be32(p + 4, (uint32_t)v);
 }
 
-/* A big-endian unsigned field of 1, 2, 4 or 8 bytes. */
+static uint32_t patio__get_be32(const uint8_t *p)
+{
+#ifdef PATIO__SWAP_BE
+    uint32_t v;
+    memcpy(&v, p, sizeof v);
+    return __builtin_bswap32(v);
+#else
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | (uint32_t)p[3];
+#endif
+}
+
+/* A big-endian unsigned field of 1, 2, 4 or 8 bytes (any size up to 8):
+ * the fixed widths take the paths above, where a loop would stay a loop. */
 static uint64_t patio__get_be(const uint8_t *p, size_t size)
 {
     uint64_t v = 0;
     size_t i;
+    switch (size) {
+    case 1: return p[0];
+    case 2: return (uint64_t)((unsigned)p[0] << 8 | p[1]);
+    case 4: return patio__get_be32(p);
+    case 8: return (uint64_t)patio__get_be32(p) << 32 | patio__get_be32(p + 4);
+    default: break;
+    }
     for (i = 0; i < size; i++) v = (v << 8) | p[i];
     return v;
 }
@@ -2267,14 +2299,19 @@ PATIO_API int patio_writer_reserve(patio_writer *w, size_t extra)
     return patio__writer_grow(w, need);
 }
 
+/* Whether n more bytes fit as things are: no error, no growth, within
+ * max_len (a user may lower max_len below len: then nothing fits). */
+static int patio__writer_fits(const patio_writer *w, size_t n)
+{
+    return !w->err && n <= w->cap - w->len && (!w->max_len || (w->len <= w->max_len && n <= w->max_len - w->len));
+}
+
 /* Claims n (> 0) bytes at the end and returns where to store them, or NULL
- * once the writer has an error. The common case is three compares and an add. */
+ * once the writer has an error. The common case is a few compares and an add. */
 static uint8_t *patio__writer_append(patio_writer *w, size_t n)
 {
     uint8_t *p;
-    if (w->err || w->max_len || n > w->cap - w->len) {
-        if (patio_writer_reserve(w, n) != PATIO_OK) return NULL;
-    }
+    if (!patio__writer_fits(w, n) && patio_writer_reserve(w, n) != PATIO_OK) return NULL;
     p = w->data + w->len;
     w->len += n;
     return p;
@@ -2360,6 +2397,10 @@ PATIO_API int patio_write_bool(patio_writer *w, int b)
 
 PATIO_API int patio_write_uint(patio_writer *w, uint64_t v)
 {
+    if (v < 0x80 && patio__writer_fits(w, 1)) { /* the most common value of all: one byte, in place */
+        w->data[w->len++] = (uint8_t)v;
+        return PATIO_OK;
+    }
     if (v < 0x80) return patio__write_head(w, (uint8_t)v, 0, 0);
     if (v <= 0xff) return patio__write_head(w, 0xcc, v, 1);
     if (v <= 0xffff) return patio__write_head(w, 0xcd, v, 2);
@@ -2570,21 +2611,24 @@ static int patio__pack_one(patio_writer *w, const char *f, va_list *ap)
  * path, with nothing written and no error set, so that a bad format is
  * reported as such even after a write failed. Small non-negative ints,
  * the most common arguments of all, take one byte without a call. */
-static int patio__pack_flat(patio_writer *w, const char *fmt, va_list *ap)
+static int patio__pack_flat(patio_writer *w, const char *fmt, va_list *ap, uint32_t *count)
 {
     size_t start = w->len;
     const char *f;
+    uint32_t n = 0;
     for (f = fmt; *f; f++) {
         switch (*f) {
         case 'i': {
             int v;
+            n++;
             if (w->err) break;
             v = va_arg(*ap, int);
-            if (v >= 0 && v < 0x80 && w->len < w->cap && !w->max_len) w->data[w->len++] = (uint8_t)v;
+            if (v >= 0 && v < 0x80 && patio__writer_fits(w, 1)) w->data[w->len++] = (uint8_t)v;
             else patio_write_int(w, v);
             break;
         }
         case 'n': case 'b': case 'I': case 'u': case 'U': case 'd': case 's': case 'S': case 'y': case 'v':
+            n++;
             if (!w->err) patio__pack_one(w, f, ap);
             break;
         case ' ':
@@ -2595,6 +2639,7 @@ static int patio__pack_flat(patio_writer *w, const char *fmt, va_list *ap)
             return 0;
         }
     }
+    if (count) *count = n;
     return 1;
 }
 
@@ -2607,7 +2652,7 @@ PATIO_API int patio_packv(patio_writer *w, const char *fmt, va_list ap)
     if (!fmt) return patio__writer_fail(w, PATIO_ERR_INVALID);
     /* A copy that can be passed by address: va_list may be an array type. */
     va_copy(args, ap);
-    done = patio__pack_flat(w, fmt, &args);
+    done = patio__pack_flat(w, fmt, &args, NULL);
     va_end(args);
     if (done) return w->err;
     if (!patio__fmt_valid(fmt, "nbiIuUdsSyv")) return patio__writer_fail(w, PATIO_ERR_INVALID);
@@ -2615,6 +2660,47 @@ PATIO_API int patio_packv(patio_writer *w, const char *fmt, va_list ap)
     for (f = fmt; *f && !w->err; f++) patio__pack_one(w, f, &args);
     va_end(args);
     return w->err;
+}
+
+/* How many values a format packs at its top level (a bracket is one). */
+PATIO__MAYBE_UNUSED static uint32_t patio__fmt_count(const char *fmt)
+{
+    uint32_t n = 0;
+    int depth = 0;
+    for (; *fmt; fmt++) {
+        char c = *fmt;
+        if (c == ' ') continue;
+        if (c == '[' || c == '{') { if (depth++ == 0) n++; }
+        else if (c == ']' || c == '}') depth--;
+        else if (depth == 0) n++;
+    }
+    return n;
+}
+
+/* An array of the values a format packs: a call's positional arguments.
+ * A flat format of up to 15 values (nearly every call) is packed once,
+ * behind a one-byte header filled in afterwards, without counting first. */
+PATIO__MAYBE_UNUSED static int patio__pack_array(patio_writer *w, const char *fmt, va_list ap)
+{
+    size_t start = w->len;
+    uint32_t n;
+    int flat;
+    va_list args;
+    if (w->err) return w->err;
+    if (patio__writer_fits(w, 1)) {
+        w->len++;
+        va_copy(args, ap);
+        flat = patio__pack_flat(w, fmt, &args, &n);
+        va_end(args);
+        if (flat && n < 16) {
+            w->data[start] = (uint8_t)(0x90 | n);
+            return w->err;
+        }
+        w->len = start;
+        w->err = 0;
+    }
+    patio_write_array(w, patio__fmt_count(fmt));
+    return patio_packv(w, fmt, ap);
 }
 
 PATIO_API int patio_pack(patio_writer *w, const char *fmt, ...)
@@ -3321,10 +3407,12 @@ PATIO_API int patio_msgpack_check_all(const void *data, size_t len, int max_dept
 /* Writes ext 1 over [func, args, kwargs, timeout]. args/kwargs are encoded
  * array/map objects (NULL or empty: [] and {}); the timeout goes out as
  * float64, or nil without one. The body size is computed first, so the
- * smallest ext header is written directly, without moving bytes. */
-PATIO__MAYBE_UNUSED static int patio__write_call_request(patio_writer *w, const char *func, size_t func_len, const void *args,
-                                     size_t args_len, const void *kwargs, size_t kwargs_len,
-                                     int has_timeout, double timeout)
+ * smallest ext header is written directly, without moving bytes. `room`
+ * bytes are left in front for the caller (a frame header); *start gets
+ * where they begin. */
+PATIO__MAYBE_UNUSED static int patio__write_call_request_at(patio_writer *w, size_t room, uint8_t **start, const char *func,
+                                        size_t func_len, const void *args, size_t args_len, const void *kwargs,
+                                        size_t kwargs_len, int has_timeout, double timeout)
 {
     static const uint8_t empty_array = 0x90, empty_map = 0x80;
     uint8_t head[6], func_head[5], *p;
@@ -3340,7 +3428,9 @@ PATIO__MAYBE_UNUSED static int patio__write_call_request(patio_writer *w, const 
     body = 1 + (uint64_t)func_head_len + func_len + args_len + kwargs_len + (has_timeout ? 9 : 1);
     if (body > UINT32_MAX) return patio__writer_fail(w, PATIO_ERR_OVERFLOW);
     head_len = patio__ext_head(head, 1, (size_t)body);
-    if (!(p = patio__writer_append(w, head_len + (size_t)body))) return w->err;
+    if (!(p = patio__writer_append(w, room + head_len + (size_t)body))) return w->err;
+    if (start) *start = p;
+    p += room;
     memcpy(p, head, head_len);
     p += head_len;
     *p++ = 0x94;
@@ -3361,6 +3451,15 @@ PATIO__MAYBE_UNUSED static int patio__write_call_request(patio_writer *w, const 
         *p = 0xc0;
     }
     return PATIO_OK;
+}
+
+/* The request alone. */
+PATIO__MAYBE_UNUSED static int patio__write_call_request(patio_writer *w, const char *func, size_t func_len,
+                                                         const void *args, size_t args_len, const void *kwargs,
+                                                         size_t kwargs_len, int has_timeout, double timeout)
+{
+    return patio__write_call_request_at(w, 0, NULL, func, func_len, args, args_len, kwargs, kwargs_len, has_timeout,
+                                        timeout);
 }
 
 /* Decodes a REQUEST payload: exactly one ext-1 object, validated as
@@ -3451,6 +3550,20 @@ PATIO__MAYBE_UNUSED static void patio__frame_header_put(uint8_t *out, int type, 
     out[0] = (uint8_t)(int8_t)type;
     patio__put_be32(out + 1, size);
     patio__put_be32(out + 5, serial);
+}
+
+/* Appends a whole frame whose payload is at hand. PATIO_ERR_OVERFLOW,
+ * with nothing written, for a payload above max_payload. */
+PATIO__MAYBE_UNUSED static int patio__frame_put(patio_writer *w, int type, uint32_t serial, const void *payload,
+                                                size_t len, uint32_t max_payload)
+{
+    uint8_t *p;
+    if (w->err) return w->err;
+    if (len > max_payload) return PATIO_ERR_OVERFLOW;
+    if (!(p = patio__writer_append(w, PATIO__FRAME_HEADER + len))) return w->err;
+    patio__frame_header_put(p, type, (uint32_t)len, serial);
+    if (len) memcpy(p + PATIO__FRAME_HEADER, payload, len);
+    return PATIO_OK;
 }
 
 /* Starts a frame in w: reserves the header; write the payload, then end. */
@@ -3886,6 +3999,8 @@ struct patio_loop {
                                     the host's run_once to return */
 
     /* Loop-thread state */
+    patio__post *local_head;     /* posted by the loop thread itself: a FIFO */
+    patio__post *local_tail;     /* no other thread touches, so no atomics */
     uint64_t last_work_ns;       /* when a callback last ran: spin only after work */
     uint64_t last_poll_ns;
     int polls_skipped;
@@ -3917,36 +4032,77 @@ static void patio__loop_on_wake_fd(patio__io *io, unsigned revents)
 
 /* ---- posted work -------------------------------------------------------- */
 
-/* Queues p to run on the loop thread; any thread. */
-static void patio__loop_post(patio_loop *l, patio__post *p)
+static void patio__loop_push_shared(patio_loop *l, patio__post *p)
 {
     patio__post *head = patio__load_relaxed(&l->posts);
     do p->next = head;
     while (!__atomic_compare_exchange_n(&l->posts, &head, p, 1, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED));
+}
+
+/* Queues p to run on the loop thread; any thread. The loop thread's own
+ * posts (a completion delivering on_done, a call started from a callback)
+ * go to a plain list: the loop is awake, so they need neither the shared
+ * stack's compare-and-swap nor a wake-up. */
+static void patio__loop_post(patio_loop *l, patio__post *p)
+{
+    if (patio_loop_in_loop_thread(l)) {
+        p->next = NULL;
+        if (l->local_tail) l->local_tail->next = p; else l->local_head = p;
+        l->local_tail = p;
+        return;
+    }
+    patio__loop_push_shared(l, p);
     patio__loop_wake(l);
+}
+
+/* Before the loop thread lets go of the loop: its own posts join the
+ * shared stack, where whoever runs the loop next finds them. */
+static void patio__loop_share_local(patio_loop *l)
+{
+    patio__post *p = l->local_head, *next;
+    l->local_head = l->local_tail = NULL;
+    for (; p; p = next) {
+        next = p->next;
+        patio__loop_push_shared(l, p);
+    }
+}
+
+static int patio__loop_has_posts(patio_loop *l)
+{
+    return l->local_head != NULL || patio__load_relaxed(&l->posts) != NULL;
+}
+
+static int patio__loop_run_list(patio__post *p)
+{
+    patio__post *next;
+    int ran = 0;
+    for (; p; p = next) {
+        next = p->next; /* fn may free or re-post its node */
+        p->fn(p);
+        ran++;
+    }
+    return ran;
 }
 
 /* Runs the batch posted so far; work posted meanwhile waits for the next
  * iteration, so a callback that re-posts itself cannot starve the loop. */
 static int patio__loop_run_posts(patio_loop *l)
 {
-    patio__post *p, *fifo = NULL, *next;
-    int ran = 0;
-    if (!patio__load_relaxed(&l->posts)) return 0;
-    p = patio__xchg(&l->posts, (patio__post *)NULL);
+    patio__post *p = NULL, *fifo = NULL, *next, *local = l->local_head;
+    int ran;
+    l->local_head = l->local_tail = NULL;
+    /* Both lists are taken before anything runs: a post made while they
+     * run, on any thread, waits for the next round. Each thread's posts
+     * keep their order; between the two lists there is none to keep. */
+    if (patio__load_relaxed(&l->posts)) p = patio__xchg(&l->posts, (patio__post *)NULL);
     while (p) {
         next = p->next;
         p->next = fifo;
         fifo = p;
         p = next;
     }
-    while (fifo) {
-        next = fifo->next; /* fn may free or re-post its node */
-        fifo->fn(fifo);
-        fifo = next;
-        ran++;
-    }
-    return ran;
+    ran = patio__loop_run_list(local);
+    return ran + patio__loop_run_list(fifo);
 }
 
 /* Nodes of patio_loop_post: the one kind of post the loop owns. */
@@ -4198,7 +4354,7 @@ static int patio__ms_until(uint64_t deadline_ns, uint64_t now)
  * library thread waiting to take the loop over from the host. */
 static int patio__loop_has_urgent(patio_loop *l)
 {
-    return patio__sc_load(&l->posts) != NULL || patio__sc_load(&l->stop) != 0 ||
+    return l->local_head != NULL || patio__sc_load(&l->posts) != NULL || patio__sc_load(&l->stop) != 0 ||
            patio__sc_load(&l->handover) != 0;
 }
 
@@ -4236,7 +4392,7 @@ static int patio__loop_spin(patio_loop *l, uint64_t now, uint64_t until)
     if (!budget) return 0;
     end = now + budget < until ? now + budget : until;
     for (i = 1;; i++) {
-        if (patio__load_relaxed(&l->posts) || patio__load_relaxed(&l->stop)) {
+        if (patio__loop_has_posts(l) || patio__load_relaxed(&l->stop)) {
             patio__spin_result(&l->spin, 1, now - start); /* `now` is at most 32 rounds old */
             return 1;
         }
@@ -4327,6 +4483,7 @@ static int patio__loop_iterate(patio_loop *l, uint64_t host_deadline)
  * the published deadline. Work that is already queued is signalled now. */
 static void patio__loop_doze(patio_loop *l)
 {
+    patio__loop_share_local(l);
     patio__loop_publish_sleep(l);
     patio__sc_store(&l->wake_pending, 0);
     if (patio__sc_load(&l->posts)) patio__loop_wake(l);
@@ -4763,21 +4920,6 @@ PATIO_API int patio_arg_next_str(patio_task *t, const char **s, size_t *len)
 {
     if (!patio__arg_begin(t)) return 0;
     return patio__arg_end(t, patio_read_str(&t->argr, s, len), "a string");
-}
-
-/* Number of top-level values an unpack format describes. */
-static uint32_t patio__fmt_count(const char *fmt)
-{
-    uint32_t n = 0;
-    int depth = 0;
-    for (; *fmt; fmt++) {
-        char c = *fmt;
-        if (c == ' ') continue;
-        if (c == '[' || c == '{') { if (depth++ == 0) n++; }
-        else if (c == ']' || c == '}') depth--;
-        else if (depth == 0) n++;
-    }
-    return n;
 }
 
 PATIO_API int patio_args(patio_task *t, const char *fmt, ...)
@@ -7570,8 +7712,7 @@ static int patio__call_encode_args(patio_call *c, const patio_call_opts *o, cons
         if (!patio__is_msgpack(o->args, o->args_len, PATIO_ARRAY)) return PATIO_ERR_INVALID;
         patio_write_raw(&c->args, o->args, o->args_len);
     } else {
-        patio_write_array(&c->args, patio__fmt_count(fmt ? fmt : ""));
-        if (fmt) patio_packv(&c->args, fmt, ap);
+        patio__pack_array(&c->args, fmt ? fmt : "", ap);
     }
     if (o && o->kwargs && o->kwargs_len) {
         if (!patio__is_msgpack(o->kwargs, o->kwargs_len, PATIO_MAP)) return PATIO_ERR_INVALID;
@@ -8656,6 +8797,7 @@ struct patio__tcp_conn {
     uint8_t auth[64];              /* server: the AUTH_DIGEST payload P (18 bytes);
                                       client: the AUTH_REQUEST payload (61 bytes) */
     uint32_t serial;               /* last serial taken */
+    int serial_wrapped;            /* serials ahead of `serial` may be in use */
     uint32_t disc_serial;          /* our DISCOVER_REQUEST */
     int disc_answered, disc_received;
     uint8_t *rbuf;
@@ -8734,6 +8876,13 @@ struct patio__tcp_broker {
 
     /* loop thread */
     int closing;
+    /* Tasks that finished on the loop thread itself (the async executor's)
+     * and calls started there: they need no lock, and one post per batch
+     * answers them and flushes what they wrote. */
+    patio__tcp_req *local_done, *local_done_tail;
+    int local_posted;
+    patio__post local_post;
+    patio__clock clock;            /* requests' deadlines */
     patio_call **batch;
     size_t batch_cap;
     patio__tcp_conn *conns, *dirty, *dead;
@@ -8819,22 +8968,27 @@ static void patio__tcp_mark_dirty(patio__tcp_conn *c)
 
 static int patio__tcp_authenticated(const patio__tcp_conn *c) { return c->state >= PATIO__TC_DISCOVERY; }
 
-/* Takes a fresh serial: never 0 nor 0xffffffff, never one still pending. */
+/* Takes a fresh serial: never 0 nor 0xffffffff, never one still pending.
+ * Until the counter first wraps, every serial taken lies behind it, so
+ * only a wrapped counter needs to look for one still in use. */
 static uint32_t patio__tcp_next_serial(patio__tcp_conn *c)
 {
-    do {
-        c->serial = c->serial >= 0xfffffffeu ? 1u : c->serial + 1u;
-    } while (patio__tcp_map_get(&c->pending, c->serial) || c->serial == c->disc_serial);
-    return c->serial;
+    for (;;) {
+        if (c->serial >= 0xfffffffeu) {
+            c->serial = 1u;
+            c->serial_wrapped = 1;
+        } else {
+            c->serial++;
+        }
+        if (!c->serial_wrapped) return c->serial;
+        if (!patio__tcp_map_get(&c->pending, c->serial) && c->serial != c->disc_serial) return c->serial;
+    }
 }
 
 /* Queues one frame; it leaves with the connection's next flush. */
 static int patio__tcp_send(patio__tcp_conn *c, int type, uint32_t serial, const void *payload, size_t len)
 {
-    size_t mark = patio__frame_begin(&c->out);
-    int rc;
-    patio_write_raw(&c->out, payload, len);
-    rc = patio__frame_end(&c->out, mark, type, serial, c->tb->cfg.max_frame_size);
+    int rc = patio__frame_put(&c->out, type, serial, payload, len, c->tb->cfg.max_frame_size);
     patio__tcp_mark_dirty(c);
     return rc;
 }
@@ -8917,6 +9071,16 @@ static patio__tcp_lane *patio__tcp_lane_for(patio__tcp_broker *tb, double timeou
     return free_lane;
 }
 
+/* A request's deadline. A read brings requests by the hundred, and a
+ * clock read costs as much as parsing one; within a few microseconds of
+ * the last real read that one is used, pushed back by the most it can lag
+ * so that no deadline comes early. Never decreases, as lanes need. */
+static uint64_t patio__tcp_deadline(patio__tcp_broker *tb, double timeout)
+{
+    if (!(timeout >= 1.0) || timeout * 1e9 >= 1.8e19) return patio__deadline_after_long(timeout);
+    return patio__clock_now(&tb->clock) + PATIO__CLOCK_REUSE_TICKS + (uint64_t)(timeout * 1e9);
+}
+
 /* Starts watching a request's timeout: in a lane, or with its own timer. */
 static void patio__tcp_req_watch(patio__tcp_req *req, double timeout)
 {
@@ -8928,7 +9092,7 @@ static void patio__tcp_req_watch(patio__tcp_req *req, double timeout)
         return;
     }
     req->lane = l;
-    req->deadline_ns = patio__deadline_after_long(timeout); /* never below the lane's last */
+    req->deadline_ns = patio__tcp_deadline(tb, timeout); /* never below the lane's last */
     req->lane_next = NULL;
     req->lane_prev = l->tail;
     if (l->tail) l->tail->lane_next = req; else l->head = req;
@@ -9804,12 +9968,17 @@ static void patio__tcp_call_to(patio__tcp_conn *c, patio_call *call)
     size_t args_len = 0, kwargs_len = 0, mark;
     double timeout = patio_call_timeout(call);
     uint32_t serial = patio__tcp_next_serial(c);
+    uint8_t *frame = NULL;
     int rc;
     patio_call_args(call, &args, &args_len, &kwargs, &kwargs_len);
-    mark = patio__frame_begin(&c->out);
-    patio__write_call_request(&c->out, call->name, call->name_len, args, args_len, kwargs, kwargs_len, timeout >= 0,
-                              timeout);
-    rc = patio__frame_end(&c->out, mark, PATIO__PKT_REQUEST, serial, tb->cfg.max_frame_size);
+    mark = c->out.len;
+    rc = patio__write_call_request_at(&c->out, PATIO__FRAME_HEADER, &frame, call->name, call->name_len, args,
+                                      args_len, kwargs, kwargs_len, timeout >= 0, timeout);
+    if (rc == PATIO_OK) {
+        size_t payload = c->out.len - mark - PATIO__FRAME_HEADER;
+        if (payload > tb->cfg.max_frame_size) rc = PATIO_ERR_OVERFLOW;
+        else patio__frame_header_put(frame, PATIO__PKT_REQUEST, (uint32_t)payload, serial);
+    }
     if (rc == PATIO_OK) rc = patio__tcp_map_put(patio__tcp_hooks(tb), &c->pending, serial, call);
     if (rc != PATIO_OK) {
         if (!c->out.err) c->out.len = mark;
@@ -9953,11 +10122,21 @@ static void patio__tcp_req_put(patio__tcp_broker *tb, patio__tcp_req *req)
 }
 
 /* Runs on the task's thread: hands the request back to the loop. */
+static void patio__tcp_local_kick(patio__tcp_broker *tb);
+
 static void patio__tcp_task_done(patio_task *t)
 {
     patio__tcp_req *req = (patio__tcp_req *)t->owner;
     patio__tcp_broker *tb = req->tb;
     int post;
+    if (patio_loop_in_loop_thread(tb->base.loop)) {
+        req->next = NULL;
+        if (tb->local_done_tail) tb->local_done_tail->next = req; else tb->local_done = req;
+        tb->local_done_tail = req;
+        patio__tcp_local_kick(tb);
+        patio__broker_task_ended(&tb->base);
+        return;
+    }
     pthread_mutex_lock(&tb->mu);
     req->next = NULL;
     if (tb->done_tail) tb->done_tail->next = req; else tb->done_head = req;
@@ -9993,6 +10172,7 @@ static void patio__tcp_release_held(patio__tcp_conn *c);
 /* Held requests go on, then reading goes on when no reason to pause is left. */
 static void patio__tcp_conn_recheck(patio__tcp_conn *c)
 {
+    if (!c->nheld && !c->pause && !c->read_deferred && !c->held.len) return; /* the common case: nothing to do */
     patio__tcp_release_held(c);
     if (c->state == PATIO__TC_CLOSED) return;
     if (!c->stalled) patio__tcp_set_pause(c, PATIO__TC_PAUSE_STALLED, 0);
@@ -10349,6 +10529,29 @@ static void patio__tcp_work(patio__post *p)
     patio__tcp_tail(tb);
 }
 
+/* The loop thread's own post: what finished there, then the flush. */
+static void patio__tcp_local_work(patio__post *p)
+{
+    patio__tcp_broker *tb = PATIO__CONTAINER(p, patio__tcp_broker, local_post);
+    patio__tcp_req *done = tb->local_done, *next;
+    tb->local_done = tb->local_done_tail = NULL;
+    tb->local_posted = 0;
+    for (; done; done = next) {
+        next = done->next;
+        patio__tcp_req_finished(done);
+    }
+    if (tb->nstalled) patio__tcp_retry_stalled(tb);
+    patio__tcp_tail(tb);
+}
+
+/* Loop thread only. */
+static void patio__tcp_local_kick(patio__tcp_broker *tb)
+{
+    if (tb->local_posted) return;
+    tb->local_posted = 1;
+    patio__loop_post(tb->base.loop, &tb->local_post);
+}
+
 /* Makes sure the work post runs soon (it ends with patio__tcp_tail). */
 static void patio__tcp_kick(patio__tcp_broker *tb)
 {
@@ -10360,12 +10563,19 @@ static void patio__tcp_kick(patio__tcp_broker *tb)
     if (post) patio__loop_post(tb->base.loop, &tb->work_post);
 }
 
-/* vt->send, any thread: the call joins the inbox. */
+/* vt->send, any thread: the call joins the inbox. On the loop thread it
+ * is routed at once, and the frame it wrote leaves with this round's
+ * flush. */
 static void patio__tcp_vt_send(patio_broker *b, patio_call *call)
 {
     patio__tcp_broker *tb = (patio__tcp_broker *)b;
     int post, rc;
     patio__fetch_add(&call->refs, 1);
+    if (patio_loop_in_loop_thread(b->loop)) {
+        patio__tcp_route_call(tb, call);
+        patio__tcp_local_kick(tb);
+        return;
+    }
     pthread_mutex_lock(&tb->mu);
     rc = patio__tcp_grow_ptrs(patio__tcp_hooks(tb), (void ***)&tb->inbox, &tb->inbox_cap, tb->inbox_len + 1);
     if (rc == PATIO_OK) tb->inbox[tb->inbox_len++] = call;
@@ -10516,6 +10726,10 @@ static void patio__tcp_vt_destroy(patio_broker *b)
     }
     while ((req = tb->done_head) != NULL) {
         tb->done_head = req->next;
+        patio__tcp_req_free(tb, req);
+    }
+    while ((req = tb->local_done) != NULL) {
+        tb->local_done = req->next;
         patio__tcp_req_free(tb, req);
     }
     while ((t = tb->targets) != NULL) {
@@ -10947,6 +11161,7 @@ PATIO_API patio_broker *patio_tcp_broker_new(patio_executor *ex, const patio_tcp
     tb->tr = c.transport;
     tb->listen_port = -1;
     tb->work_post.fn = patio__tcp_work;
+    tb->local_post.fn = patio__tcp_local_work;
     tb->retry_timer.fn = patio__tcp_retry_fire;
     for (i = 0; i < PATIO__TCP_LANES; i++) {
         tb->lanes[i].tb = tb;
@@ -11046,7 +11261,10 @@ static void patio__tcp_serial_on_loop(patio__tcp_broker *tb, void *arg)
     patio__tcp_serial_job *job = (patio__tcp_serial_job *)arg;
     patio__tcp_conn *c;
     for (c = tb->conns; c; c = c->next) {
-        if (job->set) c->serial = job->set;
+        if (job->set) {
+            c->serial = job->set;
+            c->serial_wrapped = 1; /* it may have moved back */
+        }
         if (c->state == PATIO__TC_READY) job->last = c->serial;
     }
 }
