@@ -1095,6 +1095,17 @@ static uint64_t patio__deadline_after_long(double seconds)
     return patio__deadline_after(seconds);
 }
 
+/* A long timeout's deadline from a patio__clock, for code that starts
+ * timeouts by the hundred (one lock or one thread owns the clock): within
+ * the reuse window its last real read is used, pushed back by the most it
+ * can lag, so no deadline comes early. Deadlines from one clock never
+ * decrease. Short timeouts read the clock itself. */
+static uint64_t patio__deadline_from(patio__clock *clock, double seconds)
+{
+    if (!(seconds >= 1.0) || seconds * 1e9 >= 1.8e19) return patio__deadline_after_long(seconds);
+    return patio__clock_now(clock) + PATIO__CLOCK_REUSE_TICKS + (uint64_t)(seconds * 1e9);
+}
+
 /* CLOCK_MONOTONIC-based absolute timespec for pthread_cond_timedwait. */
 static void patio__abs_timespec(struct timespec *ts, uint64_t deadline_ns)
 {
@@ -2299,6 +2310,35 @@ PATIO_API int patio_writer_reserve(patio_writer *w, size_t extra)
     return patio__writer_grow(w, need);
 }
 
+/* memcpy for the short pieces messages are made of (a name, a few
+ * arguments, a header): a library call costs more than the copy. Two
+ * fixed-size copies that may overlap cover any length up to 16. */
+static void patio__copy(void *dst, const void *src, size_t n)
+{
+    uint8_t *d = (uint8_t *)dst;
+    const uint8_t *s = (const uint8_t *)src;
+    if (n > 16) {
+        memcpy(d, s, n);
+    } else if (n >= 8) {
+        uint64_t a, b;
+        memcpy(&a, s, 8);
+        memcpy(&b, s + n - 8, 8);
+        memcpy(d, &a, 8);
+        memcpy(d + n - 8, &b, 8);
+    } else if (n >= 4) {
+        uint32_t a, b;
+        memcpy(&a, s, 4);
+        memcpy(&b, s + n - 4, 4);
+        memcpy(d, &a, 4);
+        memcpy(d + n - 4, &b, 4);
+    } else if (n) {
+        uint8_t a = s[0], b = s[n / 2], c = s[n - 1];
+        d[0] = a;
+        d[n / 2] = b;
+        d[n - 1] = c;
+    }
+}
+
 /* Whether n more bytes fit as things are: no error, no growth, within
  * max_len (a user may lower max_len below len: then nothing fits). */
 static int patio__writer_fits(const patio_writer *w, size_t n)
@@ -2505,7 +2545,7 @@ PATIO_API int patio_write_raw(patio_writer *w, const void *p, size_t n)
     if (!p) return patio__writer_fail(w, PATIO_ERR_INVALID);
     dst = patio__writer_append(w, n);
     if (!dst) return w->err;
-    memcpy(dst, p, n);
+    patio__copy(dst, p, n);
     return PATIO_OK;
 }
 
@@ -3431,16 +3471,16 @@ PATIO__MAYBE_UNUSED static int patio__write_call_request_at(patio_writer *w, siz
     if (!(p = patio__writer_append(w, room + head_len + (size_t)body))) return w->err;
     if (start) *start = p;
     p += room;
-    memcpy(p, head, head_len);
+    patio__copy(p, head, head_len);
     p += head_len;
     *p++ = 0x94;
-    memcpy(p, func_head, func_head_len);
+    patio__copy(p, func_head, func_head_len);
     p += func_head_len;
-    if (func_len) memcpy(p, func, func_len);
+    patio__copy(p, func, func_len);
     p += func_len;
-    memcpy(p, args, args_len);
+    patio__copy(p, args, args_len);
     p += args_len;
-    memcpy(p, kwargs, kwargs_len);
+    patio__copy(p, kwargs, kwargs_len);
     p += kwargs_len;
     if (has_timeout) {
         uint64_t bits;
@@ -3562,7 +3602,7 @@ PATIO__MAYBE_UNUSED static int patio__frame_put(patio_writer *w, int type, uint3
     if (len > max_payload) return PATIO_ERR_OVERFLOW;
     if (!(p = patio__writer_append(w, PATIO__FRAME_HEADER + len))) return w->err;
     patio__frame_header_put(p, type, (uint32_t)len, serial);
-    if (len) memcpy(p + PATIO__FRAME_HEADER, payload, len);
+    patio__copy(p + PATIO__FRAME_HEADER, payload, len);
     return PATIO_OK;
 }
 
@@ -3700,6 +3740,19 @@ static const patio__entry *patio__registry_find(const patio_registry *r, const c
         e = &r->entries[slot - 1];
         if (e->hash == h && e->name_len == len && memcmp(e->name, name, len) == 0) return e;
     }
+}
+
+/* patio__registry_find through a one-entry cache, for callers that look
+ * the same name up call after call. Only a locked registry's entries are
+ * cached: they can no longer move or go away. */
+static const patio__entry *patio__registry_find_cached(const patio_registry *r, const patio__entry **last,
+                                                       const char *name, size_t len)
+{
+    const patio__entry *e = __atomic_load_n(last, __ATOMIC_ACQUIRE);
+    if (e && e->name_len == len && memcmp(e->name, name, len) == 0) return e;
+    e = patio__registry_find(r, name, len);
+    if (e && patio__load(&r->locked)) __atomic_store_n(last, e, __ATOMIC_RELEASE);
+    return e;
 }
 
 static void patio__registry_index(patio_registry *r)
@@ -7452,6 +7505,8 @@ typedef struct patio__broker_core {
     patio_call *spares;       /* linked through next */
     size_t nspares;
     patio_call *ready;        /* atomic */
+    patio__clock clock;       /* under mu: deadlines of calls in lanes */
+    const patio__entry *last_entry; /* atomic: what the last send looked up */
     PATIO__PAD(pad_mid);
     patio__task_counter tasks_started;
     patio__task_counter tasks_ended;
@@ -7748,7 +7803,7 @@ static int patio__call_enlist(patio_broker *b, patio_call *c, int *in_lane)
     c->lane = lane;
     if (lane) {
         /* read under the lock, so deadlines in a lane never decrease */
-        c->deadline_ns = patio__deadline_after_long(c->timeout);
+        c->deadline_ns = patio__deadline_from(&core->clock, c->timeout);
         patio__list_append(&lane->calls, c);
         if (lane->calls.head == c) patio__timer_start(b->loop, &lane->timer, c->deadline_ns);
     } else {
@@ -8463,7 +8518,7 @@ static void patio__memory_task_done(patio_task *t)
 
 static void patio__memory_send(patio_broker *b, patio_call *c)
 {
-    const patio__entry *e = patio__registry_find(b->registry, c->name, c->name_len);
+    const patio__entry *e = patio__registry_find_cached(b->registry, &patio__core(b)->last_entry, c->name, c->name_len);
     int rc;
     /* the task was counted as started, with its reference, at listing */
     if (!e) {
@@ -8883,6 +8938,7 @@ struct patio__tcp_broker {
     int local_posted;
     patio__post local_post;
     patio__clock clock;            /* requests' deadlines */
+    const patio__entry *last_entry; /* what the last request looked up */
     patio_call **batch;
     size_t batch_cap;
     patio__tcp_conn *conns, *dirty, *dead;
@@ -8891,6 +8947,7 @@ struct patio__tcp_broker {
     patio__tcp_target *targets;
     patio__tcp_route **routes;
     size_t route_cap, route_count;
+    patio__tcp_route *last_route;  /* the one patio__tcp_route_get found last */
     patio__tcp_req *pool;
     size_t pool_len;
     size_t nstalled;
@@ -9071,16 +9128,6 @@ static patio__tcp_lane *patio__tcp_lane_for(patio__tcp_broker *tb, double timeou
     return free_lane;
 }
 
-/* A request's deadline. A read brings requests by the hundred, and a
- * clock read costs as much as parsing one; within a few microseconds of
- * the last real read that one is used, pushed back by the most it can lag
- * so that no deadline comes early. Never decreases, as lanes need. */
-static uint64_t patio__tcp_deadline(patio__tcp_broker *tb, double timeout)
-{
-    if (!(timeout >= 1.0) || timeout * 1e9 >= 1.8e19) return patio__deadline_after_long(timeout);
-    return patio__clock_now(&tb->clock) + PATIO__CLOCK_REUSE_TICKS + (uint64_t)(timeout * 1e9);
-}
-
 /* Starts watching a request's timeout: in a lane, or with its own timer. */
 static void patio__tcp_req_watch(patio__tcp_req *req, double timeout)
 {
@@ -9092,7 +9139,7 @@ static void patio__tcp_req_watch(patio__tcp_req *req, double timeout)
         return;
     }
     req->lane = l;
-    req->deadline_ns = patio__tcp_deadline(tb, timeout); /* never below the lane's last */
+    req->deadline_ns = patio__deadline_from(&tb->clock, timeout); /* never below the lane's last */
     req->lane_next = NULL;
     req->lane_prev = l->tail;
     if (l->tail) l->tail->lane_next = req; else l->head = req;
@@ -9746,10 +9793,14 @@ static int patio__tcp_routes_grow(patio__tcp_broker *tb)
 /* The route for name, created empty if needed; NULL when out of memory. */
 static patio__tcp_route *patio__tcp_route_get(patio__tcp_broker *tb, const char *name, size_t len)
 {
-    uint32_t hash = patio__tcp_hash(name, len);
-    patio__tcp_route *r = patio__tcp_route_find(tb, name, len, hash);
+    uint32_t hash;
+    patio__tcp_route *r = tb->last_route;
     size_t slot;
-    if (r) return r;
+    /* Calls come in runs of one name: the last route found is tried first. */
+    if (r && r->name_len == len && memcmp(r->name, name, len) == 0) return r;
+    hash = patio__tcp_hash(name, len);
+    r = patio__tcp_route_find(tb, name, len, hash);
+    if (r) return tb->last_route = r;
     if (tb->route_count + 1 > tb->route_cap && patio__tcp_routes_grow(tb) != PATIO_OK) return NULL;
     r = (patio__tcp_route *)patio__calloc(patio__tcp_hooks(tb), sizeof *r);
     if (!r) return NULL;
@@ -9776,6 +9827,7 @@ static void patio__tcp_route_release(patio__tcp_broker *tb, patio__tcp_route *r)
     patio__tcp_route **pp;
     const patio_hooks *h = patio__tcp_hooks(tb);
     if (r->nconns || r->nwaiting || r->nlisted) return;
+    if (tb->last_route == r) tb->last_route = NULL;
     for (pp = &tb->routes[r->hash & (tb->route_cap - 1)]; *pp != r; pp = &(*pp)->next) {}
     *pp = r->next;
     tb->route_count--;
@@ -10347,7 +10399,7 @@ static void patio__tcp_on_request(patio__tcp_conn *c, const patio__frame *f)
         patio__tcp_reject(c, f->serial, "patio_msgpack.SerializationError", "REQUEST payload is not a CallRequest", 36);
         return;
     }
-    e = patio__registry_find(tb->base.registry, cr.func, cr.func_len);
+    e = patio__registry_find_cached(tb->base.registry, &tb->last_entry, cr.func, cr.func_len);
     if (!e) {
         patio__tcp_reject(c, f->serial, "KeyError", cr.func, cr.func_len);
         return;
