@@ -2658,15 +2658,16 @@ static int patio__pack_flat(patio_writer *w, const char *fmt, va_list *ap, uint3
     uint32_t n = 0;
     for (f = fmt; *f; f++) {
         switch (*f) {
-        case 'i': {
-            int v;
-            n++;
-            if (w->err) break;
-            v = va_arg(*ap, int);
-            if (v >= 0 && v < 0x80 && patio__writer_fits(w, 1)) w->data[w->len++] = (uint8_t)v;
-            else patio_write_int(w, v);
+        case 'i': /* a run of ints: those below 128 take one byte, stored in place */
+            for (;;) {
+                int v = va_arg(*ap, int);
+                n++;
+                if (v >= 0 && v < 0x80 && patio__writer_fits(w, 1)) w->data[w->len++] = (uint8_t)v;
+                else patio_write_int(w, v); /* after an error: does nothing */
+                if (f[1] != 'i') break;
+                f++;
+            }
             break;
-        }
         case 'n': case 'b': case 'I': case 'u': case 'U': case 'd': case 's': case 'S': case 'y': case 'v':
             n++;
             if (!w->err) patio__pack_one(w, f, ap);
@@ -7445,6 +7446,7 @@ struct patio_call {
     double timeout;           /* < 0 = none */
     uint64_t deadline_ns;
     patio_call *next, *prev;  /* broker's pending list */
+    patio_call *retired_next; /* broker's retired stack (patio__core_retire) */
     struct patio__lane *lane; /* the timeout lane listing it; NULL = the other list */
     patio__obj_cache *cache;  /* where its memory goes back */
     char *err_type, *err_msg;
@@ -7498,6 +7500,10 @@ typedef struct patio__broker_core {
      * reference, under the lock it holds anyway, which spares a call two
      * atomic additions. */
     int sends_run_tasks;
+    /* Set by brokers whose send keeps a reference to the call (the memory
+     * broker's task, the TCP broker's pending request): listing takes it,
+     * likewise without an atomic addition. */
+    int sends_take_ref;
     /* Freed call objects kept for this broker's next calls. They come back
      * under mu, with the unlisting, and go out one ahead: listing a call
      * also puts a spare in `ready`, which the next call takes with one
@@ -7505,6 +7511,9 @@ typedef struct patio__broker_core {
     patio_call *spares;       /* linked through next */
     size_t nspares;
     patio_call *ready;        /* atomic */
+    /* Freed calls still on a list: a lock-free stack the next listing,
+     * which holds mu anyway, empties. Freeing a call so takes no lock. */
+    patio_call *retired;      /* atomic */
     patio__clock clock;       /* under mu: deadlines of calls in lanes */
     const patio__entry *last_entry; /* atomic: what the last send looked up */
     PATIO__PAD(pad_mid);
@@ -7515,11 +7524,17 @@ typedef struct patio__broker_core {
 
 static patio__broker_core *patio__core(const patio_broker *b) { return (patio__broker_core *)b->internal; }
 
-static int patio__call_unlist(patio_call *c);
 
-/* A finished call stays on its broker's list until its last reference goes:
- * unlisting then happens on the thread that frees it (usually the one that
- * started it), so completing a call on a worker touches no shared list. */
+static void patio__core_retire(patio__broker_core *core, patio_call *c)
+{
+    patio_call *head = patio__load_relaxed(&core->retired);
+    do c->retired_next = head;
+    while (!__atomic_compare_exchange_n(&core->retired, &head, c, 1, __ATOMIC_RELEASE, __ATOMIC_RELAXED));
+}
+
+/* A finished call stays on its broker's list until its last reference goes,
+ * so completing a call on a worker touches no shared list. The thread that
+ * frees it then retires it; the broker's next listing unlists it. */
 static void patio__call_release(patio_call *c)
 {
     const patio_hooks *h;
@@ -7532,8 +7547,8 @@ static void patio__call_release(patio_call *c)
     patio__free(h, c->err_type);
     patio__free(h, c->err_msg);
     if (c->name != c->name_inline) patio__free(h, c->name);
-    if (c->broker && patio__load(&c->listed) && patio__call_unlist(c)) return;
-    patio__cache_give(c->cache, h, c);
+    if (c->broker && patio__load(&c->listed)) patio__core_retire(patio__core(c->broker), c);
+    else patio__cache_give(c->cache, h, c);
 }
 
 /* Takes a reference unless the call is already being freed. */
@@ -7571,22 +7586,35 @@ static void patio__call_unlink_locked(patio__broker_core *core, patio_call *c)
     if (lane && !lane->calls.head) patio__timer_stop(core->broker->loop, &lane->timer);
 }
 
-/* Unlists a call whose last reference went, and keeps its memory as one
- * of the broker's spares if there is room: returns 1 if it did. */
-static int patio__call_unlist(patio_call *c)
+/* Under core->mu: unlists the retired calls (a listing that closes
+ * found some already unlisted) and keeps them as spares while there is
+ * room; returns the rest, linked through next, for patio__calls_give. */
+static patio_call *patio__core_reap(patio__broker_core *core)
 {
-    patio__broker_core *core = patio__core(c->broker);
-    int kept = 0;
-    pthread_mutex_lock(&core->mu);
-    patio__call_unlink_locked(core, c);
-    if (core->nspares < PATIO__CALL_CACHE_MAX) {
-        c->next = core->spares;
-        core->spares = c;
-        core->nspares++;
-        kept = 1;
+    patio_call *c = patio__xchg(&core->retired, (patio_call *)NULL), *next, *rest = NULL;
+    for (; c; c = next) {
+        next = c->retired_next;
+        patio__call_unlink_locked(core, c);
+        if (core->nspares < PATIO__CALL_CACHE_MAX) {
+            c->next = core->spares;
+            core->spares = c;
+            core->nspares++;
+        } else {
+            c->next = rest;
+            rest = c;
+        }
     }
-    pthread_mutex_unlock(&core->mu);
-    return kept;
+    return rest;
+}
+
+/* Outside core->mu: back to the registry's cache, which has its own lock. */
+static void patio__calls_give(patio_call *c)
+{
+    patio_call *next;
+    for (; c; c = next) {
+        next = c->next;
+        patio__cache_give(c->cache, c->hooks, c);
+    }
 }
 
 /* Under core->mu: moves a spare to `ready` if that is empty. Only this
@@ -7797,8 +7825,10 @@ static int patio__call_enlist(patio_broker *b, patio_call *c, int *in_lane)
 {
     patio__broker_core *core = patio__core(b);
     patio__lane *lane = NULL;
+    patio_call *rest = NULL;
     pthread_mutex_lock(&core->mu);
     if (core->closing) { pthread_mutex_unlock(&core->mu); return PATIO_ERR_CLOSED; }
+    if (patio__load_relaxed(&core->retired)) rest = patio__core_reap(core);
     if (c->timeout >= 0) lane = patio__lane_for(core, c->timeout);
     c->lane = lane;
     if (lane) {
@@ -7809,12 +7839,12 @@ static int patio__call_enlist(patio_broker *b, patio_call *c, int *in_lane)
     } else {
         patio__list_append(&core->other, c);
     }
-    if (core->sends_run_tasks) {
-        c->refs++; /* nobody else sees the call before the unlock */
+    if (core->sends_take_ref) c->refs++; /* nobody else sees the call before the unlock */
+    if (core->sends_run_tasks)
         __atomic_store_n(&core->tasks_started.n, core->tasks_started.n + 1, __ATOMIC_RELAXED);
-    }
     patio__core_ready_spare(core);
     pthread_mutex_unlock(&core->mu);
+    patio__calls_give(rest);
     *in_lane = lane != NULL;
     return PATIO_OK;
 }
@@ -7886,8 +7916,9 @@ PATIO_API patio_call *patio_call_startv(patio_broker *b, const patio_call_opts *
     /* Once listed, the call can time out on the loop thread, and an
      * on_done that frees it may run before this function is done with it:
      * hold it until then. Without on_done the caller's own reference, which
-     * it cannot drop before it has the pointer, does that. */
-    held = c->on_done != NULL;
+     * it cannot drop before it has the pointer, does that; on the loop
+     * thread nothing that could drop the last one runs before it returns. */
+    held = c->on_done != NULL && !patio_loop_in_loop_thread(c->loop);
     if (held) patio__fetch_add(&c->refs, 1);
     rc = patio__call_enlist(b, c, &in_lane);
     if (rc != PATIO_OK) patio__call_refused(c, rc);
@@ -8423,10 +8454,14 @@ PATIO_API void patio_broker_deinit(patio_broker *b)
     if (b->owns_loop && b->loop) patio_loop_free(b->loop);
     b->loop = NULL;
     if (core) {
-        patio_call *c = patio__xchg(&core->ready, (patio_call *)NULL);
+        patio_call *c = patio__xchg(&core->ready, (patio_call *)NULL), *next;
         patio__free_lines(b->hooks, c);
         while ((c = core->spares) != NULL) {
             core->spares = c->next;
+            patio__free_lines(b->hooks, c);
+        }
+        for (c = patio__xchg(&core->retired, (patio_call *)NULL); c; c = next) {
+            next = c->retired_next;
             patio__free_lines(b->hooks, c);
         }
         pthread_mutex_destroy(&core->mu);
@@ -8570,6 +8605,7 @@ PATIO_API patio_broker *patio_memory_broker_new_ex(patio_executor *ex, const pat
         return NULL;
     }
     patio__core(b)->sends_run_tasks = 1; /* no call is started before this returns */
+    patio__core(b)->sends_take_ref = 1;
     return b;
 }
 
@@ -10622,7 +10658,8 @@ static void patio__tcp_vt_send(patio_broker *b, patio_call *call)
 {
     patio__tcp_broker *tb = (patio__tcp_broker *)b;
     int post, rc;
-    patio__fetch_add(&call->refs, 1);
+    /* the reference the call holds while it waits or is pending was taken
+     * at listing (sends_take_ref) */
     if (patio_loop_in_loop_thread(b->loop)) {
         patio__tcp_route_call(tb, call);
         patio__tcp_local_kick(tb);
@@ -11227,6 +11264,7 @@ PATIO_API patio_broker *patio_tcp_broker_new(patio_executor *ex, const patio_tcp
         patio__free(ex->hooks, tb);
         return NULL;
     }
+    patio__core(&tb->base)->sends_take_ref = 1; /* no call is started before this returns */
     if (patio__tcp_names_build(tb) != PATIO_OK) {
         patio__log(ex->hooks, PATIO_LOG_ERROR, "patio tcp: the registered names do not fit in a frame");
         patio_broker_free(&tb->base);
