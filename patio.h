@@ -1095,17 +1095,6 @@ static uint64_t patio__deadline_after_long(double seconds)
     return patio__deadline_after(seconds);
 }
 
-/* A long timeout's deadline from a patio__clock, for code that starts
- * timeouts by the hundred (one lock or one thread owns the clock): within
- * the reuse window its last real read is used, pushed back by the most it
- * can lag, so no deadline comes early. Deadlines from one clock never
- * decrease. Short timeouts read the clock itself. */
-static uint64_t patio__deadline_from(patio__clock *clock, double seconds)
-{
-    if (!(seconds >= 1.0) || seconds * 1e9 >= 1.8e19) return patio__deadline_after_long(seconds);
-    return patio__clock_now(clock) + PATIO__CLOCK_REUSE_TICKS + (uint64_t)(seconds * 1e9);
-}
-
 /* CLOCK_MONOTONIC-based absolute timespec for pthread_cond_timedwait. */
 static void patio__abs_timespec(struct timespec *ts, uint64_t deadline_ns)
 {
@@ -7514,7 +7503,6 @@ typedef struct patio__broker_core {
     /* Freed calls still on a list: a lock-free stack the next listing,
      * which holds mu anyway, empties. Freeing a call so takes no lock. */
     patio_call *retired;      /* atomic */
-    patio__clock clock;       /* under mu: deadlines of calls in lanes */
     const patio__entry *last_entry; /* atomic: what the last send looked up */
     PATIO__PAD(pad_mid);
     patio__task_counter tasks_started;
@@ -7833,7 +7821,7 @@ static int patio__call_enlist(patio_broker *b, patio_call *c, int *in_lane)
     c->lane = lane;
     if (lane) {
         /* read under the lock, so deadlines in a lane never decrease */
-        c->deadline_ns = patio__deadline_from(&core->clock, c->timeout);
+        c->deadline_ns = patio__deadline_after_long(c->timeout);
         patio__list_append(&lane->calls, c);
         if (lane->calls.head == c) patio__timer_start(b->loop, &lane->timer, c->deadline_ns);
     } else {
@@ -8973,7 +8961,6 @@ struct patio__tcp_broker {
     patio__tcp_req *local_done, *local_done_tail;
     int local_posted;
     patio__post local_post;
-    patio__clock clock;            /* requests' deadlines */
     const patio__entry *last_entry; /* what the last request looked up */
     patio_call **batch;
     size_t batch_cap;
@@ -9175,7 +9162,7 @@ static void patio__tcp_req_watch(patio__tcp_req *req, double timeout)
         return;
     }
     req->lane = l;
-    req->deadline_ns = patio__deadline_from(&tb->clock, timeout); /* never below the lane's last */
+    req->deadline_ns = patio__deadline_after_long(timeout); /* never below the lane's last */
     req->lane_next = NULL;
     req->lane_prev = l->tail;
     if (l->tail) l->tail->lane_next = req; else l->head = req;
