@@ -10494,7 +10494,10 @@ static void patio__tcp_release_held(patio__tcp_conn *c)
         patio__frame f;
         int rc = patio__frame_parse(c->held.data + c->held_pos, c->held.len - c->held_pos, UINT32_MAX, &f);
         PATIO_ASSERT(rc == 1);
-        PATIO__UNUSED(rc);
+        if (rc != 1) { /* cannot happen: only whole frames are held */
+            c->nheld = 0;
+            break;
+        }
         c->held_pos += PATIO__FRAME_HEADER + f.size; /* f stays valid: nothing is read meanwhile */
         c->nheld--;
         patio__tcp_on_ask(c, &f);

@@ -227,7 +227,7 @@ static void test_kwargs_and_echo(void)
     int64_t i;
     const char *s;
     size_t sl;
-    double d;
+    double d = 0;
     patio_writer_init(&kwargs, NULL);
     patio_pack(&kwargs, "{si}", "scale", 10);
     memset(&o, 0, sizeof o);
