@@ -225,8 +225,8 @@ static void test_kwargs_and_echo(void)
     patio_reader r;
     uint32_t n;
     int64_t i;
-    const char *s;
-    size_t sl;
+    const char *s = NULL;
+    size_t sl = 0;
     double d = 0;
     patio_writer_init(&kwargs, NULL);
     patio_pack(&kwargs, "{si}", "scale", 10);

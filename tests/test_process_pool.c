@@ -536,7 +536,7 @@ static void test_killed_worker_fails_only_its_calls(void)
 {
     patio_process_pool_config cfg;
     patio_call *slow, *calls[5];
-    long pid;
+    long pid = 0;
     int i, ok = 0;
     env e;
     open_gate_pipes();
@@ -573,7 +573,7 @@ static void test_killed_worker_fails_only_its_calls(void)
 static void test_timeout_kills_worker(void)
 {
     patio_process_pool_config cfg;
-    long before, after;
+    long before = 0, after = 0;
     patio_call *c;
     env e;
     memset(&cfg, 0, sizeof cfg);
@@ -597,7 +597,7 @@ static void test_timeout_kills_worker(void)
 static void test_timeout_without_kill(void)
 {
     patio_process_pool_config cfg;
-    long before, after;
+    long before = 0, after = 0;
     patio_call *c;
     env e;
     memset(&cfg, 0, sizeof cfg);
