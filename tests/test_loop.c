@@ -798,6 +798,59 @@ static void test_host_pumped(void)
     patio_loop_free(l);
 }
 
+/* Posts the loop thread makes itself (through patio_loop_post, from a
+ * callback) run in the order made, in a later round than the callback that
+ * made them, and are kept when a host pump returns with them queued. */
+typedef struct own_posts {
+    patio_loop *loop;
+    int order[8];
+    int n;        /* loop thread only */
+    int round;    /* the pump that is running */
+    int rounds[8];
+} own_posts;
+
+static own_posts g_own;
+
+static void own_record(void *arg)
+{
+    int id = (int)(intptr_t)arg;
+    if (g_own.n < 8) {
+        g_own.rounds[g_own.n] = g_own.round;
+        g_own.order[g_own.n++] = id;
+    }
+}
+
+static void own_fan_out(void *arg)
+{
+    int i;
+    PATIO__UNUSED(arg);
+    CHECK(patio_loop_in_loop_thread(g_own.loop));
+    own_record((void *)(intptr_t)0);
+    for (i = 1; i <= 5; i++) CHECK_EQ_INT(patio_loop_post(g_own.loop, own_record, (void *)(intptr_t)i), PATIO_OK);
+}
+
+static void test_own_posts_keep_order(void)
+{
+    patio_loop *l = patio_loop_new(NULL);
+    int i, pumps = 0;
+    CHECK(l != NULL);
+    if (!l) return;
+    memset(&g_own, 0, sizeof g_own);
+    g_own.loop = l;
+    CHECK_EQ_INT(patio_loop_post(l, own_fan_out, NULL), PATIO_OK); /* from outside: the shared stack */
+    g_own.round = 1;
+    CHECK_EQ_INT(patio_loop_run_once(l, 0), 1);
+    CHECK_EQ_INT(g_own.n, 1);
+    /* the five wait for the next pump, which must know of them */
+    CHECK_EQ_INT(patio_loop_next_timeout_ms(l), 0);
+    for (g_own.round = 2; g_own.n < 6 && pumps < 100; pumps++) patio_loop_run_once(l, 10);
+    CHECK_EQ_INT(g_own.n, 6);
+    for (i = 0; i < g_own.n; i++) CHECK_EQ_INT(g_own.order[i], i);
+    CHECK_EQ_INT(g_own.rounds[0], 1);
+    for (i = 1; i < g_own.n; i++) CHECK_EQ_INT(g_own.rounds[i], 2);
+    patio_loop_free(l);
+}
+
 /* Two host threads pump the same loop while a third posts: every item runs
  * once, always on the thread that currently runs the loop. */
 typedef struct pump_state {
@@ -1041,6 +1094,7 @@ int main(void)
     RUN(test_io_read_write_update);
     RUN(test_io_stop_inside_callback_then_free);
     RUN(test_host_pumped);
+    RUN(test_own_posts_keep_order);
     RUN(test_two_host_threads_pump);
     RUN(test_thread_mode);
     RUN(test_free_drops_posted_work);

@@ -951,6 +951,107 @@ static int all_sent(void *arg)
     return stats_of(w->b).calls_sent >= w->calls;
 }
 
+/* Calls started on the client's loop thread, each from the completion of
+ * the one before (the way an event-driven caller keeps a window full):
+ * they take the loop thread's short path, and every one comes back right.
+ * The server runs them on its async executor, so their tasks finish on its
+ * loop thread too. A call there for a name nobody offers still times out. */
+typedef struct chain {
+    patio_broker *b;
+    int window, total;
+    int started, ok, bad, off_loop; /* the client's loop thread only */
+    int lost_status;                /* the call for a name nobody offers */
+    int done;                       /* atomic */
+} chain;
+
+static void chain_start(chain *ch);
+
+static void chain_done(patio_call *c, void *user)
+{
+    chain *ch = (chain *)user;
+    if (!patio_loop_in_loop_thread(patio_broker_loop(ch->b))) ch->off_loop++;
+    if (patio_call_status(c) == PATIO_OK && patio_result_int(c) == 6) ch->ok++;
+    else ch->bad++;
+    patio_call_free(c);
+    if (ch->started < ch->total) chain_start(ch);
+    else if (ch->ok + ch->bad == ch->total && ch->lost_status) __atomic_store_n(&ch->done, 1, __ATOMIC_SEQ_CST);
+}
+
+static void chain_start(chain *ch)
+{
+    patio_call_opts o;
+    memset(&o, 0, sizeof o);
+    o.timeout = 10;
+    o.on_done = chain_done;
+    o.user = ch;
+    ch->started++;
+    patio_call_start(ch->b, &o, "mul", "iii", 1, 2, 3);
+}
+
+static void chain_lost_done(patio_call *c, void *user)
+{
+    chain *ch = (chain *)user;
+    ch->lost_status = patio_call_status(c);
+    patio_call_free(c);
+    if (ch->ok + ch->bad == ch->total) __atomic_store_n(&ch->done, 1, __ATOMIC_SEQ_CST);
+}
+
+static void chain_kick(void *arg)
+{
+    chain *ch = (chain *)arg;
+    patio_call_opts o;
+    int i;
+    memset(&o, 0, sizeof o);
+    o.timeout = 0.2;
+    o.on_done = chain_lost_done;
+    o.user = ch;
+    patio_call_start(ch->b, &o, "nowhere", "");
+    for (i = 0; i < ch->window; i++) chain_start(ch);
+}
+
+static int chain_finished(void *arg)
+{
+    return __atomic_load_n(&((chain *)arg)->done, __ATOMIC_SEQ_CST) != 0;
+}
+
+static void test_calls_chained_on_loop_thread(void)
+{
+    patio_tcp_config scfg = cfg_for(1), ccfg = cfg_for(0);
+    patio_registry *rpc = patio_registry_new(NULL);
+    patio_executor *ex;
+    patio_broker *server;
+    node c;
+    chain ch;
+    int port = 0;
+    patio_register(rpc, "mul", mul, NULL);
+    ex = patio_async_executor_new(rpc, 8);
+    server = patio_tcp_broker_new(ex, &scfg);
+    CHECK(server != NULL);
+    if (!server) return;
+    CHECK_EQ_INT(patio_tcp_listen(server, "127.0.0.1", 0, &port), PATIO_OK);
+    CHECK(node_start_ex(&c, "client", &ccfg, -1, 0, 0, 1) == 0);
+    CHECK_EQ_INT(patio_tcp_connect(c.b, "127.0.0.1", port), PATIO_OK);
+    CHECK_EQ_INT(patio_tcp_wait_peers(c.b, 1, 5.0), PATIO_OK);
+    memset(&ch, 0, sizeof ch);
+    ch.b = c.b;
+    ch.window = 32;
+    ch.total = 3000;
+    CHECK_EQ_INT(patio_loop_post(patio_broker_loop(c.b), chain_kick, &ch), PATIO_OK);
+    CHECK(wait_until(chain_finished, &ch, 20.0));
+    if (chain_finished(&ch)) {
+        CHECK_EQ_INT(ch.ok, ch.total);
+        CHECK_EQ_INT(ch.bad, 0);
+        CHECK_EQ_INT(ch.off_loop, 0);
+        CHECK_EQ_INT(ch.lost_status, PATIO_ERR_TIMEOUT);
+        CHECK(stats_of(c.b).calls_sent >= (uint64_t)ch.total);
+        CHECK(stats_of(server).calls_served >= (uint64_t)ch.total);
+    }
+    node_free(&c); /* after the wait: the callbacks use ch */
+    patio_broker_free(server);
+    patio_executor_free(ex);
+    patio_registry_free(rpc);
+}
+
 /* Thousands of calls wait on one connection when the peer goes: each one
  * fails with a lost connection, once, and its completion (run while the
  * broker fails the rest) sees a consistent broker. */
@@ -2379,6 +2480,7 @@ static const tcase cases[] = {
 #endif
     CASE(test_peer_lost_mid_call),
     CASE(test_peer_lost_with_many_calls),
+    CASE(test_calls_chained_on_loop_thread),
     CASE(test_inflight_limit),
     CASE(test_paused_connection_notices_reset),
     CASE(test_executor_full),
