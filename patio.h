@@ -2658,23 +2658,38 @@ static int patio__pack_one(patio_writer *w, const char *f, va_list *ap)
  * path, with nothing written and no error set, so that a bad format is
  * reported as such even after a write failed. Small non-negative ints,
  * the most common arguments of all, take one byte without a call. */
-static int patio__pack_flat(patio_writer *w, const char *fmt, va_list *ap, uint32_t *count)
+static PATIO__INLINE int patio__pack_flat(patio_writer *w, const char *fmt, va_list *ap, uint32_t *count)
 {
     size_t start = w->len;
     const char *f;
     uint32_t n = 0;
     for (f = fmt; *f; f++) {
         switch (*f) {
-        case 'i': /* a run of ints: those below 128 take one byte, stored in place */
-            for (;;) {
-                int v = va_arg(*ap, int);
-                n++;
-                if (v >= 0 && v < 0x80 && patio__writer_fits(w, 1)) w->data[w->len++] = (uint8_t)v;
-                else patio_write_int(w, v); /* after an error: does nothing */
-                if (f[1] != 'i') break;
-                f++;
+        case 'i': { /* a run of ints, with room for all made once: fixints are stored in place */
+            size_t run = 1, k;
+            while (f[run] == 'i') run++;
+            f += run - 1;
+            n += (uint32_t)run;
+            if (!patio__writer_fits(w, run * 5)) {
+                for (k = 0; k < run; k++) patio_write_int(w, va_arg(*ap, int)); /* after an error: nothing */
+                break;
+            }
+            {
+                uint8_t *d = w->data + w->len; /* a local cursor: byte stores could alias w */
+                for (k = 0; k < run; k++) {
+                    int v = va_arg(*ap, int);
+                    if (v >= -32 && v < 0x80) {
+                        *d++ = (uint8_t)v;
+                    } else { /* at most 5 bytes: within the room */
+                        w->len = (size_t)(d - w->data);
+                        patio_write_int(w, v);
+                        d = w->data + w->len;
+                    }
+                }
+                w->len = (size_t)(d - w->data);
             }
             break;
+        }
         case 'n': case 'b': case 'I': case 'u': case 'U': case 'd': case 's': case 'S': case 'y': case 'v':
             n++;
             if (!w->err) patio__pack_one(w, f, ap);
@@ -3458,6 +3473,19 @@ PATIO_API int patio_msgpack_check_all(const void *data, size_t len, int max_dept
  * smallest ext header is written directly, without moving bytes. `room`
  * bytes are left in front for the caller (a frame header); *start gets
  * where they begin. */
+/* A CallRequest's last field: float 64 seconds, or nil for none. */
+PATIO__MAYBE_UNUSED static void patio__put_timeout(uint8_t *p, int has_timeout, double timeout)
+{
+    if (has_timeout) {
+        uint64_t bits;
+        memcpy(&bits, &timeout, sizeof bits);
+        *p++ = 0xcb;
+        patio__put_be64(p, bits);
+    } else {
+        *p = 0xc0;
+    }
+}
+
 PATIO__MAYBE_UNUSED static int patio__write_call_request_at(patio_writer *w, size_t room, uint8_t **start, const char *func,
                                         size_t func_len, const void *args, size_t args_len, const void *kwargs,
                                         size_t kwargs_len, int has_timeout, double timeout)
@@ -3470,6 +3498,29 @@ PATIO__MAYBE_UNUSED static int patio__write_call_request_at(patio_writer *w, siz
     if (!args || !args_len) { args = &empty_array; args_len = 1; }
     if (!kwargs || !kwargs_len) { kwargs = &empty_map; kwargs_len = 1; }
     if (func_len && !func) return patio__writer_fail(w, PATIO_ERR_INVALID);
+    body = 2 + (uint64_t)func_len + args_len + kwargs_len + (has_timeout ? 9 : 1);
+    if (func_len < 32 && args_len < 128 && kwargs_len < 64 && body != 8 && body != 16) {
+        /* nearly every call: a fixstr name and an ext 8 head (body < 256;
+         * bodies of 8 and 16 bytes take the fixext forms) */
+        size_t small = (size_t)body;
+        if (!(p = patio__writer_append(w, room + 3 + small))) return w->err;
+        if (start) *start = p;
+        p += room;
+        p[0] = 0xc7;
+        p[1] = (uint8_t)small;
+        p[2] = 1;
+        p[3] = 0x94;
+        p[4] = (uint8_t)(0xa0 | func_len);
+        p += 5;
+        patio__copy(p, func, func_len);
+        p += func_len;
+        patio__copy(p, args, args_len);
+        p += args_len;
+        if (kwargs_len == 1) *p++ = *(const uint8_t *)kwargs;
+        else { patio__copy(p, kwargs, kwargs_len); p += kwargs_len; }
+        patio__put_timeout(p, has_timeout, timeout);
+        return PATIO_OK;
+    }
     if ((uint64_t)func_len > UINT32_MAX || (uint64_t)args_len > UINT32_MAX || (uint64_t)kwargs_len > UINT32_MAX)
         return patio__writer_fail(w, PATIO_ERR_OVERFLOW);
     func_head_len = patio__str_head(func_head, func_len);
@@ -3490,14 +3541,7 @@ PATIO__MAYBE_UNUSED static int patio__write_call_request_at(patio_writer *w, siz
     p += args_len;
     patio__copy(p, kwargs, kwargs_len);
     p += kwargs_len;
-    if (has_timeout) {
-        uint64_t bits;
-        memcpy(&bits, &timeout, sizeof bits);
-        *p++ = 0xcb;
-        patio__put_be64(p, bits);
-    } else {
-        *p = 0xc0;
-    }
+    patio__put_timeout(p, has_timeout, timeout);
     return PATIO_OK;
 }
 
@@ -8658,8 +8702,11 @@ PATIO_API patio_broker *patio_memory_broker_new(patio_executor *ex)
 #define PATIO__TCP_EARLY_WRITE 4096u            /* queued bytes that leave before the flush */
 #define PATIO__TCP_RETRY_NS 2000000u            /* executor full: retry after 2 ms */
 
+/* Only the loop thread writes the counters, so an update is a plain load
+ * and store (atomic, for readers on other threads) without a locked add. */
 #define PATIO__TCP_COUNT(tb, field, n) \
-    ((void)__atomic_fetch_add(&(tb)->stats.field, (uint64_t)(n), __ATOMIC_RELAXED))
+    __atomic_store_n(&(tb)->stats.field, \
+                     __atomic_load_n(&(tb)->stats.field, __ATOMIC_RELAXED) + (uint64_t)(n), __ATOMIC_RELAXED)
 
 /* ---- plain transport: recv/send on the socket ------------------------------ */
 
@@ -8996,7 +9043,7 @@ struct patio__tcp_broker {
     patio__timer retry_timer;
     patio__tcp_lane lanes[PATIO__TCP_LANES];
 
-    patio_tcp_stats stats;         /* atomic counters */
+    patio_tcp_stats stats;         /* written by the loop thread only (PATIO__TCP_COUNT) */
 };
 
 static void patio__tcp_vt_destroy(patio_broker *b);
@@ -9273,7 +9320,7 @@ static void patio__tcp_conn_close(patio__tcp_conn *c, int level, const char *fmt
     patio__tcp_conn_unlink(c);
     if (c->counted) {
         tb->nopen--;
-        __atomic_fetch_sub(&tb->stats.connections_open, (uint64_t)1, __ATOMIC_RELAXED);
+        PATIO__TCP_COUNT(tb, connections_open, (uint64_t)-1);
     }
     if (c->target) patio__tcp_target_conn_closed(c->target, c->was_ready);
     c->target = NULL;
@@ -10097,7 +10144,10 @@ static void patio__tcp_call_succeed(patio_call *call, const uint8_t *value, size
     if (patio__load(&call->state) != PATIO__CALL_PENDING) return;
     patio_writer_free(w);
     patio__task_small_result(&call->task, call->hooks);
-    if (patio_write_raw(w, value, len) != PATIO_OK) {
+    if (len <= w->cap) {
+        patio__copy(w->data, value, len);
+        w->len = len;
+    } else if (patio_write_raw(w, value, len) != PATIO_OK) {
         patio_call_fail_with(call, w->err, "MemoryError", "out of memory");
         return;
     }
@@ -10112,7 +10162,8 @@ static void patio__tcp_on_response(patio__tcp_conn *c, const patio__frame *f)
         patio__tcp_protocol_error(c, "RESPONSE for serial %lu, which is not pending", (unsigned long)f->serial);
         return;
     }
-    if (patio_msgpack_check_all(f->payload, f->size, tb->cfg.max_depth) != PATIO_OK) {
+    if (!(f->size == 1 && patio__is_tiny(f->payload[0])) && /* a small int, nil or bool needs no check */
+        patio_msgpack_check_all(f->payload, f->size, tb->cfg.max_depth) != PATIO_OK) {
         if (patio_call_fail_with(call, PATIO_ERR_DECODE, "patio_msgpack.SerializationError",
                                  "the result does not decode") == PATIO_OK)
             PATIO__TCP_COUNT(tb, call_errors, 1);

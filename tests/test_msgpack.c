@@ -7,6 +7,8 @@
 
 #include <stdlib.h>
 #include <math.h>
+#include <limits.h>
+#include <stdarg.h>
 
 /* ---- helpers ------------------------------------------------------------- */
 
@@ -944,6 +946,58 @@ static void test_call_request_ext16(void)
     patio_writer_free(&w);
 }
 
+/* A CallRequest is an ext 1 whose head takes the smallest form for its
+ * body (fixext for 8 and 16 bytes, ext 8 up to 255, ext 16 above): built
+ * here from its parts with the general writers, it must come out the same
+ * from the request encoder, for names and arguments of every size around
+ * those limits, with and without kwargs and a timeout. */
+static void test_call_request_sizes_agree(void)
+{
+    char func[40];
+    uint8_t args[200], kwargs[3][70];
+    size_t kwargs_len[3] = { 1, 3, 64 }, flen, alen, k;
+    int bad = 0, t;
+    memset(func, 'f', sizeof func);
+    memset(kwargs, 0, sizeof kwargs);
+    kwargs[0][0] = 0x80;                   /* {} */
+    kwargs[1][0] = 0xde;                   /* {} as a map 16 */
+    kwargs[2][0] = 0x81;                   /* {"kkk...": 0}, 64 bytes */
+    kwargs[2][1] = 0xd9;
+    kwargs[2][2] = 60;
+    memset(kwargs[2] + 3, 'k', 60);
+    for (flen = 0; flen <= 33; flen++)
+        for (alen = 1; alen <= 190; alen++)
+            for (k = 0; k < 3; k++)
+                for (t = 0; t < 2; t++) {
+                    patio_writer body, want, got;
+                    /* args: an array of zeros, alen bytes in all */
+                    memset(args, 0, sizeof args);
+                    if (alen - 1 < 16) {
+                        args[0] = (uint8_t)(0x90 | (alen - 1));
+                    } else {
+                        args[0] = 0xdc;
+                        args[2] = (uint8_t)(alen - 3);
+                    }
+                    patio_writer_init(&body, NULL);
+                    patio_write_array(&body, 4);
+                    patio_write_strn(&body, func, flen);
+                    patio_write_raw(&body, args, alen);
+                    patio_write_raw(&body, kwargs[k], kwargs_len[k]);
+                    if (t) patio_write_double(&body, 1.5);
+                    else patio_write_nil(&body);
+                    patio_writer_init(&want, NULL);
+                    patio_write_ext(&want, 1, body.data, body.len);
+                    patio_writer_init(&got, NULL);
+                    patio__write_call_request(&got, func, flen, args, alen, kwargs[k], kwargs_len[k], t, 1.5);
+                    if (got.err || want.err || got.len != want.len || memcmp(got.data, want.data, got.len) != 0)
+                        bad++;
+                    patio_writer_free(&body);
+                    patio_writer_free(&want);
+                    patio_writer_free(&got);
+                }
+    CHECK_EQ_INT(bad, 0);
+}
+
 /* Decodes [name, rest...] as a REQUEST with the name as a fixstr (the form
  * the byte-by-byte path reads) or as a str 8 (the form only the general
  * path reads). */
@@ -1432,6 +1486,50 @@ static void check_bad_pack_format(const char *fmt)
     patio_writer_free(&w);
 }
 
+/* patio__pack_array through a va_list, as a call encodes its arguments. */
+static int pack_args(patio_writer *w, const char *fmt, ...)
+{
+    va_list ap;
+    int rc;
+    va_start(ap, fmt);
+    rc = patio__pack_array(w, fmt, ap);
+    va_end(ap);
+    return rc;
+}
+
+/* A run of ints packs as the same array patio_write_int builds value by
+ * value: every width, around each form's edges, in a buffer with room and
+ * in fixed buffers too small by any number of bytes (an overflow error,
+ * nothing written past the end). */
+static void test_pack_int_runs(void)
+{
+    static const int v[6][4] = {
+        { 1, 2, 3, 0 }, { -32, -33, 127, 128 }, { -1, 0, -128, -129 },
+        { 255, 256, 65535, 65536 }, { INT_MIN, INT_MAX, -32768, -32769 }, { 0x7fff, 0x8000, -31, 32 },
+    };
+    size_t i, cap;
+    for (i = 0; i < 6; i++) {
+        patio_writer want, got;
+        int k;
+        patio_writer_init(&want, NULL);
+        patio_write_array(&want, 4);
+        for (k = 0; k < 4; k++) patio_write_int(&want, v[i][k]);
+        patio_writer_init(&got, NULL);
+        CHECK_EQ_INT(pack_args(&got, "iiii", v[i][0], v[i][1], v[i][2], v[i][3]), PATIO_OK);
+        CHECK_EQ_MEM(got.data, got.len, want.data, want.len);
+        for (cap = 0; cap < want.len; cap++) {
+            uint8_t room[32];
+            patio_writer fixed;
+            memset(room, 0xee, sizeof room);
+            patio_writer_init_fixed(&fixed, room, cap);
+            CHECK_EQ_INT(pack_args(&fixed, "iiii", v[i][0], v[i][1], v[i][2], v[i][3]), PATIO_ERR_OVERFLOW);
+            CHECK(room[cap] == 0xee);
+        }
+        patio_writer_free(&want);
+        patio_writer_free(&got);
+    }
+}
+
 static void test_pack_invalid_formats(void)
 {
     patio_writer w;
@@ -1617,6 +1715,8 @@ int main(void)
     RUN(test_ext_types_checked);
     RUN(test_call_request_shape);
     RUN(test_call_request_ext16);
+    RUN(test_call_request_sizes_agree);
+    RUN(test_pack_int_runs);
     RUN(test_call_request_fast_path_agrees);
     RUN(test_nested_ext_checked);
     RUN(test_trailing_bytes);
