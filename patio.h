@@ -2072,6 +2072,14 @@ static size_t patio__base64(char *out, const uint8_t *in, size_t n, int pad)
 static int patio__utf8_valid(const uint8_t *p, size_t n)
 {
     size_t i = 0;
+    if (n >= 4 && n <= 8) { /* a short name, usually ASCII: two overlapping loads */
+        uint32_t a, b;
+        memcpy(&a, p, 4);
+        memcpy(&b, p + n - 4, 4);
+        if (((a | b) & 0x80808080u) == 0) return 1;
+    } else if (n < 4) {
+        if (n == 0 || ((p[0] | p[n / 2] | p[n - 1]) & 0x80) == 0) return 1;
+    }
     while (i < n) {
         uint8_t c, lo = 0x80, hi = 0xbf;
         size_t more, k;
@@ -10451,10 +10459,17 @@ static int patio__tcp_req_prepare(patio__tcp_req *req, const patio__entry *e, co
     patio__tcp_broker *tb = req->tb;
     patio_writer keep;
     double timeout = cr->has_timeout && cr->timeout < 1e9 ? cr->timeout : -1;
+    size_t kwargs_len = cr->kwargc ? cr->kwargs_len : 0;
     patio_writer_reset(&req->in);
-    patio_write_raw(&req->in, cr->args, cr->args_len);
-    if (cr->kwargc) patio_write_raw(&req->in, cr->kwargs, cr->kwargs_len);
-    if (req->in.err) return req->in.err;
+    if (cr->args_len + kwargs_len <= req->in.cap) { /* the usual: they fit the request's own room */
+        patio__copy(req->in.data, cr->args, cr->args_len);
+        patio__copy(req->in.data + cr->args_len, cr->kwargs, kwargs_len);
+        req->in.len = cr->args_len + kwargs_len;
+    } else {
+        patio_write_raw(&req->in, cr->args, cr->args_len);
+        if (kwargs_len) patio_write_raw(&req->in, cr->kwargs, kwargs_len);
+        if (req->in.err) return req->in.err;
+    }
     keep = req->task.result;
     patio__task_init(&req->task, e, patio__tcp_hooks(tb), req->in.data, cr->args_len,
                      cr->kwargc ? req->in.data + cr->args_len : NULL, cr->kwargc ? cr->kwargs_len : 0);
