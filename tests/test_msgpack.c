@@ -725,6 +725,20 @@ static void test_utf8_direct(void)
         buf[at] = 'a';
         CHECK(patio__utf8_valid((const uint8_t *)buf, 40));
     }
+    /* and in every short string (names: the two-load path), at every position */
+    {
+        size_t n;
+        int misses = 0;
+        for (n = 1; n <= 12; n++)
+            for (at = 0; at < n; at++) {
+                memset(buf, 'a', n);
+                buf[at] = (char)0x80;
+                misses += patio__utf8_valid((const uint8_t *)buf, n) != 0;
+                buf[at] = 'a';
+                misses += patio__utf8_valid((const uint8_t *)buf, n) != 1;
+            }
+        CHECK_EQ_INT(misses, 0);
+    }
 }
 
 static void test_invalid_utf8_in_str(void)
