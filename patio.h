@@ -1158,6 +1158,24 @@ static void patio__mutex_init_hot(pthread_mutex_t *m)
     pthread_mutex_init(m, NULL);
 }
 
+/* A lock for a few pointer moves that every call makes: one atomic swap to
+ * take it, a plain store to give it back (a pthread mutex costs a call
+ * and a locked instruction each way). A waiter spins briefly and then
+ * yields, so a holder that lost its CPU gets it back. Holders only move
+ * pointers, and now and then arm or disarm a timer (a short mutex). */
+static void patio__list_lock(int *l)
+{
+    unsigned spins = 0;
+    while (__atomic_exchange_n(l, 1, __ATOMIC_ACQUIRE)) {
+        while (__atomic_load_n(l, __ATOMIC_RELAXED)) {
+            if (++spins < 64) patio__cpu_relax();
+            else sched_yield();
+        }
+    }
+}
+
+static void patio__list_unlock(int *l) { __atomic_store_n(l, 0, __ATOMIC_RELEASE); }
+
 /* Adaptive spinning. Polling before sleeping pays off only when the work
  * comes back within the spin; when it does not, the spinning thread just
  * takes a CPU from the threads doing the work (on a 2-CPU machine, badly).
@@ -2259,6 +2277,13 @@ PATIO__MAYBE_UNUSED static void patio__writer_init_small(patio_writer *w, const 
     w->data = (uint8_t *)buf;
     w->cap = cap;
     w->fixed = 2;
+}
+
+/* Frees a writer's growable memory and leaves the writer as it is, for
+ * an owner that sets it up again before any use. */
+static PATIO__INLINE void patio__writer_drop(patio_writer *w)
+{
+    if (!w->fixed && w->data) patio__free(w->hooks, w->data);
 }
 
 PATIO_API void patio_writer_free(patio_writer *w)
@@ -7547,8 +7572,9 @@ typedef struct patio__task_counter {
 
 /* Broker-private bookkeeping behind patio_broker.internal. */
 typedef struct patio__broker_core {
-    PATIO__PAD(pad_before);   /* mu is taken once or twice per call */
-    pthread_mutex_t mu;
+    PATIO__PAD(pad_before);   /* lists is taken once or twice per call */
+    int lists;                /* patio__list_lock: the lists, lanes, spares, `closing` */
+    pthread_mutex_t mu;       /* with cv: waits for closing and for tasks to end */
     pthread_cond_t cv;
     patio_broker *broker;
     patio__call_list other;   /* pending calls not in a lane */
@@ -7564,14 +7590,14 @@ typedef struct patio__broker_core {
      * likewise without an atomic addition. */
     int sends_take_ref;
     /* Freed call objects kept for this broker's next calls. They come back
-     * under mu, with the unlisting, and go out one ahead: listing a call
+     * under `lists`, with the unlisting, and go out one ahead: listing a call
      * also puts a spare in `ready`, which the next call takes with one
      * swap. So a call costs no lock of the registry's shared cache. */
     patio_call *spares;       /* linked through next */
     size_t nspares;
     patio_call *ready;        /* atomic */
     /* Freed calls still on a list: a lock-free stack the next listing,
-     * which holds mu anyway, empties. Freeing a call so takes no lock. */
+     * which holds `lists` anyway, empties. Freeing a call so takes no lock. */
     patio_call *retired;      /* atomic */
     const patio__entry *last_entry; /* atomic: what the last send looked up */
     PATIO__PAD(pad_mid);
@@ -7598,12 +7624,13 @@ static void patio__call_release(patio_call *c)
     const patio_hooks *h;
     if (patio__fetch_sub(&c->refs, 1) != 1) return;
     h = c->hooks;
-    patio_writer_free(&c->args);
-    patio_writer_free(&c->kwargs);
-    patio_writer_free(&c->own_result);
-    patio_writer_free(&c->task.result);
-    patio__free(h, c->err_type);
-    patio__free(h, c->err_msg);
+    /* the writers and error strings are set up afresh by patio__call_new */
+    patio__writer_drop(&c->args);
+    patio__writer_drop(&c->kwargs);
+    patio__writer_drop(&c->own_result);
+    patio__writer_drop(&c->task.result);
+    if (c->err_type) patio__free(h, c->err_type);
+    if (c->err_msg) patio__free(h, c->err_msg);
     if (c->name != c->name_inline) patio__free(h, c->name);
     if (c->broker && patio__load(&c->listed)) patio__core_retire(patio__core(c->broker), c);
     else patio__cache_give(c->cache, h, c);
@@ -7635,7 +7662,7 @@ static void patio__list_unlink(patio__call_list *l, patio_call *c)
     patio__store(&c->listed, 0);
 }
 
-/* Under core->mu: takes c off its list; an emptied lane stops its timer. */
+/* Under core->lists: takes c off its list; an emptied lane stops its timer. */
 static void patio__call_unlink_locked(patio__broker_core *core, patio_call *c)
 {
     patio__lane *lane = c->lane;
@@ -7644,7 +7671,7 @@ static void patio__call_unlink_locked(patio__broker_core *core, patio_call *c)
     if (lane && !lane->calls.head) patio__timer_stop(core->broker->loop, &lane->timer);
 }
 
-/* Under core->mu: unlists the retired calls (a listing that closes
+/* Under core->lists: unlists the retired calls (a listing that closes
  * found some already unlisted) and keeps them as spares while there is
  * room; returns the rest, linked through next, for patio__calls_give. */
 static patio_call *patio__core_reap(patio__broker_core *core)
@@ -7665,7 +7692,7 @@ static patio_call *patio__core_reap(patio__broker_core *core)
     return rest;
 }
 
-/* Outside core->mu: back to the registry's cache, which has its own lock. */
+/* Outside core->lists: back to the registry's cache, which has its own lock. */
 static void patio__calls_give(patio_call *c)
 {
     patio_call *next;
@@ -7675,7 +7702,7 @@ static void patio__calls_give(patio_call *c)
     }
 }
 
-/* Under core->mu: moves a spare to `ready` if that is empty. Only this
+/* Under core->lists: moves a spare to `ready` if that is empty. Only this
  * stores to `ready` (takers swap it to NULL), so nothing is lost. */
 static void patio__core_ready_spare(patio__broker_core *core)
 {
@@ -7863,7 +7890,7 @@ static int patio__call_encode_args(patio_call *c, const patio_call_opts *o, cons
     return c->kwargs.err;
 }
 
-/* Under core->mu: the lane for this timeout, claiming a free one; NULL if
+/* Under core->lists: the lane for this timeout, claiming a free one; NULL if
  * all lanes serve other timeouts. */
 static patio__lane *patio__lane_for(patio__broker_core *core, double timeout)
 {
@@ -7884,8 +7911,8 @@ static int patio__call_enlist(patio_broker *b, patio_call *c, int *in_lane)
     patio__broker_core *core = patio__core(b);
     patio__lane *lane = NULL;
     patio_call *rest = NULL;
-    pthread_mutex_lock(&core->mu);
-    if (core->closing) { pthread_mutex_unlock(&core->mu); return PATIO_ERR_CLOSED; }
+    patio__list_lock(&core->lists);
+    if (core->closing) { patio__list_unlock(&core->lists); return PATIO_ERR_CLOSED; }
     if (patio__load_relaxed(&core->retired)) rest = patio__core_reap(core);
     if (c->timeout >= 0) lane = patio__lane_for(core, c->timeout);
     c->lane = lane;
@@ -7901,7 +7928,7 @@ static int patio__call_enlist(patio_broker *b, patio_call *c, int *in_lane)
     if (core->sends_run_tasks)
         __atomic_store_n(&core->tasks_started.n, core->tasks_started.n + 1, __ATOMIC_RELAXED);
     patio__core_ready_spare(core);
-    pthread_mutex_unlock(&core->mu);
+    patio__list_unlock(&core->lists);
     patio__calls_give(rest);
     *in_lane = lane != NULL;
     return PATIO_OK;
@@ -7921,7 +7948,7 @@ static void patio__lane_fire(patio__timer *t)
     patio__broker_core *core = lane->core;
     patio_call *due = NULL, *c;
     uint64_t now = patio__now_ns();
-    pthread_mutex_lock(&core->mu);
+    patio__list_lock(&core->lists);
     while ((c = lane->calls.head) != NULL && c->deadline_ns <= now) {
         /* decide before unlinking: once off the list, a call nobody else
          * holds may be freed by its last owner at any moment */
@@ -7932,7 +7959,7 @@ static void patio__lane_fire(patio__timer *t)
         due = c;
     }
     if (lane->calls.head) patio__timer_start(core->broker->loop, &lane->timer, lane->calls.head->deadline_ns);
-    pthread_mutex_unlock(&core->mu);
+    patio__list_unlock(&core->lists);
     while ((c = due) != NULL) {
         due = c->next;
         c->next = NULL;
@@ -8114,6 +8141,11 @@ PATIO_API int64_t patio_result_int(const patio_call *c)
 {
     patio_reader r;
     int64_t v = 0;
+    if (c && patio__load(&c->state) == PATIO__CALL_DONE && c->status == PATIO_OK && c->result && c->result->len == 1) {
+        uint8_t b = c->result->data[0]; /* a fixint, the usual answer */
+        if (b <= 0x7f) return b;
+        if (b >= 0xe0) return (int64_t)b - 0x100;
+    }
     if (patio_call_reader(c, &r) != PATIO_OK || patio_read_int(&r, &v) != PATIO_OK) return 0;
     return v;
 }
@@ -8401,7 +8433,7 @@ static patio_call *patio__broker_take_pending(patio__broker_core *core)
 {
     patio_call *c;
     int i;
-    pthread_mutex_lock(&core->mu);
+    patio__list_lock(&core->lists);
     for (;;) {
         c = NULL;
         for (i = 0; i < PATIO__LANES && !c; i++) c = core->lanes[i].calls.head;
@@ -8413,7 +8445,7 @@ static patio_call *patio__broker_take_pending(patio__broker_core *core)
         }
         patio__call_unlink_locked(core, c); /* its last owner is freeing it: leave it be */
     }
-    pthread_mutex_unlock(&core->mu);
+    patio__list_unlock(&core->lists);
     return c;
 }
 
@@ -8424,7 +8456,9 @@ PATIO_API void patio_broker_close(patio_broker *b)
     if (!b || !b->internal) return;
     core = patio__core(b);
     pthread_mutex_lock(&core->mu);
+    patio__list_lock(&core->lists); /* listing reads `closing` under this one */
     core->closing = 1;
+    patio__list_unlock(&core->lists);
     __atomic_store_n(&core->tasks_ended.closing, 1, __ATOMIC_SEQ_CST);
     b->closed = 1;
     pthread_cond_broadcast(&core->cv); /* wakes patio_broker_join */

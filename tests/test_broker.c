@@ -109,6 +109,33 @@ static void test_mul(void)
     env_free(&e);
 }
 
+/* patio_result_int reads every int form (one byte or more, either sign),
+ * and gives 0 for a result that is not an int and for a failed call. */
+static void test_result_int_forms(void)
+{
+    static const int64_t values[] = { 0, 1, 127, 128, -1, -32, -33, -128, -129, 65536, -70000,
+                                      (int64_t)1 << 40, -((int64_t)1 << 40) };
+    env e = env_new(0);
+    size_t i;
+    patio_call *c;
+    for (i = 0; i < sizeof values / sizeof values[0]; i++) {
+        c = patio_call_sync(e.broker, 5.0, "mul", "II", values[i], (int64_t)1);
+        CHECK_EQ_INT(patio_call_status(c), PATIO_OK);
+        CHECK(patio_result_int(c) == values[i]);
+        patio_call_free(c);
+    }
+    c = patio_call_sync(e.broker, 5.0, "echo", "i", 5);
+    CHECK(patio_result_int(c) == 0); /* an array */
+    patio_call_free(c);
+    c = patio_call_sync(e.broker, 5.0, "div", "dd", 1.0, 4.0);
+    CHECK(patio_result_int(c) == 0); /* a float */
+    patio_call_free(c);
+    c = patio_call_sync(e.broker, 5.0, "div", "ii", 1, 0);
+    CHECK(patio_result_int(c) == 0); /* an error */
+    patio_call_free(c);
+    env_free(&e);
+}
+
 static void test_remote_error(void)
 {
     env e = env_new(0);
@@ -724,6 +751,7 @@ static void test_100k_calls_async(void) { many_calls(1, 100000); }
 int main(void)
 {
     RUN(test_mul);
+    RUN(test_result_int_forms);
     RUN(test_remote_error);
     RUN(test_type_errors);
     RUN(test_unknown_name);
