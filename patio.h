@@ -7599,6 +7599,11 @@ typedef struct patio__broker_core {
     /* Freed calls still on a list: a lock-free stack the next listing,
      * which holds `lists` anyway, empties. Freeing a call so takes no lock. */
     patio_call *retired;      /* atomic */
+    /* The same two for calls the loop thread starts and frees (callbacks
+     * chaining calls): only it touches these, so they take no atomics. */
+    patio_call *loop_ready;
+    patio_call *loop_retired; /* linked through retired_next */
+    size_t nloop_retired;
     const patio__entry *last_entry; /* atomic: what the last send looked up */
     PATIO__PAD(pad_mid);
     patio__task_counter tasks_started;
@@ -7614,6 +7619,25 @@ static void patio__core_retire(patio__broker_core *core, patio_call *c)
     patio_call *head = patio__load_relaxed(&core->retired);
     do c->retired_next = head;
     while (!__atomic_compare_exchange_n(&core->retired, &head, c, 1, __ATOMIC_RELEASE, __ATOMIC_RELAXED));
+}
+
+static patio_call *patio__core_reap_loop(patio__broker_core *core, patio_call *rest);
+static void patio__calls_give(patio_call *c);
+
+/* The loop thread keeps what it retires to itself and unlists a batch at
+ * a time (its next listing does it sooner), one lock for many calls. */
+#define PATIO__LOOP_RETIRE_BATCH 32u
+
+static void patio__core_retire_on_loop(patio__broker_core *core, patio_call *c)
+{
+    patio_call *rest;
+    c->retired_next = core->loop_retired;
+    core->loop_retired = c;
+    if (++core->nloop_retired < PATIO__LOOP_RETIRE_BATCH) return;
+    patio__list_lock(&core->lists);
+    rest = patio__core_reap_loop(core, NULL);
+    patio__list_unlock(&core->lists);
+    patio__calls_give(rest);
 }
 
 /* A finished call stays on its broker's list until its last reference goes,
@@ -7632,8 +7656,9 @@ static void patio__call_release(patio_call *c)
     if (c->err_type) patio__free(h, c->err_type);
     if (c->err_msg) patio__free(h, c->err_msg);
     if (c->name != c->name_inline) patio__free(h, c->name);
-    if (c->broker && patio__load(&c->listed)) patio__core_retire(patio__core(c->broker), c);
-    else patio__cache_give(c->cache, h, c);
+    if (!c->broker || !patio__load(&c->listed)) patio__cache_give(c->cache, h, c);
+    else if (patio_loop_in_loop_thread(c->loop)) patio__core_retire_on_loop(patio__core(c->broker), c);
+    else patio__core_retire(patio__core(c->broker), c);
 }
 
 /* Takes a reference unless the call is already being freed. */
@@ -7674,9 +7699,9 @@ static void patio__call_unlink_locked(patio__broker_core *core, patio_call *c)
 /* Under core->lists: unlists the retired calls (a listing that closes
  * found some already unlisted) and keeps them as spares while there is
  * room; returns the rest, linked through next, for patio__calls_give. */
-static patio_call *patio__core_reap(patio__broker_core *core)
+static patio_call *patio__core_reap_chain(patio__broker_core *core, patio_call *c, patio_call *rest)
 {
-    patio_call *c = patio__xchg(&core->retired, (patio_call *)NULL), *next, *rest = NULL;
+    patio_call *next;
     for (; c; c = next) {
         next = c->retired_next;
         patio__call_unlink_locked(core, c);
@@ -7692,6 +7717,20 @@ static patio_call *patio__core_reap(patio__broker_core *core)
     return rest;
 }
 
+static patio_call *patio__core_reap(patio__broker_core *core)
+{
+    return patio__core_reap_chain(core, patio__xchg(&core->retired, (patio_call *)NULL), NULL);
+}
+
+/* Under core->lists, on the loop thread: the same for its own retired calls. */
+static patio_call *patio__core_reap_loop(patio__broker_core *core, patio_call *rest)
+{
+    patio_call *c = core->loop_retired;
+    core->loop_retired = NULL;
+    core->nloop_retired = 0;
+    return patio__core_reap_chain(core, c, rest);
+}
+
 /* Outside core->lists: back to the registry's cache, which has its own lock. */
 static void patio__calls_give(patio_call *c)
 {
@@ -7704,13 +7743,19 @@ static void patio__calls_give(patio_call *c)
 
 /* Under core->lists: moves a spare to `ready` if that is empty. Only this
  * stores to `ready` (takers swap it to NULL), so nothing is lost. */
-static void patio__core_ready_spare(patio__broker_core *core)
+static void patio__core_ready_spare(patio__broker_core *core, int on_loop)
 {
     patio_call *c = core->spares;
-    if (!c || patio__load(&core->ready)) return;
+    if (!c) return;
+    if (on_loop) {
+        if (core->loop_ready) return;
+        core->loop_ready = c;
+    } else {
+        if (patio__load(&core->ready)) return;
+        patio__store(&core->ready, c);
+    }
     core->spares = c->next;
     core->nspares--;
-    patio__store(&core->ready, c);
 }
 
 /* Lock-free unless this completion is the one the sleeper waits for. The
@@ -7825,9 +7870,16 @@ PATIO_API int patio_call_fail_with(patio_call *c, int status, const char *type, 
     return patio__call_finish(c, status, NULL, type, message ? message : (type ? "" : NULL));
 }
 
-static patio_call *patio__call_new(patio_broker *b, const char *name)
+static patio_call *patio__call_new(patio_broker *b, const char *name, int on_loop)
 {
-    patio_call *c = patio__xchg(&patio__core(b)->ready, (patio_call *)NULL);
+    patio__broker_core *core = patio__core(b);
+    patio_call *c;
+    if (on_loop && core->loop_ready) {
+        c = core->loop_ready;
+        core->loop_ready = NULL;
+    } else {
+        c = patio__xchg(&core->ready, (patio_call *)NULL);
+    }
     if (c) memset(c, 0, offsetof(patio_call, task));
     else c = (patio_call *)patio__cache_take(&b->registry->call_cache, b->hooks, sizeof *c,
                                              offsetof(patio_call, task));
@@ -7906,7 +7958,7 @@ static patio__lane *patio__lane_for(patio__broker_core *core, double timeout)
 }
 
 /* Lists a starting call; returns 1 if its timeout is watched by a lane. */
-static int patio__call_enlist(patio_broker *b, patio_call *c, int *in_lane)
+static int patio__call_enlist(patio_broker *b, patio_call *c, int *in_lane, int on_loop)
 {
     patio__broker_core *core = patio__core(b);
     patio__lane *lane = NULL;
@@ -7914,6 +7966,7 @@ static int patio__call_enlist(patio_broker *b, patio_call *c, int *in_lane)
     patio__list_lock(&core->lists);
     if (core->closing) { patio__list_unlock(&core->lists); return PATIO_ERR_CLOSED; }
     if (patio__load_relaxed(&core->retired)) rest = patio__core_reap(core);
+    if (on_loop && core->loop_retired) rest = patio__core_reap_loop(core, rest);
     if (c->timeout >= 0) lane = patio__lane_for(core, c->timeout);
     c->lane = lane;
     if (lane) {
@@ -7927,7 +7980,7 @@ static int patio__call_enlist(patio_broker *b, patio_call *c, int *in_lane)
     if (core->sends_take_ref) c->refs++; /* nobody else sees the call before the unlock */
     if (core->sends_run_tasks)
         __atomic_store_n(&core->tasks_started.n, core->tasks_started.n + 1, __ATOMIC_RELAXED);
-    patio__core_ready_spare(core);
+    patio__core_ready_spare(core, on_loop);
     patio__list_unlock(&core->lists);
     patio__calls_give(rest);
     *in_lane = lane != NULL;
@@ -7988,9 +8041,10 @@ PATIO_API patio_call *patio_call_startv(patio_broker *b, const patio_call_opts *
                                         const char *name, const char *fmt, va_list ap)
 {
     patio_call *c;
-    int rc, in_lane = 0, held;
+    int rc, in_lane = 0, held, on_loop;
     if (!b) return NULL;
-    c = patio__call_new(b, name);
+    on_loop = patio_loop_in_loop_thread(b->loop);
+    c = patio__call_new(b, name, on_loop);
     if (!c) return NULL;
     if (opts) { c->on_done = opts->on_done; c->on_done_user = opts->user; }
     c->timeout = opts && opts->timeout != 0 ? opts->timeout : b->default_timeout;
@@ -8003,9 +8057,9 @@ PATIO_API patio_call *patio_call_startv(patio_broker *b, const patio_call_opts *
      * hold it until then. Without on_done the caller's own reference, which
      * it cannot drop before it has the pointer, does that; on the loop
      * thread nothing that could drop the last one runs before it returns. */
-    held = c->on_done != NULL && !patio_loop_in_loop_thread(c->loop);
+    held = c->on_done != NULL && !on_loop;
     if (held) patio__fetch_add(&c->refs, 1);
-    rc = patio__call_enlist(b, c, &in_lane);
+    rc = patio__call_enlist(b, c, &in_lane, on_loop);
     if (rc != PATIO_OK) patio__call_refused(c, rc);
     else {
         if (!in_lane) patio__call_arm_timer(c);
@@ -8058,7 +8112,7 @@ PATIO_API patio_call *patio_call_fn(patio_broker *b, patio_fn fn, const char *fm
     if (!b) return NULL;
     name = patio_registry_name_of(b->registry, fn);
     if (!name || !b->registry->auto_naming) {
-        c = patio__call_new(b, "");
+        c = patio__call_new(b, "", 0);
         if (!c) return NULL;
         c->broker = NULL;
         patio__call_finish(c, name ? PATIO_ERR_INVALID : PATIO_ERR_NOT_FOUND, NULL,
@@ -8556,6 +8610,11 @@ PATIO_API void patio_broker_deinit(patio_broker *b)
             next = c->retired_next;
             patio__free_lines(b->hooks, c);
         }
+        for (c = core->loop_retired; c; c = next) {
+            next = c->retired_next;
+            patio__free_lines(b->hooks, c);
+        }
+        patio__free_lines(b->hooks, core->loop_ready);
         pthread_mutex_destroy(&core->mu);
         pthread_cond_destroy(&core->cv);
         patio__free(b->hooks, core);
@@ -8610,9 +8669,14 @@ PATIO_API patio_executor *patio_broker_executor(const patio_broker *b) { return 
 
 /* ---- running a call's task on the broker's executor ------------------- */
 
+/* One thread starts a broker's tasks (the TCP broker's loop thread; the
+ * memory broker counts them at listing, under its lock), so the count is a
+ * plain load and store. The task is handed over after it, so whoever ends
+ * it counts the end after this start is visible. */
 static void patio__broker_task_started(patio_broker *b)
 {
-    __atomic_add_fetch(&patio__core(b)->tasks_started.n, 1, __ATOMIC_SEQ_CST);
+    size_t *n = &patio__core(b)->tasks_started.n;
+    __atomic_store_n(n, __atomic_load_n(n, __ATOMIC_RELAXED) + 1, __ATOMIC_RELEASE);
 }
 
 /* Lock-free unless the broker is closing. The increment must be the last
