@@ -7518,6 +7518,7 @@ struct patio_call {
     const patio_writer *result;
     patio_call_cb on_done;
     void *on_done_user;
+    int deliver_drops;        /* references patio__call_deliver drops */
     patio_loop *loop;
     int listed;
     patio_task task;          /* local execution by the memory broker */
@@ -7643,10 +7644,10 @@ static void patio__core_retire_on_loop(patio__broker_core *core, patio_call *c)
 /* A finished call stays on its broker's list until its last reference goes,
  * so completing a call on a worker touches no shared list. The thread that
  * frees it then retires it; the broker's next listing unlists it. */
-static void patio__call_release(patio_call *c)
+static void patio__call_release_n(patio_call *c, int n)
 {
     const patio_hooks *h;
-    if (patio__fetch_sub(&c->refs, 1) != 1) return;
+    if (patio__fetch_sub(&c->refs, n) != n) return;
     h = c->hooks;
     /* the writers and error strings are set up afresh by patio__call_new */
     patio__writer_drop(&c->args);
@@ -7660,6 +7661,8 @@ static void patio__call_release(patio_call *c)
     else if (patio_loop_in_loop_thread(c->loop)) patio__core_retire_on_loop(patio__core(c->broker), c);
     else patio__core_retire(patio__core(c->broker), c);
 }
+
+static void patio__call_release(patio_call *c) { patio__call_release_n(c, 1); }
 
 /* Takes a reference unless the call is already being freed. */
 static int patio__call_try_ref(patio_call *c)
@@ -7776,8 +7779,9 @@ static void patio__waiter_notify(patio__waiter *w)
 static void patio__call_deliver(patio__post *p)
 {
     patio_call *c = PATIO__CONTAINER(p, patio_call, done_post);
+    int drops = c->deliver_drops;
     c->on_done(c, c->on_done_user);
-    patio__call_release(c);
+    patio__call_release_n(c, drops);
 }
 
 /* Copies an error's type and message into the call (for local errors). */
@@ -7795,9 +7799,11 @@ static int patio__call_claim(patio_call *c)
     return patio__cas(&c->state, &expected, PATIO__CALL_FINISHING);
 }
 
-/* For the finisher that claimed c: the rest of patio__call_finish. */
+/* For the finisher that claimed c: the rest of patio__call_finish. The
+ * in-flight reference goes, and `extra` more that the finisher held go
+ * with it, in one atomic subtraction (after on_done, if there is one). */
 static void patio__call_complete(patio_call *c, int status, const patio_writer *result,
-                                 const char *type, const char *msg)
+                                 const char *type, const char *msg, int extra)
 {
     patio__waiter *w;
     c->status = status;
@@ -7820,15 +7826,29 @@ static void patio__call_complete(patio_call *c, int status, const patio_writer *
         patio__call_release(c);
     w = patio__xchg(&c->waiter, PATIO__WAITER_FIRED);
     if (w && w != PATIO__WAITER_FIRED) patio__waiter_notify(w);
-    if (c->on_done) patio__loop_post(c->loop, &c->done_post);
-    else patio__call_release(c);
+    if (c->on_done) {
+        c->deliver_drops = 1 + extra;
+        patio__loop_post(c->loop, &c->done_post);
+    } else {
+        patio__call_release_n(c, 1 + extra);
+    }
 }
 
 static int patio__call_finish(patio_call *c, int status, const patio_writer *result,
                               const char *type, const char *msg)
 {
     if (!patio__call_claim(c)) return PATIO_ERR_INVALID;
-    patio__call_complete(c, status, result, type, msg);
+    patio__call_complete(c, status, result, type, msg, 0);
+    return PATIO_OK;
+}
+
+/* Finishes c for a finisher that holds a reference of its own: if it wins,
+ * that reference goes with the in-flight one; if not, the caller still
+ * holds it. */
+static int patio__call_finish_dropping(patio_call *c, int status, const patio_writer *result)
+{
+    if (!patio__call_claim(c)) return PATIO_ERR_INVALID;
+    patio__call_complete(c, status, result, NULL, NULL, 1);
     return PATIO_OK;
 }
 
@@ -7848,8 +7868,8 @@ PATIO_API int patio_call_succeed(patio_call *c, const void *value, size_t len)
     if (!patio__call_claim(c)) return PATIO_ERR_INVALID; /* before the result buffer is ours */
     patio_writer_reset(&c->own_result);
     rc = patio_write_raw(&c->own_result, value, len);
-    if (rc != PATIO_OK) patio__call_complete(c, rc, NULL, "MemoryError", "no memory for the call's result");
-    else patio__call_complete(c, PATIO_OK, &c->own_result, NULL, NULL);
+    if (rc != PATIO_OK) patio__call_complete(c, rc, NULL, "MemoryError", "no memory for the call's result", 0);
+    else patio__call_complete(c, PATIO_OK, &c->own_result, NULL, NULL, 0);
     return rc;
 }
 
@@ -8702,8 +8722,8 @@ static void patio__memory_task_done(patio_task *t)
 {
     patio_call *c = (patio_call *)t->owner;
     patio_broker *b = t->broker;
-    patio__call_finish(c, t->status, &t->result, NULL, NULL);
-    patio__call_release(c); /* the task's reference, while the broker surely lives */
+    /* the task's reference goes with the call's, while the broker surely lives */
+    if (patio__call_finish_dropping(c, t->status, &t->result) != PATIO_OK) patio__call_release(c);
     patio__broker_task_ended(b);
 }
 
@@ -10243,11 +10263,12 @@ static void patio__tcp_call_to(patio__tcp_conn *c, patio_call *call)
 /* Like patio_call_succeed, but a small result is copied into the call
  * object itself (the call's task part is unused by this broker), so a
  * call costs no allocation. Only the loop thread finishes pending TCP
- * calls while they have a connection, so nobody else touches it. */
-static void patio__tcp_call_succeed(patio_call *call, const uint8_t *value, size_t len)
+ * calls while they have a connection, so nobody else touches it. 1 if it
+ * finished the call, taking the pending request's reference along. */
+static int patio__tcp_call_succeed(patio_call *call, const uint8_t *value, size_t len)
 {
     patio_writer *w = &call->task.result;
-    if (patio__load(&call->state) != PATIO__CALL_PENDING) return;
+    if (patio__load(&call->state) != PATIO__CALL_PENDING) return 0;
     patio_writer_free(w);
     patio__task_small_result(&call->task, call->hooks);
     if (len <= w->cap) {
@@ -10255,9 +10276,9 @@ static void patio__tcp_call_succeed(patio_call *call, const uint8_t *value, size
         w->len = len;
     } else if (patio_write_raw(w, value, len) != PATIO_OK) {
         patio_call_fail_with(call, w->err, "MemoryError", "out of memory");
-        return;
+        return 0;
     }
-    patio__call_finish(call, PATIO_OK, w, NULL, NULL);
+    return patio__call_finish_dropping(call, PATIO_OK, w) == PATIO_OK;
 }
 
 static void patio__tcp_on_response(patio__tcp_conn *c, const patio__frame *f)
@@ -10273,8 +10294,8 @@ static void patio__tcp_on_response(patio__tcp_conn *c, const patio__frame *f)
         if (patio_call_fail_with(call, PATIO_ERR_DECODE, "patio_msgpack.SerializationError",
                                  "the result does not decode") == PATIO_OK)
             PATIO__TCP_COUNT(tb, call_errors, 1);
-    } else {
-        patio__tcp_call_succeed(call, f->payload, f->size);
+    } else if (patio__tcp_call_succeed(call, f->payload, f->size)) {
+        return; /* its reference went with the call's */
     }
     patio__call_release(call);
 }
