@@ -2691,6 +2691,25 @@ static int patio__pack_one(patio_writer *w, const char *f, va_list *ap)
  * path, with nothing written and no error set, so that a bad format is
  * reported as such even after a write failed. Small non-negative ints,
  * the most common arguments of all, take one byte without a call. */
+/* Packs n ints from ap into a writer with room for 5 bytes each: fixints
+ * are stored in place. */
+static PATIO__INLINE void patio__put_ints(patio_writer *w, size_t n, va_list *ap)
+{
+    uint8_t *d = w->data + w->len; /* a local cursor: byte stores could alias w */
+    size_t k;
+    for (k = 0; k < n; k++) {
+        int v = va_arg(*ap, int);
+        if (v >= -32 && v < 0x80) {
+            *d++ = (uint8_t)v;
+        } else { /* at most 5 bytes: within the room */
+            w->len = (size_t)(d - w->data);
+            patio_write_int(w, v);
+            d = w->data + w->len;
+        }
+    }
+    w->len = (size_t)(d - w->data);
+}
+
 static PATIO__INLINE int patio__pack_flat(patio_writer *w, const char *fmt, va_list *ap, uint32_t *count)
 {
     size_t start = w->len;
@@ -2707,20 +2726,7 @@ static PATIO__INLINE int patio__pack_flat(patio_writer *w, const char *fmt, va_l
                 for (k = 0; k < run; k++) patio_write_int(w, va_arg(*ap, int)); /* after an error: nothing */
                 break;
             }
-            {
-                uint8_t *d = w->data + w->len; /* a local cursor: byte stores could alias w */
-                for (k = 0; k < run; k++) {
-                    int v = va_arg(*ap, int);
-                    if (v >= -32 && v < 0x80) {
-                        *d++ = (uint8_t)v;
-                    } else { /* at most 5 bytes: within the room */
-                        w->len = (size_t)(d - w->data);
-                        patio_write_int(w, v);
-                        d = w->data + w->len;
-                    }
-                }
-                w->len = (size_t)(d - w->data);
-            }
+            patio__put_ints(w, run, ap);
             break;
         }
         case 'n': case 'b': case 'I': case 'u': case 'U': case 'd': case 's': case 'S': case 'y': case 'v':
@@ -2783,6 +2789,15 @@ PATIO__MAYBE_UNUSED static int patio__pack_array(patio_writer *w, const char *fm
     int flat;
     va_list args;
     if (w->err) return w->err;
+    for (n = 0; fmt[n] == 'i'; n++) {}
+    if (!fmt[n] && n < 16 && patio__writer_fits(w, 1 + 5 * (size_t)n)) {
+        /* only ints, as in mul(1, 2, 3): no format walk */
+        w->data[w->len++] = (uint8_t)(0x90 | n);
+        va_copy(args, ap);
+        patio__put_ints(w, n, &args);
+        va_end(args);
+        return PATIO_OK;
+    }
     if (patio__writer_fits(w, 1)) {
         w->len++;
         va_copy(args, ap);
