@@ -7814,12 +7814,17 @@ static int patio__call_claim(patio_call *c)
     return patio__cas(&c->state, &expected, PATIO__CALL_FINISHING);
 }
 
+/* How a finisher completes a call (patio__call_complete's `how`). */
+#define PATIO__DONE_DROP_REF 1 /* the finisher's own reference goes with the in-flight one */
+#define PATIO__DONE_INLINE 2   /* on the call's loop thread, between frames: on_done runs at once */
+
 /* For the finisher that claimed c: the rest of patio__call_finish. The
- * in-flight reference goes, and `extra` more that the finisher held go
- * with it, in one atomic subtraction (after on_done, if there is one). */
+ * in-flight reference goes (with the finisher's own, PATIO__DONE_DROP_REF)
+ * in one atomic subtraction, after on_done if there is one. */
 static void patio__call_complete(patio_call *c, int status, const patio_writer *result,
-                                 const char *type, const char *msg, int extra)
+                                 const char *type, const char *msg, int how)
 {
+    int drops = 1 + (how & PATIO__DONE_DROP_REF);
     patio__waiter *w;
     c->status = status;
     if (status == PATIO_OK) {
@@ -7842,10 +7847,11 @@ static void patio__call_complete(patio_call *c, int status, const patio_writer *
     w = patio__xchg(&c->waiter, PATIO__WAITER_FIRED);
     if (w && w != PATIO__WAITER_FIRED) patio__waiter_notify(w);
     if (c->on_done) {
-        c->deliver_drops = 1 + extra;
-        patio__loop_post(c->loop, &c->done_post);
+        c->deliver_drops = drops;
+        if (how & PATIO__DONE_INLINE) patio__call_deliver(&c->done_post);
+        else patio__loop_post(c->loop, &c->done_post);
     } else {
-        patio__call_release_n(c, 1 + extra);
+        patio__call_release_n(c, drops);
     }
 }
 
@@ -7859,11 +7865,11 @@ static int patio__call_finish(patio_call *c, int status, const patio_writer *res
 
 /* Finishes c for a finisher that holds a reference of its own: if it wins,
  * that reference goes with the in-flight one; if not, the caller still
- * holds it. */
-static int patio__call_finish_dropping(patio_call *c, int status, const patio_writer *result)
+ * holds it. `inline_done`: see PATIO__DONE_INLINE. */
+static int patio__call_finish_dropping(patio_call *c, int status, const patio_writer *result, int inline_done)
 {
     if (!patio__call_claim(c)) return PATIO_ERR_INVALID;
-    patio__call_complete(c, status, result, NULL, NULL, 1);
+    patio__call_complete(c, status, result, NULL, NULL, PATIO__DONE_DROP_REF | (inline_done ? PATIO__DONE_INLINE : 0));
     return PATIO_OK;
 }
 
@@ -8738,7 +8744,7 @@ static void patio__memory_task_done(patio_task *t)
     patio_call *c = (patio_call *)t->owner;
     patio_broker *b = t->broker;
     /* the task's reference goes with the call's, while the broker surely lives */
-    if (patio__call_finish_dropping(c, t->status, &t->result) != PATIO_OK) patio__call_release(c);
+    if (patio__call_finish_dropping(c, t->status, &t->result, 0) != PATIO_OK) patio__call_release(c);
     patio__broker_task_ended(b);
 }
 
@@ -10293,7 +10299,8 @@ static int patio__tcp_call_succeed(patio_call *call, const uint8_t *value, size_
         patio_call_fail_with(call, w->err, "MemoryError", "out of memory");
         return 0;
     }
-    return patio__call_finish_dropping(call, PATIO_OK, w) == PATIO_OK;
+    /* on the loop thread, between frames: on_done may start calls at once */
+    return patio__call_finish_dropping(call, PATIO_OK, w, 1) == PATIO_OK;
 }
 
 static void patio__tcp_on_response(patio__tcp_conn *c, const patio__frame *f)
