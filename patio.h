@@ -7764,16 +7764,11 @@ static void patio__calls_give(patio_call *c)
 static void patio__core_ready_spare(patio__broker_core *core, int on_loop)
 {
     patio_call *c = core->spares;
-    if (!c) return;
-    if (on_loop) {
-        if (core->loop_ready) return;
-        core->loop_ready = c;
-    } else {
-        if (patio__load(&core->ready)) return;
-        patio__store(&core->ready, c);
-    }
-    core->spares = c->next;
+    if (!c || (on_loop ? core->loop_ready != NULL : patio__load(&core->ready) != NULL)) return;
+    core->spares = c->next; /* before c is out: its taker rewrites it */
     core->nspares--;
+    if (on_loop) core->loop_ready = c;
+    else patio__store(&core->ready, c);
 }
 
 /* Lock-free unless this completion is the one the sleeper waits for. The
@@ -9154,14 +9149,19 @@ struct patio__tcp_broker {
     patio_writer names;            /* DISCOVER_RESPONSE payload */
 
     /* shared with other threads, under mu */
-    pthread_mutex_t mu;            /* held briefly by the loop and finishing tasks: spins first */
+    pthread_mutex_t mu;            /* held briefly by the loop and callers on other threads: spins first */
     pthread_cond_t cv;
     patio_call **inbox;
     size_t inbox_len, inbox_cap;
-    patio__tcp_req *done_head, *done_tail;
     int work_posted;
     int ready_peers;
     patio__post work_post;
+    /* Tasks that finished on other threads (pool workers): a lock-free
+     * stack, taken whole by one post of the loop (done_posted says one is
+     * queued), so a finishing task costs one compare-and-swap. */
+    patio__tcp_req *done_stack;    /* atomic, newest first */
+    int done_posted;               /* atomic */
+    patio__post done_post;
     int listen_port;               /* atomic */
     uint32_t test_serial;          /* atomic: serial base of new connections */
 
@@ -10421,7 +10421,7 @@ static void patio__tcp_task_done(patio_task *t)
 {
     patio__tcp_req *req = (patio__tcp_req *)t->owner;
     patio__tcp_broker *tb = req->tb;
-    int post;
+    patio__tcp_req *before;
     if (patio_loop_in_loop_thread(tb->base.loop)) {
         req->next = NULL;
         if (tb->local_done_tail) tb->local_done_tail->next = req; else tb->local_done = req;
@@ -10430,14 +10430,13 @@ static void patio__tcp_task_done(patio_task *t)
         patio__broker_task_ended(&tb->base);
         return;
     }
-    pthread_mutex_lock(&tb->mu);
-    req->next = NULL;
-    if (tb->done_tail) tb->done_tail->next = req; else tb->done_head = req;
-    tb->done_tail = req;
-    post = !tb->work_posted;
-    tb->work_posted = 1;
-    pthread_mutex_unlock(&tb->mu);
-    if (post) patio__loop_post(tb->base.loop, &tb->work_post);
+    before = patio__load_relaxed(&tb->done_stack);
+    do req->next = before;
+    while (!__atomic_compare_exchange_n(&tb->done_stack, &before, req, 1, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED));
+    /* A non-empty stack is covered by the post that its first task queued:
+     * the loop takes the stack only after it cleared done_posted. */
+    if (!before && !__atomic_exchange_n(&tb->done_posted, 1, __ATOMIC_SEQ_CST))
+        patio__loop_post(tb->base.loop, &tb->done_post);
     patio__broker_task_ended(&tb->base);
 }
 
@@ -10807,7 +10806,6 @@ static void patio__tcp_on_frame(patio__tcp_conn *c, const patio__frame *f)
 static void patio__tcp_work(patio__post *p)
 {
     patio__tcp_broker *tb = PATIO__CONTAINER(p, patio__tcp_broker, work_post);
-    patio__tcp_req *done, *next;
     patio_call **calls;
     size_t n, cap, i;
     pthread_mutex_lock(&tb->mu);
@@ -10819,16 +10817,36 @@ static void patio__tcp_work(patio__post *p)
     tb->inbox_len = 0;
     tb->batch = calls;
     tb->batch_cap = cap;
-    done = tb->done_head;
-    tb->done_head = tb->done_tail = NULL;
     tb->work_posted = 0;
     pthread_mutex_unlock(&tb->mu);
-    for (; done; done = next) {
+    for (i = 0; i < n; i++) patio__tcp_route_call(tb, calls[i]);
+    patio__tcp_tail(tb);
+}
+
+/* Takes the stack of tasks other threads finished, oldest first. */
+static patio__tcp_req *patio__tcp_take_done(patio__tcp_broker *tb)
+{
+    patio__tcp_req *req = __atomic_exchange_n(&tb->done_stack, (patio__tcp_req *)NULL, __ATOMIC_SEQ_CST), *fifo = NULL;
+    while (req) {
+        patio__tcp_req *next = req->next;
+        req->next = fifo;
+        fifo = req;
+        req = next;
+    }
+    return fifo;
+}
+
+/* Answers the tasks other threads finished, then flushes. */
+static void patio__tcp_done_work(patio__post *p)
+{
+    patio__tcp_broker *tb = PATIO__CONTAINER(p, patio__tcp_broker, done_post);
+    patio__tcp_req *done, *next;
+    __atomic_store_n(&tb->done_posted, 0, __ATOMIC_SEQ_CST);
+    for (done = patio__tcp_take_done(tb); done; done = next) {
         next = done->next;
         patio__tcp_req_finished(done);
     }
     if (tb->nstalled) patio__tcp_retry_stalled(tb);
-    for (i = 0; i < n; i++) patio__tcp_route_call(tb, calls[i]);
     patio__tcp_tail(tb);
 }
 
@@ -11021,15 +11039,15 @@ static void patio__tcp_vt_destroy(patio_broker *b)
 {
     patio__tcp_broker *tb = (patio__tcp_broker *)b;
     const patio_hooks *h = patio__tcp_hooks(tb);
-    patio__tcp_req *req;
+    patio__tcp_req *req, *next_req;
     patio__tcp_target *t;
     size_t i;
     while ((req = tb->pool) != NULL) {
         tb->pool = req->next;
         patio__tcp_req_free(tb, req);
     }
-    while ((req = tb->done_head) != NULL) {
-        tb->done_head = req->next;
+    for (req = patio__tcp_take_done(tb); req; req = next_req) {
+        next_req = req->next;
         patio__tcp_req_free(tb, req);
     }
     while ((req = tb->local_done) != NULL) {
@@ -11466,6 +11484,7 @@ PATIO_API patio_broker *patio_tcp_broker_new(patio_executor *ex, const patio_tcp
     tb->listen_port = -1;
     tb->work_post.fn = patio__tcp_work;
     tb->local_post.fn = patio__tcp_local_work;
+    tb->done_post.fn = patio__tcp_done_work;
     tb->retry_timer.fn = patio__tcp_retry_fire;
     for (i = 0; i < PATIO__TCP_LANES; i++) {
         tb->lanes[i].tb = tb;

@@ -160,7 +160,10 @@ static void test_thread_pool_long_task_does_not_stall_queue(void)
     int i, round, ok = 0;
     gate_init(&g_gate);
     e = env_new_spin("thread", 2, 0, -1); /* idle workers sleep at once: none polls the queue */
-    for (round = 0; round < 4; round++) {
+    /* bursts until the pool's average counts a task as tiny (4 do it on a
+     * quiet machine; a sanitizer's slow moments can take a few more) */
+    for (round = 0; round < 40 && (round < 4 || patio__load(&((patio__pool *)e.ex)->task_ns) >=
+                                                     PATIO__POOL_HELP_NS / 10); round++) {
         for (i = 0; i < 500; i++) burst[i] = patio_call_async(e.broker, "mul", "ii", 2, 3);
         CHECK_EQ_INT(patio_wait_all(burst, 500, 10.0), PATIO_OK);
         for (i = 0; i < 500; i++) patio_call_free(burst[i]);
@@ -191,19 +194,26 @@ static void test_thread_pool_long_task_does_not_stall_queue(void)
 static void test_thread_pool_wakes_the_last_sleeper(void)
 {
     env e = env_new_spin("thread", 4, 0, -1); /* no polling: every call wakes a sleeper */
-    int i, prev = -1, switches = 0, ran = 0;
+    int i, attempt, prev, switches = 0, ran = 0;
     g_nthreads = 0;
-    for (i = 0; i < 40; i++) {
-        patio_call *c = patio_call_sync(e.broker, 10.0, "which_thread", "");
-        int slot = (int)patio_result_int(c);
-        ran += patio_call_status(c) == PATIO_OK;
-        if (prev >= 0 && slot != prev) switches++;
-        prev = slot;
-        patio_call_free(c);
-    }
-    CHECK_EQ_INT(ran, 40);
     /* the first call may go to a worker that then stands by, and a stall
-     * of the test process may hand the standby's post on a few times */
+     * of the test process (a loaded machine, a sanitizer) may hand the
+     * standby's post on a few times: up to 3 runs of 40 calls, one of
+     * which must stay on one thread nearly all along (going round the
+     * sleepers would switch at every call, in every run) */
+    for (attempt = 0; attempt < 3 && (attempt == 0 || switches > 5); attempt++) {
+        switches = 0;
+        prev = -1;
+        for (i = 0; i < 40; i++) {
+            patio_call *c = patio_call_sync(e.broker, 10.0, "which_thread", "");
+            int slot = (int)patio_result_int(c);
+            ran += patio_call_status(c) == PATIO_OK;
+            if (prev >= 0 && slot != prev) switches++;
+            prev = slot;
+            patio_call_free(c);
+        }
+    }
+    CHECK_EQ_INT(ran, 40 * attempt);
     CHECK(switches <= 5);
     env_free(&e);
 }
