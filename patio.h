@@ -6700,6 +6700,14 @@ static void patio__pp_raise(patio_task *t, const patio__frame *f)
     patio__task_complete(t, PATIO_ERR_REMOTE);
 }
 
+/* The ring slot `k` places after the oldest (k < max_calls): no division
+ * on the per-call path. */
+static unsigned patio__pp_ring_at(const patio__pp_worker *w, const patio__ppool *p, unsigned k)
+{
+    unsigned i = w->head + k;
+    return i >= (unsigned)p->max_calls ? i - (unsigned)p->max_calls : i;
+}
+
 static patio__pp_slot patio__pp_pop(patio__ppool *p, patio__pp_worker *w)
 {
     patio__pp_slot s = w->ring[w->head];
@@ -6753,7 +6761,7 @@ static void patio__pp_take_back(patio__ppool *p, patio__pp_worker *w)
     if (n) {
         pthread_mutex_lock(&p->mu);
         for (; n; n--) {
-            patio__pp_slot *s = &w->ring[(w->head + w->count - 1) % (unsigned)p->max_calls];
+            patio__pp_slot *s = &w->ring[patio__pp_ring_at(w, p, w->count - 1)];
             patio_task *t = s->task;
             if (s->end <= w->out_off) break; /* written in full: the worker may run it */
             w->count--;
@@ -6968,7 +6976,7 @@ static void patio__pp_send(patio__ppool *p, patio_task *t, uint64_t now)
             patio__task_fail_code(t, rc, "MemoryError", "no memory to encode the call");
         return;
     }
-    s = &w->ring[(w->head + w->count) % (unsigned)p->max_calls];
+    s = &w->ring[patio__pp_ring_at(w, p, w->count)];
     s->task = t;
     s->serial = w->serial++;
     s->sent = now;
@@ -8906,6 +8914,8 @@ typedef struct patio__tcp_map {
     size_t cap, count;   /* cap: 0 or a power of two */
 } patio__tcp_map;
 
+/* Keys are spread: serials in order would make one long run of slots, and
+ * a removal shifts back everything up to the run's end. */
 static size_t patio__tcp_slot(uint32_t key, size_t mask) { return (size_t)(key * 2654435761u) & mask; }
 
 static void *patio__tcp_map_get(const patio__tcp_map *m, uint32_t key)
@@ -10142,8 +10152,9 @@ static patio__tcp_conn *patio__tcp_route_next(patio__tcp_route *r)
 {
     size_t k;
     for (k = 0; k < r->nconns; k++) {
-        patio__tcp_conn *c = r->conns[r->cursor % r->nconns];
-        r->cursor = (r->cursor + 1) % r->nconns;
+        patio__tcp_conn *c;
+        if (r->cursor >= r->nconns) r->cursor = 0; /* no division: this runs per call */
+        c = r->conns[r->cursor++];
         if (!patio__tcp_backlogged(c)) return c;
         c->passed_over = 1;
     }
