@@ -10036,14 +10036,13 @@ static int patio__tcp_routes_grow(patio__tcp_broker *tb)
 }
 
 /* The route for name, created empty if needed; NULL when out of memory. */
-static patio__tcp_route *patio__tcp_route_get(patio__tcp_broker *tb, const char *name, size_t len)
+/* The route for a name, made (with nobody offering it) if it is new;
+ * NULL without memory. */
+static patio__tcp_route *patio__tcp_route_lookup(patio__tcp_broker *tb, const char *name, size_t len)
 {
-    uint32_t hash;
-    patio__tcp_route *r = tb->last_route;
+    uint32_t hash = patio__tcp_hash(name, len);
+    patio__tcp_route *r;
     size_t slot;
-    /* Calls come in runs of one name: the last route found is tried first. */
-    if (r && r->name_len == len && patio__same_bytes(r->name, name, len)) return r;
-    hash = patio__tcp_hash(name, len);
     r = patio__tcp_route_find(tb, name, len, hash);
     if (r) return tb->last_route = r;
     if (tb->route_count + 1 > tb->route_cap && patio__tcp_routes_grow(tb) != PATIO_OK) return NULL;
@@ -10061,6 +10060,15 @@ static patio__tcp_route *patio__tcp_route_get(patio__tcp_broker *tb, const char 
     tb->routes[slot] = r;
     tb->route_count++;
     return r;
+}
+
+/* Calls come in runs of one name: the last route found is tried first,
+ * inline. */
+static PATIO__INLINE patio__tcp_route *patio__tcp_route_get(patio__tcp_broker *tb, const char *name, size_t len)
+{
+    patio__tcp_route *r = tb->last_route;
+    if (r && r->name_len == len && patio__same_bytes(r->name, name, len)) return r;
+    return patio__tcp_route_lookup(tb, name, len);
 }
 
 /* Frees a route nobody offers, nobody waits for and no connection lists
