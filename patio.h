@@ -720,7 +720,8 @@ PATIO_API int patio_call_status(const patio_call *c);
 /* Cancels a call whose task has not started: PATIO_OK, else PATIO_ERR_STARTED
  * (running) or PATIO_ERR_INVALID (already finished). */
 PATIO_API int patio_call_cancel(patio_call *c);
-/* Releases the call; if it is still running its result is dropped. */
+/* Releases the call; if it is still running its result is dropped. A
+ * broker's calls are freed before the broker. */
 PATIO_API void patio_call_free(patio_call *c);
 PATIO_API const char *patio_call_name(const patio_call *c);
 
@@ -7810,7 +7811,8 @@ static void patio__call_set_error(patio_call *c, const char *type, size_t tlen, 
 }
 
 /* First finisher wins: publishes status and result, wakes the waiter,
- * queues on_done, and drops the in-flight reference. */
+ * queues on_done (or runs it, PATIO__DONE_INLINE) and drops the in-flight
+ * reference. */
 static int patio__call_claim(patio_call *c)
 {
     int expected = PATIO__CALL_PENDING;

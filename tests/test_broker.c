@@ -465,6 +465,62 @@ static void test_calls_chained_on_loop_thread(void)
     pthread_cond_destroy(&s.cb.cv);
 }
 
+/* References taken and dropped inside on_done count: a callback that
+ * keeps the call (patio_call_ref) and drops the start's reference leaves
+ * it readable until the keeper frees it (ASan catches a free too early). */
+typedef struct keep_state {
+    cb_state cb;
+    patio_call *kept;
+} keep_state;
+
+static void keep_and_free(patio_call *c, void *user)
+{
+    keep_state *s = (keep_state *)user;
+    patio_call_ref(c);
+    patio_call_free(c);
+    patio_call_free(c); /* the ref just taken... */
+    patio_call_ref(c);  /* ...and one to keep */
+    pthread_mutex_lock(&s->cb.mu);
+    s->kept = c;
+    pthread_cond_signal(&s->cb.cv);
+    pthread_mutex_unlock(&s->cb.mu);
+}
+
+static void test_callback_keeps_call(void)
+{
+    env e = env_new(1);
+    keep_state s;
+    patio_call_opts o;
+    struct timespec ts;
+    int round;
+    memset(&s, 0, sizeof s);
+    pthread_mutex_init(&s.cb.mu, NULL);
+    pthread_cond_init(&s.cb.cv, NULL);
+    memset(&o, 0, sizeof o);
+    o.on_done = keep_and_free;
+    o.user = &s;
+    for (round = 0; round < 20; round++) {
+        patio_call *kept;
+        patio_call_start(e.broker, &o, "mul", "ii", round, 3);
+        deadline_in(&ts, 10.0);
+        pthread_mutex_lock(&s.cb.mu);
+        while (!s.kept && pthread_cond_timedwait(&s.cb.cv, &s.cb.mu, &ts) == 0) {}
+        kept = s.kept;
+        s.kept = NULL;
+        pthread_mutex_unlock(&s.cb.mu);
+        CHECK(kept != NULL);
+        if (!kept) break;
+        /* the callback has returned once the loop answers the next call */
+        patio_call_free(patio_call_sync(e.broker, 5.0, "mul", "ii", 1, 1));
+        CHECK_EQ_INT(patio_call_status(kept), PATIO_OK);
+        CHECK_EQ_INT(patio_result_int(kept), 3 * round);
+        patio_call_free(kept);
+    }
+    env_free(&e);
+    pthread_mutex_destroy(&s.cb.mu);
+    pthread_cond_destroy(&s.cb.cv);
+}
+
 /* A call that times out while patio_call_start is still handing it to the
  * broker: its callback, which frees it, runs on the loop thread meanwhile,
  * and the start must not touch the call after that. */
@@ -832,6 +888,7 @@ int main(void)
     RUN(test_call_by_function);
     RUN(test_callbacks_on_loop_thread);
     RUN(test_calls_chained_on_loop_thread);
+    RUN(test_callback_keeps_call);
     RUN(test_callback_frees_call_that_expires_at_once);
     RUN(test_own_broker_late_answer);
     RUN(test_cancel_loses_to_timeout);
