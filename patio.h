@@ -2687,11 +2687,6 @@ static int patio__pack_one(patio_writer *w, const char *f, va_list *ap)
     }
 }
 
-/* Packs a format without brackets in one pass, checking as it goes (the
- * common case: a call's arguments); 0 if the format needs the checked
- * path, with nothing written and no error set, so that a bad format is
- * reported as such even after a write failed. Small non-negative ints,
- * the most common arguments of all, take one byte without a call. */
 /* Packs n ints from ap into a writer with room for 5 bytes each: fixints
  * are stored in place. */
 static PATIO__INLINE void patio__put_ints(patio_writer *w, size_t n, va_list *ap)
@@ -2711,6 +2706,11 @@ static PATIO__INLINE void patio__put_ints(patio_writer *w, size_t n, va_list *ap
     w->len = (size_t)(d - w->data);
 }
 
+/* Packs a format without brackets in one pass, checking as it goes (the
+ * common case: a call's arguments); 0 if the format needs the checked
+ * path, with nothing written and no error set, so that a bad format is
+ * reported as such even after a write failed. Fixints (-32 to 127), the
+ * most common arguments of all, take one byte, stored in place. */
 static PATIO__INLINE int patio__pack_flat(patio_writer *w, const char *fmt, va_list *ap, uint32_t *count)
 {
     size_t start = w->len;
@@ -3516,12 +3516,6 @@ PATIO_API int patio_msgpack_check_all(const void *data, size_t len, int max_dept
 
 /* ---- CallRequest and exception on the wire (PROTOCOL.md §7.2, §7.3) ------ */
 
-/* Writes ext 1 over [func, args, kwargs, timeout]. args/kwargs are encoded
- * array/map objects (NULL or empty: [] and {}); the timeout goes out as
- * float64, or nil without one. The body size is computed first, so the
- * smallest ext header is written directly, without moving bytes. `room`
- * bytes are left in front for the caller (a frame header); *start gets
- * where they begin. */
 /* A CallRequest's last field: float 64 seconds, or nil for none. */
 PATIO__MAYBE_UNUSED static void patio__put_timeout(uint8_t *p, int has_timeout, double timeout)
 {
@@ -3535,6 +3529,12 @@ PATIO__MAYBE_UNUSED static void patio__put_timeout(uint8_t *p, int has_timeout, 
     }
 }
 
+/* Writes ext 1 over [func, args, kwargs, timeout]. args/kwargs are encoded
+ * array/map objects (NULL or empty: [] and {}); the timeout goes out as
+ * float64, or nil without one. The body size is computed first, so the
+ * smallest ext header is written directly, without moving bytes. `room`
+ * bytes are left in front for the caller (a frame header); *start gets
+ * where they begin. */
 PATIO__MAYBE_UNUSED static int patio__write_call_request_at(patio_writer *w, size_t room, uint8_t **start, const char *func,
                                         size_t func_len, const void *args, size_t args_len, const void *kwargs,
                                         size_t kwargs_len, int has_timeout, double timeout)
@@ -7768,8 +7768,9 @@ static void patio__calls_give(patio_call *c)
     }
 }
 
-/* Under core->lists: moves a spare to `ready` if that is empty. Only this
- * stores to `ready` (takers swap it to NULL), so nothing is lost. */
+/* Under core->lists: moves a spare to `ready` (`loop_ready` for the loop
+ * thread) if that is empty. Only this stores to `ready` (takers swap it to
+ * NULL), so nothing is lost. */
 static void patio__core_ready_spare(patio__broker_core *core, int on_loop)
 {
     patio_call *c = core->spares;
@@ -10037,7 +10038,6 @@ static int patio__tcp_routes_grow(patio__tcp_broker *tb)
     return PATIO_OK;
 }
 
-/* The route for name, created empty if needed; NULL when out of memory. */
 /* The route for a name, made (with nobody offering it) if it is new;
  * NULL without memory. */
 static patio__tcp_route *patio__tcp_route_lookup(patio__tcp_broker *tb, const char *name, size_t len)
@@ -10857,13 +10857,11 @@ static patio__tcp_req *patio__tcp_take_done(patio__tcp_broker *tb)
     return fifo;
 }
 
-/* Answers the tasks other threads finished, then flushes. */
-static void patio__tcp_done_work(patio__post *p)
+/* Answers finished tasks (a list through next), then flushes. */
+static void patio__tcp_answer_done(patio__tcp_broker *tb, patio__tcp_req *done)
 {
-    patio__tcp_broker *tb = PATIO__CONTAINER(p, patio__tcp_broker, done_post);
-    patio__tcp_req *done, *next;
-    __atomic_store_n(&tb->done_posted, 0, __ATOMIC_SEQ_CST);
-    for (done = patio__tcp_take_done(tb); done; done = next) {
+    patio__tcp_req *next;
+    for (; done; done = next) {
         next = done->next;
         patio__tcp_req_finished(done);
     }
@@ -10871,19 +10869,22 @@ static void patio__tcp_done_work(patio__post *p)
     patio__tcp_tail(tb);
 }
 
+/* Answers the tasks other threads finished. */
+static void patio__tcp_done_work(patio__post *p)
+{
+    patio__tcp_broker *tb = PATIO__CONTAINER(p, patio__tcp_broker, done_post);
+    __atomic_store_n(&tb->done_posted, 0, __ATOMIC_SEQ_CST);
+    patio__tcp_answer_done(tb, patio__tcp_take_done(tb));
+}
+
 /* The loop thread's own post: what finished there, then the flush. */
 static void patio__tcp_local_work(patio__post *p)
 {
     patio__tcp_broker *tb = PATIO__CONTAINER(p, patio__tcp_broker, local_post);
-    patio__tcp_req *done = tb->local_done, *next;
+    patio__tcp_req *done = tb->local_done;
     tb->local_done = tb->local_done_tail = NULL;
     tb->local_posted = 0;
-    for (; done; done = next) {
-        next = done->next;
-        patio__tcp_req_finished(done);
-    }
-    if (tb->nstalled) patio__tcp_retry_stalled(tb);
-    patio__tcp_tail(tb);
+    patio__tcp_answer_done(tb, done);
 }
 
 /* Loop thread only. */
