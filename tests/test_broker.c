@@ -356,6 +356,20 @@ typedef struct cb_state {
     patio_loop *loop;
 } cb_state;
 
+static void cb_state_init(cb_state *s, patio_loop *loop)
+{
+    memset(s, 0, sizeof *s);
+    pthread_mutex_init(&s->mu, NULL);
+    pthread_cond_init(&s->cv, NULL);
+    s->loop = loop;
+}
+
+static void cb_state_destroy(cb_state *s)
+{
+    pthread_mutex_destroy(&s->mu);
+    pthread_cond_destroy(&s->cv);
+}
+
 static void count_cb(patio_call *c, void *user)
 {
     cb_state *s = (cb_state *)user;
@@ -375,10 +389,7 @@ static void test_callbacks_on_loop_thread(void)
     patio_call_opts o;
     struct timespec ts;
     int i;
-    memset(&s, 0, sizeof s);
-    pthread_mutex_init(&s.mu, NULL);
-    pthread_cond_init(&s.cv, NULL);
-    s.loop = patio_broker_loop(e.broker);
+    cb_state_init(&s, patio_broker_loop(e.broker));
     memset(&o, 0, sizeof o);
     o.on_done = count_cb;
     o.user = &s;
@@ -391,8 +402,7 @@ static void test_callbacks_on_loop_thread(void)
     CHECK_EQ_INT(s.sum, 2 * (49 * 50 / 2));
     CHECK_EQ_INT(s.on_loop_thread, 50);
     env_free(&e);
-    pthread_mutex_destroy(&s.mu);
-    pthread_cond_destroy(&s.cv);
+    cb_state_destroy(&s);
 }
 
 /* Calls started and freed on the loop thread (each callback frees its call
@@ -438,8 +448,7 @@ static void test_calls_chained_on_loop_thread(void)
     struct timespec ts;
     int i, outside_wrong = 0;
     memset(&s, 0, sizeof s);
-    pthread_mutex_init(&s.cb.mu, NULL);
-    pthread_cond_init(&s.cb.cv, NULL);
+    cb_state_init(&s.cb, NULL);
     s.b = e.broker;
     s.left = 3000;
     memset(&o, 0, sizeof o);
@@ -461,8 +470,7 @@ static void test_calls_chained_on_loop_thread(void)
     CHECK_EQ_INT(s.wrong, 0);
     CHECK_EQ_INT(s.not_found, 1);
     env_free(&e);
-    pthread_mutex_destroy(&s.cb.mu);
-    pthread_cond_destroy(&s.cb.cv);
+    cb_state_destroy(&s.cb);
 }
 
 /* References taken and dropped inside on_done count: a callback that
@@ -494,8 +502,7 @@ static void test_callback_keeps_call(void)
     struct timespec ts;
     int round;
     memset(&s, 0, sizeof s);
-    pthread_mutex_init(&s.cb.mu, NULL);
-    pthread_cond_init(&s.cb.cv, NULL);
+    cb_state_init(&s.cb, NULL);
     memset(&o, 0, sizeof o);
     o.on_done = keep_and_free;
     o.user = &s;
@@ -517,8 +524,7 @@ static void test_callback_keeps_call(void)
         patio_call_free(kept);
     }
     env_free(&e);
-    pthread_mutex_destroy(&s.cb.mu);
-    pthread_cond_destroy(&s.cb.cv);
+    cb_state_destroy(&s.cb);
 }
 
 /* A call that times out while patio_call_start is still handing it to the
@@ -695,10 +701,7 @@ static void test_host_pumped_loop(void)
     memset(&bc, 0, sizeof bc);
     bc.loop = loop;
     b = patio_memory_broker_new_ex(ex, &bc);
-    memset(&s, 0, sizeof s);
-    pthread_mutex_init(&s.mu, NULL);
-    pthread_cond_init(&s.cv, NULL);
-    s.loop = loop;
+    cb_state_init(&s, loop);
     memset(&o, 0, sizeof o);
     o.on_done = count_cb;
     o.user = &s;
@@ -718,8 +721,7 @@ static void test_host_pumped_loop(void)
     patio_executor_free(ex);
     patio_loop_free(loop);
     patio_registry_free(rpc);
-    pthread_mutex_destroy(&s.mu);
-    pthread_cond_destroy(&s.cv);
+    cb_state_destroy(&s);
 }
 
 /* ---- a task that calls another task ---- */
