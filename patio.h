@@ -5367,6 +5367,34 @@ static size_t patio__inbox_pending(patio__inbox *in)
     return __atomic_load_n(&in->pending, __ATOMIC_SEQ_CST);
 }
 
+/* Without the lock, when work is coming in from other threads: waits while
+ * the submitters are still adding to it (each look PATIO__SETTLE_NS apart,
+ * at most PATIO__SETTLE_MAX_NS in all), so the consumer takes a burst in
+ * batches instead of racing the submitter for its tasks one by one. Each
+ * take writes the inbox's line, so the submitter's next push would miss
+ * the cache: a consumer that keeps up costs the submitter a miss or two
+ * per task. The looks are far apart for the same reason. A single task is
+ * taken at once (waiting would only add to its latency), and so is a
+ * burst of `full` or more. */
+#define PATIO__SETTLE_NS 500u
+#define PATIO__SETTLE_MAX_NS 10000u
+
+static void patio__inbox_settle(patio__inbox *in, size_t full)
+{
+    uint64_t start = patio__now_ns(), mark = start;
+    size_t last = patio__inbox_pending(in);
+    while (last > 1 && last < full) {
+        uint64_t now = patio__now_ns();
+        size_t n;
+        if (now - start >= PATIO__SETTLE_MAX_NS) return;
+        if (now - mark < PATIO__SETTLE_NS) { patio__cpu_relax(); continue; }
+        n = patio__inbox_pending(in);
+        if (n <= last) return; /* the burst is in (or taken by another consumer) */
+        last = n;
+        mark = now;
+    }
+}
+
 /* Cancels a task still in the inbox or in q, the queue behind it that the
  * consumers guard with mu. */
 static int patio__inbox_cancel(pthread_mutex_t *mu, patio__inbox *in, patio__task_queue *q, patio_task *t)
@@ -5573,30 +5601,8 @@ static int patio__pool_spin(patio__pool *p)
     }
 }
 
-/* Without the lock, when work is coming in: waits while the submitters
- * are still adding to it (each look PATIO__POOL_SETTLE_NS apart, at most
- * PATIO__POOL_SETTLE_MAX_NS in all), so the worker takes a burst in
- * batches instead of racing the submitter for its tasks one by one; the
- * two would otherwise trade the queue's lock and cache lines per task.
- * A single task is taken at once: waiting would only add to its latency. */
-#define PATIO__POOL_SETTLE_NS 200u
-#define PATIO__POOL_SETTLE_MAX_NS 3000u
-
-static void patio__pool_settle(patio__pool *p)
-{
-    uint64_t start = patio__now_ns(), mark = start;
-    size_t last = patio__inbox_pending(&p->in), full = (size_t)p->size * 2u * PATIO__POOL_BATCH;
-    while (last > 1 && last < full) {
-        uint64_t now = patio__now_ns();
-        size_t n;
-        if (now - start >= PATIO__POOL_SETTLE_MAX_NS) return;
-        if (now - mark < PATIO__POOL_SETTLE_NS) { patio__cpu_relax(); continue; }
-        n = patio__inbox_pending(&p->in);
-        if (n <= last) return; /* the burst is in (or taken by another worker) */
-        last = n;
-        mark = now;
-    }
-}
+/* A burst is taken in batches of this many per worker. */
+static size_t patio__pool_burst(const patio__pool *p) { return (size_t)p->size * 2u * PATIO__POOL_BATCH; }
 
 /* Sleeps (lock held) as the standby; returns 1 if it should take work:
  * it was woken for it, or the queue made no progress while it slept.
@@ -5663,7 +5669,7 @@ static void patio__pool_wait_for_work(patio__pool *p, patio__pool_worker *w)
             int found;
             pthread_mutex_unlock(&p->mu);
             found = patio__pool_spin(p);
-            if (found) patio__pool_settle(p);
+            if (found) patio__inbox_settle(&p->in, patio__pool_burst(p));
             PATIO__SC_SET(p->spinner, 0);
             pthread_mutex_lock(&p->mu);
             take = 1;
@@ -5770,7 +5776,7 @@ static void *patio__pool_worker_main(void *arg)
         if (helper) pthread_cond_signal(&helper->cv);
         /* single tasks are timed one in 8: reading the clock is not free */
         patio__pool_run_batch(p, batch, n, n > 1 || (++singles & 7) == 0);
-        if (patio__inbox_pending(&p->in)) patio__pool_settle(p);
+        if (patio__inbox_pending(&p->in)) patio__inbox_settle(&p->in, patio__pool_burst(p));
         pthread_mutex_lock(&p->mu);
         /* More work: take it still counted as busy. Dropping the count
          * only to raise it again would show submitters a pool with nobody
@@ -5898,6 +5904,7 @@ typedef struct patio__async {
     size_t max_queue;
     int closing;           /* atomic */
     int drain_posted;      /* atomic: a drain is queued on the loop */
+    int pushed_from_afar;  /* atomic: the push that asked for it came from another thread */
     PATIO__PAD(pad_after);
 } patio__async;
 
@@ -5917,6 +5924,7 @@ static int patio__async_idle_locked(patio__async *a)
 }
 
 #define PATIO__ASYNC_BATCH 32
+#define PATIO__ASYNC_BURST (8 * PATIO__ASYNC_BATCH)
 
 /* Under mu: counts off the tasks that ended during the drain, and takes
  * the next batch to start into `batch`; returns how many. */
@@ -5939,12 +5947,16 @@ static size_t patio__async_take(patio__async *a, patio_task **batch)
 
 /* On the loop thread: starts queued tasks while slots are free, a batch
  * per lock. A task that ends during the drain is counted off at the next
- * lock rather than taking the lock itself (see patio__async_finished). */
+ * lock rather than taking the lock itself (see patio__async_finished).
+ * Tasks that other threads submit are let settle first: a drain that kept
+ * up with such a submitter would take them one or two at a time. */
 static void patio__async_drain(patio__post *post)
 {
     patio__async *a = PATIO__CONTAINER(post, patio__async, drain);
     patio_task *batch[PATIO__ASYNC_BATCH];
     __atomic_store_n(&a->drain_posted, 0, __ATOMIC_SEQ_CST);
+    /* tasks from the loop thread itself are all in by now */
+    if (patio__load_relaxed(&a->pushed_from_afar)) patio__inbox_settle(&a->in, PATIO__ASYNC_BURST);
     a->draining = 1;
     for (;;) {
         size_t n, i;
@@ -5971,7 +5983,10 @@ static int patio__async_submit(patio_executor *ex, patio_task *t)
     if (!ex->loop) return PATIO_ERR_CLOSED;
     rc = patio__inbox_reserve(&a->in, &a->closing, a->max_queue);
     if (rc != PATIO_OK) return rc;
-    if (patio__inbox_push(&a->in, ex, t)) patio__async_schedule(a);
+    if (patio__inbox_push(&a->in, ex, t)) {
+        __atomic_store_n(&a->pushed_from_afar, !patio_loop_in_loop_thread(ex->loop), __ATOMIC_RELAXED);
+        patio__async_schedule(a);
+    }
     return PATIO_OK;
 }
 
