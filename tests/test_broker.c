@@ -780,6 +780,29 @@ static void test_task_calls_task_async(void)
     patio_registry_free(rpc);
 }
 
+/* A wait for all of them ends when the last to finish does, whichever
+ * call that is: here the first one, started before the others finished. */
+static void test_wait_all_last_to_finish_is_first(void)
+{
+    env e = env_new(0);
+    patio_call *calls[3];
+    int i;
+    gate_init(&g_gate);
+    calls[0] = patio_call_async(e.broker, "gated", "");
+    calls[1] = patio_call_async(e.broker, "mul", "ii", 2, 21);
+    calls[2] = patio_call_async(e.broker, "mul", "ii", 3, 5);
+    CHECK_EQ_INT(patio_call_wait(calls[2], 10.0), PATIO_OK);
+    CHECK_EQ_INT(patio_wait_all(calls, 3, 0.01), PATIO_ERR_TIMEOUT);
+    CHECK_EQ_INT(patio_call_status(calls[0]), PATIO_PENDING);
+    gate_open(&g_gate);
+    CHECK_EQ_INT(patio_wait_all(calls, 3, 10.0), PATIO_OK);
+    CHECK_EQ_INT(patio_call_status(calls[0]), PATIO_OK);
+    CHECK_EQ_INT(patio_result_int(calls[1]), 42);
+    CHECK_EQ_INT(patio_result_int(calls[2]), 15);
+    for (i = 0; i < 3; i++) patio_call_free(calls[i]);
+    env_free(&e);
+}
+
 static void test_wait_any(void)
 {
     env e = env_new(0);
@@ -897,6 +920,7 @@ int main(void)
     RUN(test_host_pumped_loop);
     RUN(test_task_calls_task_thread_pool);
     RUN(test_task_calls_task_async);
+    RUN(test_wait_all_last_to_finish_is_first);
     RUN(test_wait_any);
     RUN(test_close_fails_pending);
     RUN(test_join_waits_for_close);
