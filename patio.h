@@ -899,6 +899,9 @@ typedef struct patio_tcp_config {
                                       0 = 1024 */
     int max_inflight;              /* received requests not yet answered, per connection;
                                       at the limit the connection is not read; 0 = 1024 */
+    size_t max_inflight_bytes;     /* payload bytes of those requests, per connection; at
+                                      the limit the connection is not read (a request
+                                      larger than it is served alone); 0 = 64 MiB */
     double keepalive_idle;         /* TCP keep-alive: seconds a connection may be silent
                                       before the kernel probes the peer; 0 = 60,
                                       < 0 = no keep-alive; at most 32767 */
@@ -964,6 +967,8 @@ typedef struct patio_tcp_stats {
     uint64_t connections_accepted; /* ever */
     uint64_t protocol_errors;      /* connections closed for breaking the protocol */
     uint64_t auth_failures;        /* handshakes refused (wrong key, replay, bad proof) */
+    uint64_t read_pauses;          /* times a connection stopped being read: max_inflight,
+                                      max_inflight_bytes or a full executor */
 } patio_tcp_stats;
 
 /* PATIO_OK, or PATIO_ERR_INVALID if b is not a TCP broker. */
@@ -9042,6 +9047,7 @@ typedef struct patio__tcp_req {
     patio__tcp_broker *tb;
     patio__tcp_conn *conn;         /* NULL once answered or the connection is gone */
     uint32_t serial;
+    uint32_t size;                 /* payload bytes, counted in conn->inflight_bytes */
     int running;                   /* submitted; its completion not handled yet */
     int timer_armed;
     patio__timer timer;            /* the caller's timeout, when no lane watches it */
@@ -9129,6 +9135,7 @@ struct patio__tcp_conn {
     int dirty;
     patio__tcp_map pending;        /* serial -> patio_call * (our REQUESTs) */
     patio__tcp_map inflight;       /* serial -> patio__tcp_req * (theirs) */
+    size_t inflight_bytes;         /* payload bytes of the requests patio__tcp_load counts */
     patio__tcp_req *stalled;
     patio_writer held;             /* frames asking for an answer, held while the
                                       output is backlogged: from held_pos on */
@@ -9444,6 +9451,7 @@ static void patio__tcp_drop_inflight(patio__tcp_conn *c)
     patio__tcp_broker *tb = c->tb;
     patio__tcp_map all = patio__tcp_map_take(&c->inflight);
     size_t i;
+    c->inflight_bytes = 0;
     if (c->stalled) {
         c->stalled = NULL;
         tb->nstalled--;
@@ -9675,6 +9683,7 @@ static void patio__tcp_set_pause(patio__tcp_conn *c, int flag, int on)
     if (on) c->pause |= flag;
     else c->pause &= ~flag;
     if (c->state == PATIO__TC_CLOSED) return;
+    if (!was && c->pause) PATIO__TCP_COUNT(c->tb, read_pauses, 1);
     if (was && !c->pause && !c->releasing) patio__tcp_read(c);
     else if (!was != !c->pause) patio__tcp_conn_interest(c);
     if (was && !c->pause && c->releasing) c->read_deferred = 1;
@@ -10499,6 +10508,13 @@ static int patio__tcp_submit(patio__tcp_req *req)
  * which so bounds what a backlogged connection holds). */
 static size_t patio__tcp_load(const patio__tcp_conn *c) { return c->inflight.count + c->nheld; }
 
+/* 1 if c holds as many requests, or as many of their bytes, as it may. */
+static int patio__tcp_full(const patio__tcp_conn *c)
+{
+    const patio_tcp_config *cfg = &c->tb->cfg;
+    return patio__tcp_load(c) >= (size_t)cfg->max_inflight || c->inflight_bytes >= cfg->max_inflight_bytes;
+}
+
 static void patio__tcp_release_held(patio__tcp_conn *c);
 
 /* Held requests go on, then reading goes on when no reason to pause is left. */
@@ -10508,8 +10524,7 @@ static void patio__tcp_conn_recheck(patio__tcp_conn *c)
     patio__tcp_release_held(c);
     if (c->state == PATIO__TC_CLOSED) return;
     if (!c->stalled) patio__tcp_set_pause(c, PATIO__TC_PAUSE_STALLED, 0);
-    if (c->state != PATIO__TC_CLOSED && patio__tcp_load(c) < (size_t)c->tb->cfg.max_inflight)
-        patio__tcp_set_pause(c, PATIO__TC_PAUSE_INFLIGHT, 0);
+    if (c->state != PATIO__TC_CLOSED && !patio__tcp_full(c)) patio__tcp_set_pause(c, PATIO__TC_PAUSE_INFLIGHT, 0);
 }
 
 /* The request is answered (or given up): it leaves its connection. */
@@ -10518,6 +10533,7 @@ static void patio__tcp_req_detach(patio__tcp_req *req)
     patio__tcp_conn *c = req->conn;
     patio__tcp_broker *tb = req->tb;
     patio__tcp_map_del(&c->inflight, req->serial);
+    c->inflight_bytes -= req->size;
     patio__tcp_req_unwatch(req);
     req->conn = NULL;
     if (c->stalled == req) {
@@ -10704,6 +10720,8 @@ static void patio__tcp_on_request(patio__tcp_conn *c, const patio__frame *f)
     }
     req->conn = c;
     req->serial = f->serial;
+    req->size = f->size;
+    c->inflight_bytes += f->size;
     if (patio__tcp_req_prepare(req, e, &cr) != PATIO_OK) {
         patio__tcp_req_detach(req);
         patio__tcp_req_put(tb, req);
@@ -10720,8 +10738,7 @@ static void patio__tcp_on_request(patio__tcp_conn *c, const patio__frame *f)
         req->task.status = rc;
         patio__tcp_req_finished(req);
     }
-    if (c->state != PATIO__TC_CLOSED && patio__tcp_load(c) >= (size_t)tb->cfg.max_inflight)
-        patio__tcp_set_pause(c, PATIO__TC_PAUSE_INFLIGHT, 1);
+    if (c->state != PATIO__TC_CLOSED && patio__tcp_full(c)) patio__tcp_set_pause(c, PATIO__TC_PAUSE_INFLIGHT, 1);
 }
 
 /* A frame that asks for an answer: a REQUEST or a DISCOVER_REQUEST. */
@@ -10745,7 +10762,8 @@ static void patio__tcp_hold(patio__tcp_conn *c, const patio__frame *f)
         return;
     }
     c->nheld++;
-    if (patio__tcp_load(c) >= (size_t)c->tb->cfg.max_inflight) patio__tcp_set_pause(c, PATIO__TC_PAUSE_INFLIGHT, 1);
+    c->inflight_bytes += f->size;
+    if (patio__tcp_full(c)) patio__tcp_set_pause(c, PATIO__TC_PAUSE_INFLIGHT, 1);
 }
 
 /* Serves held frames in the order they came, while the output has room
@@ -10764,6 +10782,7 @@ static void patio__tcp_release_held(patio__tcp_conn *c)
         }
         c->held_pos += PATIO__FRAME_HEADER + f.size; /* f stays valid: nothing is read meanwhile */
         c->nheld--;
+        c->inflight_bytes -= f.size;
         patio__tcp_on_ask(c, &f);
     }
     c->releasing = 0;
@@ -11476,6 +11495,7 @@ static int patio__tcp_config_fill(patio_tcp_config *out, const patio_tcp_config 
     if (!(out->handshake_timeout > 0)) out->handshake_timeout = 10;
     if (out->max_connections <= 0) out->max_connections = 1024;
     if (out->max_inflight <= 0) out->max_inflight = 1024;
+    if (!out->max_inflight_bytes) out->max_inflight_bytes = (size_t)64 << 20;
     if (out->keepalive_idle == 0) out->keepalive_idle = 60;
     if (out->keepalive_interval == 0) out->keepalive_interval = 10;
     if (out->keepalive_probes == 0) out->keepalive_probes = 5;
@@ -11612,6 +11632,7 @@ PATIO_API int patio_tcp_stats_get(patio_broker *b, patio_tcp_stats *out)
     out->connections_accepted = __atomic_load_n(&tb->stats.connections_accepted, __ATOMIC_RELAXED);
     out->protocol_errors = __atomic_load_n(&tb->stats.protocol_errors, __ATOMIC_RELAXED);
     out->auth_failures = __atomic_load_n(&tb->stats.auth_failures, __ATOMIC_RELAXED);
+    out->read_pauses = __atomic_load_n(&tb->stats.read_pauses, __ATOMIC_RELAXED);
     return PATIO_OK;
 }
 

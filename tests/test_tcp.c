@@ -33,6 +33,7 @@ static void fake_freeaddrinfo(struct addrinfo *ai);
 #endif
 #include "harness.h"
 #include <stdlib.h>
+#include <stddef.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/resource.h>
@@ -173,16 +174,30 @@ static int64_t call_mul(patio_broker *b, int x, int y)
     return r;
 }
 
-/* Waits for: at least `target` bytes read by b. */
-typedef struct bytes_wait {
+/* Waits for: one of b's counters (at offset `field` of patio_tcp_stats,
+ * bytes_in unless set) to reach `target`. */
+typedef struct stat_wait {
     patio_broker *b;
+    size_t field;
     uint64_t target;
-} bytes_wait;
+} stat_wait;
 
-static int has_read_bytes(void *arg)
+static stat_wait bytes_in_wait(patio_broker *b, uint64_t target)
 {
-    bytes_wait *w = (bytes_wait *)arg;
-    return stats_of(w->b).bytes_in >= w->target;
+    stat_wait w;
+    w.b = b;
+    w.field = offsetof(patio_tcp_stats, bytes_in);
+    w.target = target;
+    return w;
+}
+
+static int stat_reached(void *arg)
+{
+    stat_wait *w = (stat_wait *)arg;
+    patio_tcp_stats st = stats_of(w->b);
+    uint64_t v;
+    memcpy(&v, (const char *)&st + w->field, sizeof v);
+    return v >= w->target;
 }
 
 /* ---- raw sockets: a peer written from PROTOCOL.md ------------------------- */
@@ -1126,6 +1141,65 @@ static void test_inflight_limit(void)
     gate_destroy(&g_gate);
 }
 
+static int gate_arrivals(void)
+{
+    int n;
+    pthread_mutex_lock(&g_gate.mu);
+    n = g_gate.arrived;
+    pthread_mutex_unlock(&g_gate.mu);
+    return n;
+}
+
+/* A limit on the bytes of received requests: with their tasks held at a
+ * gate, the server reads requests until their payloads reach
+ * max_inflight_bytes and then no more; the bytes come back as the requests
+ * are answered (a second round goes the same way), and a request larger
+ * than the whole limit is still served on its own. */
+static void test_inflight_bytes_limit(void)
+{
+    enum { N = 8, BLOB = 10000 };
+    patio_tcp_config cfg = cfg_for(1);
+    node s, c;
+    patio_call *calls[N], *big;
+    uint8_t *blob = (uint8_t *)calloc(1, 4 * BLOB);
+    stat_wait pauses;
+    int round, i;
+    CHECK(blob != NULL);
+    if (!blob) return;
+    cfg.max_inflight_bytes = 2 * BLOB + BLOB / 2; /* reached by the third request */
+    CHECK(node_start_ex(&s, "server", &cfg, 0, 0, 0, N) == 0);
+    CHECK(node_start(&c, "client", 0) == 0);
+    patio_tcp_connect(c.b, "127.0.0.1", s.port);
+    CHECK_EQ_INT(patio_tcp_wait_peers(c.b, 1, 5.0), PATIO_OK);
+    for (round = 0; round < 2; round++) {
+        gate_init(&g_gate);
+        pauses.b = s.b;
+        pauses.field = offsetof(patio_tcp_stats, read_pauses);
+        pauses.target = stats_of(s.b).read_pauses + 1;
+        for (i = 0; i < N; i++) calls[i] = patio_call_async(c.b, "gated", "y", blob, (size_t)BLOB);
+        CHECK(gate_wait_arrived(&g_gate, 3));
+        CHECK(wait_until(stat_reached, &pauses, 5.0));
+        CHECK_EQ_INT(gate_arrivals(), 3); /* workers to spare: a fourth would have run */
+        gate_open(&g_gate);
+        CHECK_EQ_INT(patio_wait_all(calls, N, 10.0), PATIO_OK);
+        for (i = 0; i < N; i++) {
+            CHECK_EQ_INT(patio_call_status(calls[i]), PATIO_OK);
+            patio_call_free(calls[i]);
+        }
+        CHECK_EQ_INT(gate_arrivals(), N);
+        gate_destroy(&g_gate);
+    }
+    gate_init(&g_gate);
+    gate_open(&g_gate);
+    big = patio_call_sync(c.b, 5.0, "gated", "y", blob, (size_t)(4 * BLOB));
+    CHECK_EQ_INT(patio_call_status(big), PATIO_OK);
+    patio_call_free(big);
+    gate_destroy(&g_gate);
+    node_free(&c);
+    node_free(&s);
+    free(blob);
+}
+
 /* At its inflight limit the server reads no more from a peer; when that
  * peer then resets the connection, the server's call waiting on it fails
  * at once, not when a slot frees. */
@@ -1215,18 +1289,17 @@ static void test_executor_closed_while_request_waits(void)
     node s;
     raw_frame f;
     pthread_t th;
-    bytes_wait bw;
+    stat_wait bw;
     int fd, i, answered = 0;
     if (!g_setup->raw) return;
     gate_init(&g_gate);
     CHECK(node_start_ex(&s, "server", &cfg, 0, 0, 1, 1) == 0); /* one worker, a queue of one */
     fd = raw_ready_client(&s);
     CHECK(fd >= 0);
-    bw.b = s.b;
-    bw.target = stats_of(s.b).bytes_in + 3 * (9 + sizeof req);
+    bw = bytes_in_wait(s.b, stats_of(s.b).bytes_in + 3 * (9 + sizeof req));
     for (i = 1; i <= 3; i++) CHECK_EQ_INT(raw_send(fd, 10, (uint32_t)i, req, sizeof req), 0);
     CHECK(gate_wait_arrived(&g_gate, 1)); /* 1 runs; the others are queued or wait for room */
-    CHECK(wait_until(has_read_bytes, &bw, 5.0));
+    CHECK(wait_until(stat_reached, &bw, 5.0));
     CHECK(pthread_create(&th, NULL, executor_shutdown_thread, s.ex) == 0);
     /* a request that waited for room is answered while 1 still runs */
     CHECK_EQ_INT(raw_recv(fd, &f), 1);
@@ -1594,7 +1667,7 @@ static void test_large_frame_buffer_grows_with_its_bytes(void)
     raw_frame f;
     patio_reader r;
     int64_t got = 0;
-    bytes_wait wait;
+    stat_wait wait;
     node n;
     int fd, fd2;
     if (!g_setup->raw) return; /* the plain transport's buffer is the one read into */
@@ -1616,10 +1689,9 @@ static void test_large_frame_buffer_grows_with_its_bytes(void)
     patio__frame_header_put(head, PATIO__PKT_REQUEST, (uint32_t)req.len, 7);
 
     __atomic_store_n(&g_biggest_alloc, 0, __ATOMIC_RELAXED);
-    wait.b = n.b;
-    wait.target = stats_of(n.b).bytes_in + 9 + 100;
+    wait = bytes_in_wait(n.b, stats_of(n.b).bytes_in + 9 + 100);
     CHECK(raw_write(fd, head, 9) == 0 && raw_write(fd, req.data, 100) == 0);
-    CHECK(wait_until(has_read_bytes, &wait, 5.0));
+    CHECK(wait_until(stat_reached, &wait, 5.0));
     /* a handshake on a second connection: the loop is done with the first */
     fd2 = raw_ready_client(&n);
     CHECK(fd2 >= 0);
@@ -1742,7 +1814,7 @@ static void test_route_learnt_in_discovery(void)
     raw_frame f;
     patio_call *call;
     open_count oc;
-    bytes_wait bw;
+    stat_wait bw;
     int a, b;
     if (!g_setup->raw) return;
     memset(&hooks, 0, sizeof hooks);
@@ -1755,9 +1827,8 @@ static void test_route_learnt_in_discovery(void)
     CHECK(a >= 0 && b >= 0);
     /* both names are in (each connection's bytes are handled in the
      * callback that counted them), then b leaves */
-    bw.b = s.b;
-    bw.target = 2 * (9 + 61 + 9 + sizeof names);
-    CHECK(wait_until(has_read_bytes, &bw, 5.0));
+    bw = bytes_in_wait(s.b, 2 * (9 + 61 + 9 + sizeof names));
+    CHECK(wait_until(stat_reached, &bw, 5.0));
     close(b);
     oc.b = s.b;
     oc.n = 1;
@@ -2482,6 +2553,7 @@ static const tcase cases[] = {
     CASE(test_peer_lost_with_many_calls),
     CASE(test_calls_chained_on_loop_thread),
     CASE(test_inflight_limit),
+    CASE(test_inflight_bytes_limit),
     CASE(test_paused_connection_notices_reset),
     CASE(test_executor_full),
     CASE(test_executor_closed_while_request_waits),
