@@ -543,6 +543,20 @@ static void count_expired_and_free(patio_call *c, void *user)
 
 static int finished_all(void *n) { return __atomic_load_n(&g_finished, __ATOMIC_SEQ_CST) >= *(int *)n; }
 
+static int expired_some(void *arg)
+{
+    (void)arg;
+    return __atomic_load_n(&g_expired, __ATOMIC_SEQ_CST) > 0;
+}
+
+/* Keeps the pool's only worker until some call has timed out (10 s at
+ * most), so that calls behind it expire whatever the scheduling. */
+static int hold_until_expired(patio_task *t)
+{
+    wait_until(expired_some, NULL, 10.0);
+    return patio_return_nil(t);
+}
+
 static void test_callback_frees_call_that_expires_at_once(void)
 {
     patio_registry *rpc = patio_registry_new(NULL);
@@ -551,13 +565,17 @@ static void test_callback_frees_call_that_expires_at_once(void)
     patio_call_opts o;
     int i, n = 100000;
     patio_register(rpc, "mul", mul, NULL);
+    patio_register(rpc, "hold", hold_until_expired, NULL);
     ex = patio_thread_pool_new(rpc, 1);
     b = patio_memory_broker_new(ex);
     g_expired = g_finished = 0;
     memset(&o, 0, sizeof o);
     o.on_done = count_expired_and_free;
     o.timeout = 1e-9;
-    for (i = 0; i < n; i++) patio_call_start(b, &o, "mul", "ii", 1, 1);
+    for (i = 0; i < n; i++) {
+        if (i == 0) patio_call_start(b, &o, "hold", "");
+        else patio_call_start(b, &o, "mul", "ii", 1, 1);
+    }
     CHECK(wait_until(finished_all, &n, 20.0));
     CHECK(__atomic_load_n(&g_expired, __ATOMIC_SEQ_CST) > 0);
     patio_broker_free(b);
