@@ -174,19 +174,19 @@ static int64_t call_mul(patio_broker *b, int x, int y)
     return r;
 }
 
-/* Waits for: one of b's counters (at offset `field` of patio_tcp_stats,
- * bytes_in unless set) to reach `target`. */
+/* Waits for: one of b's counters (at offset `field` of patio_tcp_stats)
+ * to reach `target`. */
 typedef struct stat_wait {
     patio_broker *b;
     size_t field;
     uint64_t target;
 } stat_wait;
 
-static stat_wait bytes_in_wait(patio_broker *b, uint64_t target)
+static stat_wait stat_wait_at(patio_broker *b, size_t field, uint64_t target)
 {
     stat_wait w;
     w.b = b;
-    w.field = offsetof(patio_tcp_stats, bytes_in);
+    w.field = field;
     w.target = target;
     return w;
 }
@@ -1173,9 +1173,7 @@ static void test_inflight_bytes_limit(void)
     CHECK_EQ_INT(patio_tcp_wait_peers(c.b, 1, 5.0), PATIO_OK);
     for (round = 0; round < 2; round++) {
         gate_init(&g_gate);
-        pauses.b = s.b;
-        pauses.field = offsetof(patio_tcp_stats, read_pauses);
-        pauses.target = stats_of(s.b).read_pauses + 1;
+        pauses = stat_wait_at(s.b, offsetof(patio_tcp_stats, read_pauses), stats_of(s.b).read_pauses + 1);
         for (i = 0; i < N; i++) calls[i] = patio_call_async(c.b, "gated", "y", blob, (size_t)BLOB);
         CHECK(gate_wait_arrived(&g_gate, 3));
         CHECK(wait_until(stat_reached, &pauses, 5.0));
@@ -1296,7 +1294,7 @@ static void test_executor_closed_while_request_waits(void)
     CHECK(node_start_ex(&s, "server", &cfg, 0, 0, 1, 1) == 0); /* one worker, a queue of one */
     fd = raw_ready_client(&s);
     CHECK(fd >= 0);
-    bw = bytes_in_wait(s.b, stats_of(s.b).bytes_in + 3 * (9 + sizeof req));
+    bw = stat_wait_at(s.b, offsetof(patio_tcp_stats, bytes_in), stats_of(s.b).bytes_in + 3 * (9 + sizeof req));
     for (i = 1; i <= 3; i++) CHECK_EQ_INT(raw_send(fd, 10, (uint32_t)i, req, sizeof req), 0);
     CHECK(gate_wait_arrived(&g_gate, 1)); /* 1 runs; the others are queued or wait for room */
     CHECK(wait_until(stat_reached, &bw, 5.0));
@@ -1689,7 +1687,7 @@ static void test_large_frame_buffer_grows_with_its_bytes(void)
     patio__frame_header_put(head, PATIO__PKT_REQUEST, (uint32_t)req.len, 7);
 
     __atomic_store_n(&g_biggest_alloc, 0, __ATOMIC_RELAXED);
-    wait = bytes_in_wait(n.b, stats_of(n.b).bytes_in + 9 + 100);
+    wait = stat_wait_at(n.b, offsetof(patio_tcp_stats, bytes_in), stats_of(n.b).bytes_in + 9 + 100);
     CHECK(raw_write(fd, head, 9) == 0 && raw_write(fd, req.data, 100) == 0);
     CHECK(wait_until(stat_reached, &wait, 5.0));
     /* a handshake on a second connection: the loop is done with the first */
@@ -1827,7 +1825,7 @@ static void test_route_learnt_in_discovery(void)
     CHECK(a >= 0 && b >= 0);
     /* both names are in (each connection's bytes are handled in the
      * callback that counted them), then b leaves */
-    bw = bytes_in_wait(s.b, 2 * (9 + 61 + 9 + sizeof names));
+    bw = stat_wait_at(s.b, offsetof(patio_tcp_stats, bytes_in), 2 * (9 + 61 + 9 + sizeof names));
     CHECK(wait_until(stat_reached, &bw, 5.0));
     close(b);
     oc.b = s.b;
